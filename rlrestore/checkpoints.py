@@ -1,0 +1,97 @@
+"""Run-directory layout and atomic checkpoints.
+
+    <run_dir>/config.yaml                     resolved config of the latest command
+    <run_dir>/data/                           Parquet shards built from the embedded faces
+    <run_dir>/checkpoints/<stage>/step_000100/{policy/, trainer_state.pt}
+    <run_dir>/metrics/<stage>/part-*.parquet  per-step metrics
+    <run_dir>/wandb/                          W&B (offline by default)
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so a kill
+during the write leaves the previous checkpoint as the latest usable one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlrestore.models.loading import CheckpointError
+from rlrestore.models.policy import POLICY_CONFIG, PrefRestorePolicy
+
+STAGES = ("stage1.1", "stage1.2", "stage2")
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def checkpoint_root(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / "checkpoints" / stage
+
+
+def list_checkpoints(run_dir: str | Path, stage: str) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a stage as (step, path), oldest first."""
+    root = checkpoint_root(run_dir, stage)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / TRAINER_STATE).is_file() and (child / "policy" / POLICY_CONFIG).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
+    found = list_checkpoints(run_dir, stage)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    run_dir: str | Path, stage: str, step: int, policy: PrefRestorePolicy, state: dict[str, Any], keep: int
+) -> Path:
+    """Atomically write policy + trainer state for ``step`` and keep the newest ``keep`` checkpoints."""
+    root = checkpoint_root(run_dir, stage)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp / "policy")
+    torch.save(state, tmp / TRAINER_STATE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(run_dir, stage)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """Optimizer/scheduler/step state, loaded without executing pickled code."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} is unreadable ({exc}); delete {checkpoint} to fall back to an older one") from None
+
+
+def resolve_policy_dir(path: str | Path) -> Path:
+    """A policy directory from a policy dir, a checkpoint dir or a run dir (latest stage wins)."""
+    path = Path(path)
+    if (path / POLICY_CONFIG).is_file():
+        return path
+    if (path / "policy" / POLICY_CONFIG).is_file():
+        return path / "policy"
+    for stage in reversed(STAGES):
+        checkpoint = latest_checkpoint(path, stage)
+        if checkpoint is not None:
+            return checkpoint / "policy"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    raise CheckpointError(
+        f"{path} holds no policy: expected a policy directory ({POLICY_CONFIG}), a checkpoint "
+        f"(policy/{POLICY_CONFIG}) or a run directory with checkpoints/<stage>/step_*"
+    )

@@ -1,0 +1,180 @@
+"""The ``rlrestore`` command line: one config schema drives every subcommand.
+
+    rlrestore data build --src FACES --out SHARDS
+    rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
+    rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR INPUT [INPUT ...]
+    rlrestore demo [key=value ...]
+    rlrestore plot RUN_DIR
+    rlrestore config {show,keys} [CONFIG] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rlrestore.config import ConfigError, RunConfig, describe_schema, load_config
+
+STAGE1_SEQUENCE = ("autoencoder", "stage1.1", "stage1.2")
+# Errors a user can fix from the message alone: printed without a traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, PermissionError)
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    config = load_config(args.config, args.overrides)
+    return config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from rlrestore.data import build_shards
+
+    report = build_shards(Path(args.src), Path(args.out), args.size, args.shard_size, progress=not args.quiet)
+    print(report.summary())
+    print(f"shards: {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rlrestore.jobs import ray_session, run_stage1
+
+    config = _config(args)
+    stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0] if args.stage == "stage1" else [args.stage]
+    with ray_session(config.ray):
+        for stage in stages:
+            run_stage1(config, stage)
+    print(f"run directory: {config.run_dir}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from rlrestore.config import SamplerConfig
+    from rlrestore.restore import restore_files
+
+    sampler = load_config(None, [f"sampler.{o}" for o in args.sampler]).sampler if args.sampler else SamplerConfig()
+    if args.steps is not None:
+        sampler = sampler.model_copy(update={"steps": args.steps})
+    report = restore_files(
+        args.ckpt, args.inputs, args.out, sampler, samples=args.samples, seed=args.seed, progress=not args.quiet
+    )
+    print(report.summary())
+    for item in report.skipped:
+        print(f"  skipped {item['path']}: {item['reason']}")
+    print(f"outputs: {Path(args.out).resolve()}")
+    return 0 if report.outputs else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rlrestore.demo import run_demo
+
+    config = load_config(args.config or default_config_path(), args.overrides)
+    config = config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
+    run_demo(config)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rlrestore.plotting import plot_run
+
+    for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "keys":
+        print("\n".join(describe_schema()))
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def default_config_path() -> Path:
+    """The embedded tiny config (CPU, minutes) used by the demo when no config is given."""
+    return Path(__file__).parent / "configs" / "tiny.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlrestore",
+        description="Pref-Restore on Ray: data, Stage 1 alignment, restoration.",
+        epilog="Config keys: `rlrestore config keys`. Overrides are key=value with dotted keys, e.g. stage1_1.steps=10.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="Face data tools.")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser(
+        "build", help="Turn a folder of face images into Parquet shards (unreadable files are skipped and reported)."
+    )
+    build.add_argument("--src", required=True, help="Folder of PNG/JPEG/WebP faces (searched recursively).")
+    build.add_argument("--out", required=True, help="Output folder for shard-*.parquet, manifest.json, report.json.")
+    build.add_argument("--size", type=int, default=512, help="Side of the stored square images (default 512).")
+    build.add_argument("--shard-size", type=int, default=256, help="Images per shard (default 256).")
+    build.add_argument("--quiet", action="store_true", help="No progress bar.")
+    build.set_defaults(func=cmd_data_build)
+
+    train = sub.add_parser("train", help="Run a training stage as a Ray Train job (resumes automatically).")
+    train.add_argument(
+        "stage",
+        choices=[*STAGE1_SEQUENCE, "stage1"],
+        help="autoencoder (optional DC-AE fit), stage1.1, stage1.2, or stage1 = all with steps > 0 in order.",
+    )
+    train.add_argument("config", help="YAML config file (see configs/).")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.num_workers=4.")
+    train.set_defaults(func=cmd_train)
+
+    restore = sub.add_parser("restore", help="Restore face images or folders with a checkpoint or run directory.")
+    restore.add_argument("inputs", nargs="+", help="Image files and/or folders.")
+    restore.add_argument("--ckpt", required=True, help="Run directory, checkpoint directory or policy directory.")
+    restore.add_argument("--out", required=True, help="Output folder.")
+    restore.add_argument("--samples", type=int, default=1, help="Candidates per input (K); each saved with its seed.")
+    restore.add_argument("--seed", type=int, default=0, help="Base seed (candidate seeds are consecutive from it).")
+    restore.add_argument("--steps", type=int, default=None, help="Sampler steps (default: sampler.steps).")
+    restore.add_argument(
+        "--sampler", nargs="*", default=[], metavar="KEY=VALUE", help="Sampler overrides, e.g. guidance_scale=2."
+    )
+    restore.add_argument("--quiet", action="store_true", help="No progress bar.")
+    restore.set_defaults(func=cmd_restore)
+
+    demo = sub.add_parser(
+        "demo", help="Data build -> Stage 1.1 -> Stage 1.2 -> restoration of held-back faces, on tiny models."
+    )
+    demo.add_argument("--config", default=None, help="Config (default: the embedded tiny config).")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/demo2.")
+    demo.set_defaults(func=cmd_demo)
+
+    plot = sub.add_parser("plot", help="Draw a run's metric curves to PNG.")
+    plot.add_argument("run_dir", help="Run directory.")
+    plot.add_argument("--out", default=None, help="Output folder (default RUN_DIR/plots).")
+    plot.set_defaults(func=cmd_plot)
+
+    cfg = sub.add_parser("config", help="Show the resolved config or list every config key.")
+    cfg.add_argument("action", choices=["show", "keys"], help="show: resolved YAML; keys: every key documented.")
+    cfg.add_argument("config", nargs="?", default=None, help="YAML config file (show).")
+    cfg.add_argument("overrides", nargs="*", help="key=value overrides.")
+    cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"rlrestore: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlrestore: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

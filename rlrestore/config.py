@@ -1,0 +1,377 @@
+"""The one typed configuration schema behind every rlrestore command.
+
+A run is described by a YAML file plus ``key=value`` overrides (dotted keys, YAML values)::
+
+    rlrestore train stage1 configs/tiny.yaml stage1_1.steps=50 ray.num_workers=2
+
+Every field has a type, a default and a description; unknown keys and bad values are rejected
+with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentSpec(_Section):
+    """One network of the policy: where its weights come from and its architecture."""
+
+    pretrained: str | None = Field(
+        None,
+        description="Local directory or Hugging Face model id (read from the local HF cache only, "
+        "never downloaded) holding this component's weights. None builds it from `arch` with "
+        "random initialisation.",
+    )
+    subfolder: str | None = Field(None, description="Subfolder of `pretrained` holding the component.")
+    arch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the component's config class (diffusers/transformers); "
+        "used when `pretrained` is None and to build the model on the meta device.",
+    )
+
+
+class PolicyConfig(_Section):
+    """The Pref-Restore policy: visual tokenizer, AR integrator, connectors, SANA DiT, DC-AE."""
+
+    resolution: int = Field(512, gt=0, description="Generation resolution in pixels (square).")
+    tokenizer_resolution: int = Field(384, gt=0, description="Input size of the SigLIP2 tower.")
+    vision: ComponentSpec = Field(
+        default_factory=ComponentSpec, description="SigLIP2 vision tower (transformers SiglipVisionModel)."
+    )
+    vision_feature_layer: int = Field(-2, description="Hidden layer of the vision tower fed to the quantiser.")
+    codebook_size: int = Field(65536, gt=1, description="Number of visual codes V (image tokens <I0>..<I{V-1}>).")
+    codebook_dim: int = Field(64, gt=0, description="Dimension of the vector-quantised code space.")
+    integrator: ComponentSpec = Field(
+        default_factory=ComponentSpec, description="Qwen3 causal LM (transformers Qwen3ForCausalLM)."
+    )
+    text_tokenizer: str | None = Field(
+        None,
+        description="Directory or HF id of the integrator's text tokenizer; None builds a byte-level "
+        "tokenizer (for tiny random-init models).",
+    )
+    transformer: ComponentSpec = Field(
+        default_factory=ComponentSpec, description="SANA DiT (diffusers SanaTransformer2DModel)."
+    )
+    vae: ComponentSpec = Field(default_factory=ComponentSpec, description="DC-AE (diffusers AutoencoderDC).")
+    prompt: str = Field(
+        "<image>\nPlease reconstruct the given image.", description="AR prompt when the sample has no caption."
+    )
+    caption_prompt: str = Field(
+        "<image>\nPlease reconstruct the given image based on the image content: {caption}",
+        description="AR prompt when the sample has a caption; `{caption}` is replaced by it.",
+    )
+    flow_shift: float = Field(3.0, gt=0, description="Timestep shift of the flow sampler (SANA uses 3.0).")
+    connector_norm_init: float = Field(
+        5.5**0.5, gt=0, description="Initial RMSNorm weight of the diffusion connector (sqrt(5.5))."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+
+    @field_validator("caption_prompt")
+    @classmethod
+    def _caption_slot(cls, value: str) -> str:
+        if "{caption}" not in value:
+            raise ValueError("must contain the placeholder '{caption}'")
+        return value
+
+
+class SamplerConfig(_Section):
+    """Flow-matching sampler (integrates from t=1, noise, to t=0) and AR token sampling."""
+
+    steps: int = Field(20, ge=1, le=1000, description="Number of Euler steps.")
+    guidance_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1.0 turns CFG off.")
+    sde_eta: float = Field(0.0, ge=0, description="Noise level of the SDE sampler; 0 is the deterministic ODE.")
+    ar_sampling: Literal["greedy", "sample"] = Field("greedy", description="How the AR integrator picks tokens.")
+    ar_top_k: int = Field(1200, ge=1, description="Top-k of AR sampling (ar_sampling=sample).")
+    ar_top_p: float = Field(0.95, gt=0, le=1, description="Top-p of AR sampling (ar_sampling=sample).")
+    ar_temperature: float = Field(1.0, gt=0, description="Temperature of AR sampling.")
+
+
+Range = tuple[float, float]
+
+
+class DegradationConfig(_Section):
+    """Eq. 16: y = {[(x * k_sigma) downsample_r + n_delta]_JPEG_q} upsample_r, sampled per image."""
+
+    blur_sigma: Range = Field((1.0, 15.0), description="Gaussian blur sigma range (pixels at 512 px).")
+    downsample: Range = Field((1.0, 30.0), description="Downsampling factor range r.")
+    noise: Range = Field((0.0, 20.0), description="Gaussian noise std range delta (0-255 scale).")
+    jpeg_quality: Range = Field((40.0, 100.0), description="JPEG quality range q.")
+    reference_size: int = Field(
+        512, gt=0, description="Image size the ranges refer to; sigma scales with size / reference_size."
+    )
+
+    @field_validator("blur_sigma", "downsample", "noise", "jpeg_quality")
+    @classmethod
+    def _ordered(cls, value: Range) -> Range:
+        low, high = value
+        if low > high:
+            raise ValueError(f"range low {low} is above high {high}")
+        if low < 0:
+            raise ValueError(f"range must be non-negative, got low {low}")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> "DegradationConfig":
+        if self.downsample[0] < 1:
+            raise ValueError(f"downsample factors must be >= 1, got {self.downsample}")
+        if not (1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
+            raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
+        return self
+
+
+class DataConfig(_Section):
+    """Where training faces come from and how they are stored."""
+
+    shards: str | None = Field(
+        None,
+        description="Directory of Parquet shards from `rlrestore data build`; None builds them from "
+        "the embedded face pack into <run_dir>/data.",
+    )
+    image_size: int = Field(512, gt=0, description="Side of the stored square face images in pixels.")
+    shard_size: int = Field(256, gt=0, description="Images per Parquet shard.")
+    holdout: int = Field(4, ge=0, description="Faces held back from training (for restoration reports).")
+    seed: int = Field(0, description="Base seed of the per-sample degradation.")
+
+
+class OptimConfig(_Section):
+    """AdamW with warm-up and a cosine or constant schedule (Table I)."""
+
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.01, ge=0, lt=1, description="Fraction of steps spent in linear warm-up.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+
+
+StageName = Literal["autoencoder", "stage1.1", "stage1.2"]
+Component = Literal["integrator", "diffusion_connector", "vae_connector", "transformer", "lq_encoder", "vae"]
+
+
+class Stage1Config(_Section):
+    """Fields shared by the two supervised alignment stages (each a Ray Train job)."""
+
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(128, ge=1, description="Global batch size (split evenly over workers).")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+    condition_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of zeroing the conditions (CFG).")
+    checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    trainable: list[Component]
+
+    @field_validator("trainable")
+    @classmethod
+    def _nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one component to train")
+        return value
+
+
+class AutoencoderConfig(Stage1Config):
+    """Optional stage before Stage 1: fit the DC-AE as an autoencoder (L1 + MSE reconstruction).
+
+    Only for policies whose VAE is built from scratch (the tiny demo); with a pretrained DC-AE
+    leave ``steps`` at 0 and the stage is skipped.
+    """
+
+    steps: int = Field(0, ge=0, description="Optimizer steps; 0 skips the stage.")
+    trainable: list[Component] = Field(default_factory=lambda: ["vae"], description="Components trained.")
+
+
+class SemanticAlignmentConfig(Stage1Config):
+    """Stage 1.1: train the AR integrator and connectors through the frozen DiT, L_CE + alpha L_diff (Eq. 10)."""
+
+    ce_weight: float = Field(1.0, ge=0, description="Weight of the next-token CE loss over image tokens.")
+    diff_weight: float = Field(1.0, ge=0, description="alpha of Eq. 10: weight of the diffusion loss.")
+    trainable: list[Component] = Field(
+        default_factory=lambda: ["integrator", "diffusion_connector", "vae_connector"],
+        description="Policy components trained in this stage.",
+    )
+
+
+class TextureAlignmentConfig(Stage1Config):
+    """Stage 1.2: AR frozen, train the DiT and the LQ encoder, L_diff + beta ||E(y) - E_frozen(x)||^2 (Eq. 11)."""
+
+    diff_weight: float = Field(1.0, ge=0, description="Weight of the diffusion loss.")
+    latent_weight: float = Field(1.0, ge=0, description="beta: weight of the latent consistency loss (Eq. 11).")
+    trainable: list[Component] = Field(
+        default_factory=lambda: ["transformer", "lq_encoder", "vae_connector"],
+        description="Policy components trained in this stage.",
+    )
+
+
+class RayConfig(_Section):
+    """Where and with what resources Ray jobs run."""
+
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto', 'ray://host:port'); None starts a local cluster."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster started by rlrestore.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers of Stage 1.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (fractions allowed).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions allowed).")
+    max_failures: int = Field(3, ge=0, description="Worker failures a Ray Train job survives (restarts).")
+    dashboard_host: str = Field("127.0.0.1", description="Bind address of the dashboard of a local cluster.")
+    include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local cluster.")
+
+
+class LoggingConfig(_Section):
+    """Weights & Biases and local metrics."""
+
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode; offline writes to <run_dir>/wandb, sync later with `wandb sync`."
+    )
+    wandb_project: str = Field("rlrestore", description="W&B project name.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user).")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class RunConfig(_Section):
+    """Everything a run needs; the YAML file mirrors this structure."""
+
+    run_dir: str = Field("runs/default", description="Directory of checkpoints, metrics, logs and reports.")
+    seed: int = Field(0, description="Global seed (weights init, noise, data order).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device of workers.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy networks.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration sampler.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig, description="Eq. 16 ranges.")
+    autoencoder: AutoencoderConfig = Field(
+        default_factory=AutoencoderConfig, description="Optional DC-AE fit for from-scratch (tiny) policies."
+    )
+    stage1_1: SemanticAlignmentConfig = Field(
+        default_factory=SemanticAlignmentConfig, description="Stage 1.1, Semantic-to-Diffusion Alignment."
+    )
+    stage1_2: TextureAlignmentConfig = Field(
+        default_factory=TextureAlignmentConfig, description="Stage 1.2, Texture-to-Diffusion Alignment."
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and resources.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="W&B and progress.")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "RunConfig":
+        for name, stage in (("autoencoder", self.autoencoder), ("stage1_1", self.stage1_1), ("stage1_2", self.stage1_2)):
+            if stage.batch_size % self.ray.num_workers:
+                raise ValueError(
+                    f"{name}.batch_size={stage.batch_size} must be divisible by ray.num_workers={self.ray.num_workers}"
+                )
+        return self
+
+    def stage(self, name: StageName) -> AutoencoderConfig | SemanticAlignmentConfig | TextureAlignmentConfig:
+        """The section of a supervised stage by its CLI name."""
+        return {"autoencoder": self.autoencoder, "stage1.1": self.stage1_1, "stage1.2": self.stage1_2}[name]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        if not key:
+            lines.append(f"  {item['msg']}")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {value!r}); {_allowed_keys_hint(item['loc'])}")
+        else:
+            lines.append(f"  {key} = {value!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys_hint(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "check the spelling"
+        model = annotation
+    return "allowed keys: " + ", ".join(sorted(model.model_fields))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. stage1_1.steps=10)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict, creating sections as needed."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} holds a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when None), apply overrides and validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(loaded).__name__}")
+        data = loaded or {}
+    if overrides:
+        source += " + overrides"
+        data = apply_overrides(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (what a run actually used)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def describe_schema(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per config key with its type, default and description (for --help)."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{key}: {field.description}")
+            lines.extend(describe_schema(annotation, prefix=f"{key}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"{key} (default {default!r}): {field.description}")
+    return lines

@@ -1,0 +1,109 @@
+"""Orchestration: the Ray session, the training data, and the Stage 1 Ray Train jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from rlrestore.config import RayConfig, RunConfig, StageName, save_config
+from rlrestore.data import build_shards, embedded_faces_dir
+
+log = logging.getLogger(__name__)
+
+# Never reach for a hub from a worker: weights come from local paths or the HF cache only.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+PASSED_ENV = ("HF_HOME", "TORCH_HOME", "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "CUDA_VISIBLE_DEVICES")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables every Ray worker gets."""
+    env = dict(WORKER_ENV)
+    env.update({name: os.environ[name] for name in PASSED_ENV if name in os.environ})
+    return env
+
+
+@contextlib.contextmanager
+def ray_session(config: RayConfig) -> Iterator[None]:
+    """Connect to ``config.address`` or start a local cluster (dashboard on 127.0.0.1 if enabled).
+
+    An already-initialised session (tests, notebooks) is reused and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
+    if config.address is None:
+        kwargs.update(
+            num_cpus=config.num_cpus,
+            include_dashboard=config.include_dashboard,
+            dashboard_host=config.dashboard_host,
+        )
+    else:
+        kwargs["address"] = config.address
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def prepare_shards(config: RunConfig) -> Path:
+    """The training shards: ``data.shards`` if given, else built once from the embedded faces."""
+    if config.data.shards is not None:
+        shards = Path(config.data.shards).resolve()
+        if not any(shards.glob("shard-*.parquet")):
+            raise FileNotFoundError(
+                f"data.shards={config.data.shards!r} holds no shard-*.parquet; build them with "
+                f"`rlrestore data build --src FACES --out {config.data.shards}`"
+            )
+        return shards
+    shards = Path(config.run_dir).resolve() / "data"
+    manifest = shards / "manifest.json"
+    if not manifest.is_file() or f'"image_size": {config.data.image_size}' not in manifest.read_text():
+        report = build_shards(
+            embedded_faces_dir(), shards, config.data.image_size, config.data.shard_size, config.logging.progress
+        )
+        log.info("built the embedded face pack into %s: %s", shards, report.summary().splitlines()[0])
+    return shards
+
+
+def run_stage1(config: RunConfig, stage: StageName) -> None:
+    """Run Stage 1.1 or 1.2 as a Ray Train job; resumes from the run directory's checkpoints."""
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainers.stage1 import train_stage1_worker
+
+    if config.stage(stage).steps == 0:
+        log.info("%s: steps=0, skipped", stage)
+        return
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    shards = prepare_shards(config)
+    resources = {"CPU": config.ray.cpus_per_worker}
+    if config.ray.gpus_per_worker:
+        resources["GPU"] = config.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        train_stage1_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "stage": stage, "shards": str(shards)},
+        scaling_config=ScalingConfig(
+            num_workers=config.ray.num_workers,
+            use_gpu=config.ray.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.ray.gpus_per_worker > 0 else "gloo"),
+        run_config=TrainRunConfig(
+            name=stage.replace(".", "_"),
+            storage_path=str(run_dir / "ray_results"),
+            failure_config=FailureConfig(max_failures=config.ray.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"{stage} failed: {result.error}")

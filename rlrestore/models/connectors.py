@@ -1,0 +1,19 @@
+"""Connectors that map the AR hidden states and the z_low patch tokens into the DiT's caption space."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Connector(nn.Sequential):
+    """Linear(in, out) -> GELU -> Linear(out, out) -> RMSNorm(out).
+
+    The diffusion connector (AR hidden states -> caption channels) uses the tanh GELU and starts its
+    norm weight at sqrt(5.5), as BLIP3o-NEXT does; the vae connector (DiT patch tokens of z_low ->
+    caption channels) uses the exact GELU and a unit norm.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, gelu: str = "tanh", norm_init: float = 1.0) -> None:
+        norm = nn.RMSNorm(out_dim, eps=1e-6)
+        nn.init.constant_(norm.weight, norm_init)
+        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(approximate=gelu), nn.Linear(out_dim, out_dim), norm)

@@ -1,0 +1,90 @@
+"""Build a policy component from a config, or load it from a local path / the Hugging Face cache.
+
+One code path serves tiny random-init test models and real checkpoints: a component is either
+`arch`-built (random weights) or loaded with the library's own ``from_pretrained`` with
+``local_files_only=True``; rlrestore never downloads weights at run time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+from rlrestore.config import ComponentSpec
+
+T = TypeVar("T", bound=nn.Module)
+
+
+class CheckpointError(FileNotFoundError):
+    """Weights a config or checkpoint points at are missing or unreadable."""
+
+
+def check_arch_keys(name: str, arch: dict[str, Any], accepted: set[str]) -> None:
+    """Reject architecture keys the component's config class does not know."""
+    unknown = sorted(set(arch) - accepted)
+    if unknown:
+        raise ValueError(
+            f"policy.{name}.arch: unknown key(s) {unknown}; allowed keys: {', '.join(sorted(accepted))}"
+        )
+
+
+def init_signature_keys(cls: type) -> set[str]:
+    """Keyword arguments accepted by a (diffusers) class constructor."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(cls.__init__).parameters
+    return {key for key, param in params.items() if key != "self" and param.kind in named}
+
+
+def hint_download(name: str, source: str) -> str:
+    """The message telling a user how to get missing weights onto the machine."""
+    return (
+        f"policy.{name}: weights {source!r} were not found locally (neither a directory nor in the "
+        f"Hugging Face cache at $HF_HOME). rlrestore never downloads at run time: on a machine with "
+        f"internet run `huggingface-cli download {source}` (with the same HF_HOME), or copy the "
+        f"model directory here and set policy.{name}.pretrained to its path."
+    )
+
+
+def load_component(
+    name: str,
+    spec: ComponentSpec,
+    build: Callable[[dict[str, Any]], T],
+    load: Callable[..., T],
+) -> T:
+    """Random-init from ``spec.arch`` (``build``) or ``load(source, local_files_only=True, ...)``."""
+    if spec.pretrained is None:
+        return build(dict(spec.arch))
+    source = spec.pretrained
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if spec.subfolder:
+        kwargs["subfolder"] = spec.subfolder
+    local = Path(source).expanduser()
+    looks_like_path = source.startswith((".", "/", "~")) or local.exists()
+    if looks_like_path and not local.exists():
+        raise CheckpointError(f"policy.{name}.pretrained: directory {source!r} does not exist")
+    try:
+        return load(str(local) if looks_like_path else source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if looks_like_path:
+            raise CheckpointError(f"policy.{name}: cannot load weights from {source!r}: {exc}") from None
+        raise CheckpointError(hint_download(name, source)) from None
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Parameters of a module, each shared tensor counted once (tied embeddings)."""
+    seen: set[int] = set()
+    total = 0
+    for param in module.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map a config dtype string to torch."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

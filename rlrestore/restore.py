@@ -1,0 +1,120 @@
+"""``rlrestore restore``: restore face images of any size and mode with a trained policy.
+
+Each input is padded to a square (edge pixels), resized to the policy's resolution, restored, and
+resized/cropped back, so the output has the input's size. Unreadable inputs are skipped and
+listed in ``restore_report.json`` next to the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from rlrestore.checkpoints import resolve_policy_dir
+from rlrestore.config import SamplerConfig
+from rlrestore.data.images import ImageLoadError, iter_image_files, load_image, save_image, to_tensor, to_uint8
+from rlrestore.models.policy import PrefRestorePolicy
+
+
+@dataclass
+class RestoreReport:
+    """What a restore call wrote and skipped."""
+
+    checkpoint: str
+    outputs: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"restored {len(self.outputs)} image(s), skipped {len(self.skipped)} (see restore_report.json)"
+
+
+def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[dict]]:
+    """Image files named directly or found (recursively) in folders; missing paths are reported."""
+    files: list[Path] = []
+    missing: list[dict] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(iter_image_files(item))
+        elif item.is_file():
+            files.append(item)
+        else:
+            missing.append({"path": str(item), "reason": "no such file or directory"})
+    return files, missing
+
+
+def to_square(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad HxW to a square by repeating edge pixels; returns the square and (top, left) offsets."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padded = np.pad(image, ((top, side - h - top), (left, side - w - left), (0, 0)), mode="edge")
+    return padded, (top, left)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def restore_files(
+    checkpoint: str | Path,
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    sampler: SamplerConfig,
+    samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> RestoreReport:
+    """Restore every readable input; write ``<stem>.png`` (first candidate) and, with ``samples > 1``,
+    ``<stem>_sample<k>.png`` for each candidate, plus ``restore_report.json`` with the seeds."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    policy_dir = resolve_policy_dir(checkpoint)
+    policy = PrefRestorePolicy.from_pretrained(policy_dir).eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, skipped = collect_inputs(inputs)
+    report = RestoreReport(checkpoint=str(policy_dir), skipped=skipped)
+    loaded: list[tuple[Path, np.ndarray]] = []
+    for path in files:
+        try:
+            loaded.append((path, load_image(path)))
+        except ImageLoadError as exc:
+            report.skipped.append({"path": str(path), "reason": exc.reason})
+    resolution = policy.config.resolution
+    used_names: set[str] = set()
+    for start in tqdm(range(0, len(loaded), batch_size), desc="restore", disable=not progress):
+        chunk = loaded[start : start + batch_size]
+        squares = [to_square(image) for _, image in chunk]
+        lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
+        index = torch.arange(start, start + len(chunk))[:, None] * samples + torch.arange(samples)[None, :]
+        seeds = seed + index
+        result = policy.restore(lq, [""] * len(chunk), seeds, sampler)
+        for row, ((path, image), (square, (top, left))) in enumerate(zip(chunk, squares)):
+            stem = _unique_stem(path, used_names)
+            h, w = image.shape[:2]
+            written = []
+            for k in range(samples):
+                restored = resize(to_uint8(result.images[row, k].float().cpu()), square.shape[0])
+                restored = restored[top : top + h, left : left + w]
+                name = f"{stem}.png" if k == 0 else f"{stem}_sample{k}.png"
+                save_image(restored, out_dir / name)
+                written.append({"file": name, "seed": int(seeds[row, k])})
+            report.outputs.append({"input": str(path), "size": [w, h], "candidates": written})
+    (out_dir / "restore_report.json").write_text(json.dumps(asdict(report), indent=2))
+    return report
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}_{n}"
+    used.add(stem)
+    return stem

@@ -1,0 +1,1 @@
+"""Training loops run inside Ray actors and Ray Train workers."""
