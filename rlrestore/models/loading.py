@@ -39,14 +39,40 @@ def init_signature_keys(cls: type) -> set[str]:
     return {key for key, param in params.items() if key != "self" and param.kind in named}
 
 
-def hint_download(name: str, source: str) -> str:
+def hint_download(key: str, source: str) -> str:
     """The message telling a user how to get missing weights onto the machine."""
     return (
-        f"policy.{name}: weights {source!r} were not found locally (neither a directory nor in the "
-        f"Hugging Face cache at $HF_HOME). rlrestore never downloads at run time: on a machine with "
-        f"internet run `huggingface-cli download {source}` (with the same HF_HOME), or copy the "
-        f"model directory here and set policy.{name}.pretrained to its path."
+        f"{key}: {source!r} was not found locally (neither a directory nor in the Hugging Face "
+        f"cache at $HF_HOME). rlrestore never downloads at run time: on a machine with internet run "
+        f"`huggingface-cli download {source}` (with the same HF_HOME), or copy the model directory "
+        f"here and set {key} to its path."
     )
+
+
+def is_available(source: str, filename: str, subfolder: str | None = None) -> bool:
+    """Whether a local directory or the HF cache holds ``filename`` of ``source`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(source).expanduser()
+    if local.exists():
+        return (local / (subfolder or "") / filename).is_file()
+    if source.startswith((".", "/", "~")):
+        return False
+    path = f"{subfolder}/{filename}" if subfolder else filename
+    return isinstance(try_to_load_from_cache(source, path), str)
+
+
+def require_available(sources: list[tuple[str, str, str, str | None]]) -> None:
+    """Fail early, listing every missing (config key, source, file, subfolder) at once."""
+    missing = [item for item in sources if not is_available(item[1], item[2], item[3])]
+    if missing:
+        lines = [f"  {key}: {source}{'/' + sub if sub else ''}/{name}" for key, source, name, sub in missing]
+        raise CheckpointError(
+            "weights are missing locally (rlrestore never downloads at run time):\n"
+            + "\n".join(lines)
+            + "\nOn a machine with internet, `huggingface-cli download REPO` each repo (same HF_HOME), "
+            "or point these keys at local directories."
+        )
 
 
 def load_component(
@@ -71,7 +97,7 @@ def load_component(
     except (OSError, ValueError) as exc:
         if looks_like_path:
             raise CheckpointError(f"policy.{name}: cannot load weights from {source!r}: {exc}") from None
-        raise CheckpointError(hint_download(name, source)) from None
+        raise CheckpointError(hint_download(f"policy.{name}.pretrained", source)) from None
 
 
 def count_parameters(module: nn.Module) -> int:

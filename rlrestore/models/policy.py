@@ -34,6 +34,7 @@ from rlrestore.models.loading import (
     check_arch_keys,
     init_signature_keys,
     load_component,
+    require_available,
     resolve_dtype,
 )
 from rlrestore.models.text_tokenizer import Vocabulary, load_text_tokenizer
@@ -115,6 +116,20 @@ class PrefRestorePolicy(nn.Module):
     @classmethod
     def from_config(cls, config: PolicyConfig) -> "PrefRestorePolicy":
         """Build every network: random-init from `arch`, or weights from `pretrained` (local only)."""
+        require_available(
+            [
+                (f"policy.{name}.pretrained", spec.pretrained, "config.json", spec.subfolder)
+                for name, spec in (
+                    ("vision", config.vision),
+                    ("integrator", config.integrator),
+                    ("transformer", config.transformer),
+                    ("vae", config.vae),
+                )
+                if spec.pretrained is not None
+            ]
+            + ([("policy.text_tokenizer", config.text_tokenizer, "tokenizer_config.json", None)]
+               if config.text_tokenizer else [])
+        )
         tokenizer = load_text_tokenizer(config.text_tokenizer)
         vocabulary = Vocabulary(tokenizer, config.codebook_size)
         tower = load_component("vision", config.vision, _build_vision, SiglipVisionModel.from_pretrained)

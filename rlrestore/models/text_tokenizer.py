@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from rlrestore.models.loading import CheckpointError, hint_download
+
 IMAGE_PLACEHOLDER = "<image>"
 IM_START, IM_END = "<im_start>", "<im_end>"
 SCALE_TOKENS = ("<S0>", "<S1>", "<S2>")
@@ -35,7 +37,10 @@ def load_text_tokenizer(source: str | None) -> PreTrainedTokenizerBase:
     if source is None:
         tokenizer = byte_level_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            raise CheckpointError(hint_download("policy.text_tokenizer", source)) from None
     missing = [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)

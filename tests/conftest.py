@@ -1,0 +1,62 @@
+"""Shared test fixtures: offline environment, the tiny config and policy, one Ray session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Nothing may reach for the network or the user's caches; set before any HF/torch import.
+_CACHE = Path(tempfile.mkdtemp(prefix="rlrestore-test-cache-"))
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(_CACHE / "hf"),
+        "TORCH_HOME": str(_CACHE / "torch"),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(_CACHE / "wandb"),
+        "WANDB_CACHE_DIR": str(_CACHE / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(_CACHE / "wandb-config"),
+        "WANDB_SILENT": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+
+import torch  # noqa: E402
+
+from rlrestore.cli import default_config_path  # noqa: E402
+from rlrestore.config import RunConfig, load_config  # noqa: E402
+from rlrestore.models.policy import PrefRestorePolicy  # noqa: E402
+
+TINY_CONFIG = default_config_path()
+
+
+def tiny_config(run_dir: Path | str, *overrides: str) -> RunConfig:
+    """The embedded tiny config with progress bars off and the given overrides."""
+    return load_config(TINY_CONFIG, [f"run_dir={run_dir}", "logging.progress=false", *overrides])
+
+
+def build_tiny_policy(seed: int = 0, *overrides: str) -> PrefRestorePolicy:
+    """A seeded random-init tiny policy (the same code path as a full-size one)."""
+    torch.manual_seed(seed)
+    return PrefRestorePolicy.from_config(tiny_config("unused", *overrides).policy).eval()
+
+
+@pytest.fixture
+def tiny_policy() -> PrefRestorePolicy:
+    return build_tiny_policy()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray session for the whole test run (2 CPUs, no dashboard)."""
+    import ray
+
+    from rlrestore.jobs import worker_env
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+    yield
+    ray.shutdown()
