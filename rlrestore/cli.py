@@ -50,12 +50,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from rlrestore.config import SamplerConfig
     from rlrestore.restore import restore_files
 
-    sampler = load_config(None, [f"sampler.{o}" for o in args.sampler]).sampler if args.sampler else SamplerConfig()
+    # --steps goes through the same validation as any sampler key (model_copy would skip it).
+    overrides = [f"sampler.{o}" for o in args.sampler]
     if args.steps is not None:
-        sampler = sampler.model_copy(update={"steps": args.steps})
+        overrides.append(f"sampler.steps={args.steps}")
+    sampler = load_config(None, overrides).sampler
     report = restore_files(
         args.ckpt, args.inputs, args.out, sampler, samples=args.samples, seed=args.seed, progress=not args.quiet
     )
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--seed", type=int, default=0, help="Base seed (candidate seeds are consecutive from it).")
     restore.add_argument("--steps", type=int, default=None, help="Sampler steps (default: sampler.steps).")
     restore.add_argument(
-        "--sampler", nargs="*", default=[], metavar="KEY=VALUE", help="Sampler overrides, e.g. guidance_scale=2."
+        "--sampler", action="append", default=[], metavar="KEY=VALUE",
+        help="Sampler override (repeatable), e.g. --sampler guidance_scale=2 --sampler sde_eta=0.5.",
     )
     restore.add_argument("--quiet", action="store_true", help="No progress bar.")
     restore.set_defaults(func=cmd_restore)

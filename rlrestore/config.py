@@ -208,6 +208,12 @@ class TextureAlignmentConfig(Stage1Config):
 
     diff_weight: float = Field(1.0, ge=0, description="Weight of the diffusion loss.")
     latent_weight: float = Field(1.0, ge=0, description="beta: weight of the latent consistency loss (Eq. 11).")
+    semantic_codes: Literal["target", "generated"] = Field(
+        "target",
+        description="Codes S the DiT is conditioned on: 'target' teacher-forces the clean face's codes "
+        "(cheap); 'generated' runs the frozen integrator on the LQ prompt (greedy), i.e. the codes it "
+        "will see at inference (one AR pass of N tokens per sample per step).",
+    )
     trainable: list[Component] = Field(
         default_factory=lambda: ["transformer", "lq_encoder", "vae_connector"],
         description="Policy components trained in this stage.",

@@ -64,7 +64,8 @@ def sample_flow(
             v = velocity(x, t_batch, condition)
         dt = t_next - t  # negative
         if sde_eta > 0 and t_next > 0:
-            std = sde_eta * torch.sqrt(t / (1 - t.clamp(max=0.999)))
+            # sigma_t = eta sqrt(t / (1 - t)) is infinite at t = 1; Flow-GRPO uses the next grid time there.
+            std = sde_eta * torch.sqrt(t / (1 - torch.where(t == 1, times[1], t)))
             mean = x * (1 + std**2 / (2 * t) * dt) + v * (1 + std**2 * (1 - t) / (2 * t)) * dt
             step_noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
             x = mean + std * torch.sqrt(-dt) * step_noise.to(x.device, x.dtype)

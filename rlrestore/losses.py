@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlrestore.config import AutoencoderConfig, SemanticAlignmentConfig, TextureAlignmentConfig
+from rlrestore.config import AutoencoderConfig, SamplerConfig, SemanticAlignmentConfig, TextureAlignmentConfig
 from rlrestore.flow import interpolate, target_velocity
 from rlrestore.models.policy import PrefRestorePolicy
 
@@ -56,7 +56,10 @@ def stage1_losses(
     x0 = policy.encode_clean(hq)
     codes = policy.target_codes(hq)
     semantic_alignment = isinstance(stage, SemanticAlignmentConfig)
-    cond = policy.condition(lq, batch["caption"], target_codes=codes)
+    generated = isinstance(stage, TextureAlignmentConfig) and stage.semantic_codes == "generated"
+    cond = policy.condition(
+        lq, batch["caption"], target_codes=None if generated else codes, sampler=SamplerConfig(), generator=generator
+    )
     states = drop_conditions(cond.encoder_hidden_states, stage.condition_dropout, generator)
     losses = {"diff_loss": flow_matching_loss(policy, x0, states, generator)}
     if semantic_alignment:

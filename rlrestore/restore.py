@@ -78,23 +78,33 @@ def restore_files(
     policy_dir = resolve_policy_dir(checkpoint)
     policy = PrefRestorePolicy.from_pretrained(policy_dir).eval()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files, skipped = collect_inputs(inputs)
+    inside = [f for f in files if out_dir.resolve() in f.resolve().parents]
+    if inside:
+        raise ValueError(
+            f"--out {out_dir} contains input {inside[0]}: restored images would overwrite or be mixed with "
+            "the inputs; choose an output folder outside the inputs"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = RestoreReport(checkpoint=str(policy_dir), skipped=skipped)
-    loaded: list[tuple[Path, np.ndarray]] = []
-    for path in files:
-        try:
-            loaded.append((path, load_image(path)))
-        except ImageLoadError as exc:
-            report.skipped.append({"path": str(path), "reason": exc.reason})
     resolution = policy.config.resolution
     used_names: set[str] = set()
-    for start in tqdm(range(0, len(loaded), batch_size), desc="restore", disable=not progress):
-        chunk = loaded[start : start + batch_size]
+    done = 0  # readable inputs so far: the i-th gets seeds seed + i * samples + k
+    for start in tqdm(range(0, len(files), batch_size), desc="restore", disable=not progress):
+        # Decoded one batch at a time, so memory does not grow with the number of inputs.
+        chunk: list[tuple[Path, np.ndarray]] = []
+        for path in files[start : start + batch_size]:
+            try:
+                chunk.append((path, load_image(path)))
+            except ImageLoadError as exc:
+                report.skipped.append({"path": str(path), "reason": exc.reason})
+        if not chunk:
+            continue
         squares = [to_square(image) for _, image in chunk]
         lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
-        index = torch.arange(start, start + len(chunk))[:, None] * samples + torch.arange(samples)[None, :]
+        index = torch.arange(done, done + len(chunk))[:, None] * samples + torch.arange(samples)[None, :]
         seeds = seed + index
+        done += len(chunk)
         result = policy.restore(lq, [""] * len(chunk), seeds, sampler)
         for row, ((path, image), (square, (top, left))) in enumerate(zip(chunk, squares)):
             stem = _unique_stem(path, used_names)

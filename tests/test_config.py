@@ -1,0 +1,239 @@
+"""The config schema: defaults, YAML + overrides, and error messages a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from rlrestore.config import (
+    ConfigError,
+    RunConfig,
+    describe_schema,
+    load_config,
+    parse_override,
+    save_config,
+)
+from rlrestore.models.policy import PrefRestorePolicy
+from tests.conftest import TINY_CONFIG, tiny_config
+
+
+def _config_error(overrides: list[str], path: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def _leaf_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_leaf_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+# ----------------------------------------------------------------------------- valid configs
+def test_defaults_validate_to_the_paper_recipe() -> None:
+    config = load_config()
+    assert isinstance(config, RunConfig)
+    assert config.policy.resolution == 512
+    assert config.policy.codebook_size == 65536
+    assert config.policy.flow_shift == 3.0
+    assert config.policy.connector_norm_init == pytest.approx(5.5**0.5)
+    assert config.stage1_1.optim.lr == 1e-5
+    assert config.stage1_1.trainable == ["integrator", "diffusion_connector", "vae_connector"]
+    assert config.stage1_2.trainable == ["transformer", "lq_encoder", "vae_connector"]
+    assert config.degradation.blur_sigma == (1.0, 15.0)
+    assert config.autoencoder.steps == 0
+    assert config.stage("stage1.2") is config.stage1_2
+
+
+def test_yaml_plus_overrides_with_nested_keys_and_yaml_values(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path,
+        "stage1_1.steps=7",
+        "stage1_1.optim.lr=2.5e-4",
+        "stage1_1.optim.betas=[0.8, 0.99]",
+        "degradation.blur_sigma=[0.5, 2]",
+        "stage1_2.trainable=[transformer]",
+        "policy.transformer.arch.num_layers=1",
+        "ray.address=null",
+        "policy.prompt=<image> a=b",
+        "stage1_2.optim.lr=1e-3",
+    )
+    assert config.run_dir == str(tmp_path)
+    assert config.stage1_1.steps == 7
+    assert config.stage1_1.optim.lr == 2.5e-4 and isinstance(config.stage1_1.optim.lr, float)
+    assert config.stage1_1.optim.betas == (0.8, 0.99)
+    assert config.degradation.blur_sigma == (0.5, 2.0)
+    assert config.stage1_2.trainable == ["transformer"]
+    assert config.policy.transformer.arch["num_layers"] == 1
+    assert config.ray.address is None
+    assert config.policy.prompt == "<image> a=b"  # only the first '=' splits
+    # YAML 1.1 reads '1e-3' as a string; the float field still takes it.
+    assert config.stage1_2.optim.lr == 1e-3 and isinstance(config.stage1_2.optim.lr, float)
+    # Untouched YAML values survive next to the overridden ones.
+    assert config.stage1_1.batch_size == 8
+    assert config.policy.transformer.arch["caption_channels"] == 64
+    assert config.stage1_1.optim.warmup_ratio == 0.01
+
+
+def test_parse_override_yaml_types() -> None:
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=2.5e-3") == (["a"], 2.5e-3)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a={x: 1}") == (["a"], {"x": 1})
+    assert parse_override("a=") == (["a"], "")
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_top_level_key() -> None:
+    message = _config_error(["bogus=1"])
+    assert "bogus: unknown key" in message
+    assert "1" in message
+    assert "allowed keys:" in message and "stage1_1" in message and "policy" in message
+
+
+def test_unknown_nested_key_lists_the_allowed_keys() -> None:
+    message = _config_error(["stage1_1.bogsu=3"])
+    assert "stage1_1.bogsu: unknown key (value 3)" in message
+    allowed = message.split("allowed keys:")[1]
+    for key in ("batch_size", "ce_weight", "diff_weight", "optim", "steps", "trainable"):
+        assert key in allowed
+
+
+def test_unknown_deeply_nested_key() -> None:
+    message = _config_error(["stage1_1.optim.learning_rate=0.1"])
+    assert "stage1_1.optim.learning_rate: unknown key" in message
+    assert "lr" in message.split("allowed keys:")[1]
+
+
+def test_wrong_type() -> None:
+    message = _config_error(["stage1_1.steps=abc"])
+    assert "stage1_1.steps = 'abc'" in message
+    assert "valid integer" in message
+
+
+def test_out_of_range() -> None:
+    message = _config_error(["stage1_1.optim.lr=-1"])
+    assert "stage1_1.optim.lr = -1" in message
+    assert "greater than 0" in message
+
+
+def test_bad_literal_lists_the_choices() -> None:
+    message = _config_error(["sampler.ar_sampling=beam"])
+    assert "sampler.ar_sampling = 'beam'" in message
+    assert "'greedy'" in message and "'sample'" in message
+
+
+def test_reversed_range() -> None:
+    message = _config_error(["degradation.blur_sigma=[5,1]"])
+    assert "degradation.blur_sigma" in message
+    assert "[5, 1]" in message
+    assert "above high" in message
+
+
+def test_batch_not_divisible_by_workers() -> None:
+    message = _config_error(["ray.num_workers=3", "autoencoder.batch_size=6", "stage1_2.batch_size=6"])
+    assert "stage1_1.batch_size=128" in message
+    assert "ray.num_workers=3" in message
+    assert "divisible" in message
+
+
+def test_caption_prompt_without_placeholder() -> None:
+    message = _config_error(["policy.caption_prompt=<image> restore"])
+    assert "policy.caption_prompt = '<image> restore'" in message
+    assert "{caption}" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("foo", "not of the form key=value"), ("=3", "empty key"), ("a..b=1", "empty key"), (" =1", "empty key")],
+)
+def test_malformed_override(override: str, expected: str) -> None:
+    message = _config_error([override])
+    assert expected in message
+    assert repr(override) in message
+
+
+def test_override_into_a_value_is_rejected() -> None:
+    message = _config_error(["stage1_1.steps.x=3"], TINY_CONFIG)
+    assert "'steps' holds a value, not a section" in message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    message = _config_error([], missing)
+    assert str(missing) in message and "does not exist" in message
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    message = _config_error([], path)
+    assert str(path) in message and "mapping" in message and "list" in message
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("policy: [unclosed\n")
+    assert "not valid YAML" in _config_error([], path)
+
+
+def test_empty_yaml_gives_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == load_config()
+
+
+def test_errors_from_the_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("sampler:\n  steps: 0\n")
+    message = _config_error([], path)
+    assert str(path) in message
+    assert "sampler.steps = 0" in message and "greater than or equal to 1" in message
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    message = _config_error(["stage1_1.steps=abc", "sampler.ar_sampling=beam"])
+    assert "stage1_1.steps" in message and "sampler.ar_sampling" in message
+
+
+# ----------------------------------------------------------------------------- schema docs, save
+def test_describe_schema_lists_every_leaf_key_with_a_description() -> None:
+    lines = describe_schema()
+    described = {line.split(" ", 1)[0].rstrip(":"): line for line in lines}
+    leaves = _leaf_keys()
+    assert len(leaves) > 60
+    for key in leaves:
+        assert key in described, f"{key} missing from describe_schema()"
+        line = described[key]
+        assert "(default " in line
+        description = line.rsplit("): ", 1)[1]
+        assert description and description != "None", f"{key} has no description"
+    assert "stage1_1.optim.lr (default 1e-05): Peak learning rate." in lines
+
+
+def test_save_config_round_trips(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "stage1_1.steps=3", "degradation.noise=[0, 5]", "policy.prompt=<image>")
+    path = tmp_path / "resolved.yaml"
+    save_config(config, path)
+    again = load_config(path)
+    assert again == config
+    assert again.policy.vae.arch == config.policy.vae.arch
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae", "integrator", "vision"])
+def test_unknown_arch_key_is_rejected_when_building_the_policy(tmp_path: Path, component: str) -> None:
+    config = tiny_config(tmp_path, f"policy.{component}.arch.bogus=1")  # the schema accepts any arch dict
+    with pytest.raises(ValueError) as info:
+        PrefRestorePolicy.from_config(config.policy)
+    message = str(info.value)
+    assert f"policy.{component}.arch" in message
+    assert "bogus" in message
+    assert "allowed keys" in message

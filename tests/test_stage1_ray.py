@@ -1,0 +1,101 @@
+"""Stage 1.1 + 1.2 as Ray Train jobs on 2 workers: the loss falls, and an interrupted run resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from rlrestore.checkpoints import list_checkpoints
+from rlrestore.jobs import run_stage1
+from rlrestore.tracking import read_metrics
+from tests.conftest import TINY_CONFIG, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _early_late(frame: pd.DataFrame, column: str, n: int = 4) -> tuple[float, float]:
+    values = frame.sort_values("step")[column].to_numpy()
+    return float(values[:n].mean()), float(values[-n:].mean())
+
+
+def test_stage1_on_two_workers_lowers_the_loss(tmp_path: Path, ray_cluster) -> None:
+    config = tiny_config(
+        tmp_path / "run",
+        "ray.num_workers=2",
+        "stage1_1.steps=16",
+        "stage1_1.checkpoint_every=8",
+        "stage1_2.steps=16",
+        "stage1_2.checkpoint_every=8",
+    )
+    for stage in ("stage1.1", "stage1.2"):
+        run_stage1(config, stage)
+
+    for stage in ("stage1.1", "stage1.2"):
+        frame = read_metrics(tmp_path / "run", stage)
+        assert frame["step"].tolist() == list(range(16)), stage
+        early, late = _early_late(frame, "loss")
+        assert late < 0.9 * early, f"{stage}: loss {early:.4f} -> {late:.4f} did not fall"
+        assert [step for step, _ in list_checkpoints(tmp_path / "run", stage)] == [8, 16]
+    ce_early, ce_late = _early_late(read_metrics(tmp_path / "run", "stage1.1"), "ce_loss")
+    assert ce_late < ce_early
+    # Stage 1.2 started from the end of Stage 1.1 and W&B wrote offline runs for both stages.
+    assert (tmp_path / "run" / "logs" / "stage1.2" / "wandb").is_dir()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def _train_command(run_dir: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "rlrestore.cli", "train", "stage1.1", str(TINY_CONFIG),
+        f"run_dir={run_dir}", f"stage1_1.steps={steps}", "stage1_1.checkpoint_every=4",
+        "stage1_1.keep_checkpoints=10", "ray.num_cpus=2", "logging.progress=false",
+    ]  # fmt: skip
+
+
+def _session_first_steps(run_dir: Path) -> list[int]:
+    """First step logged by each writer session (a part file name carries its session)."""
+    firsts: dict[str, int] = {}
+    for part in sorted((run_dir / "metrics" / "stage1.1").glob("part-*.parquet")):
+        session = "-".join(part.stem.split("-")[:-1])
+        first = int(pq.read_table(part, columns=["step"]).column("step").to_pylist()[0])
+        firsts[session] = min(first, firsts.get(session, first))
+    return sorted(firsts.values())
+
+
+def test_interrupted_stage1_resumes_without_repeating_steps(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    steps = 40
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        _train_command(run_dir, steps), env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while not any(step >= 8 for step, _ in list_checkpoints(run_dir, "stage1.1")):
+            assert proc.poll() is None, "training exited before it could be interrupted"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    interrupted_at = max(step for step, _ in list_checkpoints(run_dir, "stage1.1"))
+    assert interrupted_at < steps
+
+    rerun = subprocess.run(_train_command(run_dir, steps), env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+    frame = read_metrics(run_dir, "stage1.1")
+    assert frame["step"].tolist() == list(range(steps))
+    firsts = _session_first_steps(run_dir)
+    assert firsts[0] == 0
+    # The second session started exactly at the newest checkpoint: nothing finished was redone.
+    assert firsts[-1] == interrupted_at
+    assert list_checkpoints(run_dir, "stage1.1")[-1][0] == steps
