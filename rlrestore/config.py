@@ -123,7 +123,7 @@ class DegradationConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _limits(self) -> "DegradationConfig":
+    def _limits(self) -> DegradationConfig:
         if self.downsample[0] < 1:
             raise ValueError(f"downsample factors must be >= 1, got {self.downsample}")
         if not (1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
@@ -269,7 +269,7 @@ class RunConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="W&B and progress.")
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "RunConfig":
+    def _batch_divides(self) -> RunConfig:
         for name, stage in (("autoencoder", self.autoencoder), ("stage1_1", self.stage1_1), ("stage1_2", self.stage1_2)):
             if stage.batch_size % self.ray.num_workers:
                 raise ValueError(

@@ -6,7 +6,7 @@ so x0_pred = x_t - t v. Sampling integrates dx/dt = v from t = 1 to t = 0.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -74,7 +74,8 @@ def prepare_shards(config: RunConfig) -> Path:
 
 def run_stage1(config: RunConfig, stage: StageName) -> None:
     """Run Stage 1.1 or 1.2 as a Ray Train job; resumes from the run directory's checkpoints."""
-    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainers.stage1 import train_stage1_worker

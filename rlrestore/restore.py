@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from rlrestore.checkpoints import resolve_policy_dir
 from rlrestore.config import SamplerConfig
-from rlrestore.data.images import ImageLoadError, iter_image_files, load_image, save_image, to_tensor, to_uint8
+from rlrestore.data.images import (
+    ImageLoadError,
+    iter_image_files,
+    load_image,
+    save_image,
+    to_tensor,
+    to_uint8,
+)
 from rlrestore.models.policy import PrefRestorePolicy
 
 

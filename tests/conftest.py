@@ -25,11 +25,11 @@ os.environ.update(
     }
 )
 
-import torch  # noqa: E402
+import torch
 
-from rlrestore.cli import default_config_path  # noqa: E402
-from rlrestore.config import RunConfig, load_config  # noqa: E402
-from rlrestore.models.policy import PrefRestorePolicy  # noqa: E402
+from rlrestore.cli import default_config_path
+from rlrestore.config import RunConfig, load_config
+from rlrestore.models.policy import PrefRestorePolicy
 
 TINY_CONFIG = default_config_path()
 
@@ -43,6 +43,15 @@ def build_tiny_policy(seed: int = 0, *overrides: str) -> PrefRestorePolicy:
     """A seeded random-init tiny policy (the same code path as a full-size one)."""
     torch.manual_seed(seed)
     return PrefRestorePolicy.from_config(tiny_config("unused", *overrides).policy).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on 2 busy cores are ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

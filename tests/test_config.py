@@ -153,7 +153,12 @@ def test_caption_prompt_without_placeholder() -> None:
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("foo", "not of the form key=value"), ("=3", "empty key"), ("a..b=1", "empty key"), (" =1", "empty key")],
+    [
+        ("foo", "not of the form key=value"),
+        ("=3", "empty key"),
+        ("a..b=1", "empty key"),
+        (" =1", "empty key"),
+    ],
 )
 def test_malformed_override(override: str, expected: str) -> None:
     message = _config_error([override])

@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Read by huggingface_hub when it is imported, so set before the imports below.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from diffusers import AutoencoderDC, SanaTransformer2DModel  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+import torch
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from transformers import (
     PreTrainedConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -26,7 +27,7 @@ from transformers import (  # noqa: E402
     SiglipVisionModel,
 )
 
-from rlrestore.config import RunConfig, load_config  # noqa: E402
+from rlrestore.config import RunConfig, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "prefrestore.yaml"
 

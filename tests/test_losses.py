@@ -9,19 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlrestore.config import RunConfig
-from rlrestore.losses import drop_conditions, stage1_losses
+from rlrestore.config import RunConfig, SamplerConfig
+from rlrestore.losses import drop_conditions, flow_matching_loss, stage1_losses
 from rlrestore.models import PrefRestorePolicy
 from tests.conftest import build_tiny_policy, tiny_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on 2 busy cores are ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _faces(batch: int, seed: int) -> torch.Tensor:
@@ -72,7 +63,9 @@ def test_stage1_1_losses(tiny_policy: PrefRestorePolicy, config: RunConfig) -> N
     torch.testing.assert_close(losses["loss"], 0.7 * losses["ce_loss"] + 0.3 * losses["diff_loss"])
 
 
-def test_losses_are_deterministic_given_the_generator(tiny_policy: PrefRestorePolicy, config: RunConfig) -> None:
+def test_losses_are_deterministic_given_the_generator(
+    tiny_policy: PrefRestorePolicy, config: RunConfig
+) -> None:
     first = stage1_losses(tiny_policy, _batch(), config.stage1_1, torch.Generator().manual_seed(5))
     again = stage1_losses(tiny_policy, _batch(), config.stage1_1, torch.Generator().manual_seed(5))
     other = stage1_losses(tiny_policy, _batch(), config.stage1_1, torch.Generator().manual_seed(6))
@@ -106,7 +99,9 @@ def test_autoencoder_losses(tiny_policy: PrefRestorePolicy, config: RunConfig) -
 
 
 # ----------------------------------------------------------------------------- gradient flow
-def test_stage1_1_gradients_pass_through_the_frozen_dit(tiny_policy: PrefRestorePolicy, config: RunConfig) -> None:
+def test_stage1_1_gradients_pass_through_the_frozen_dit(
+    tiny_policy: PrefRestorePolicy, config: RunConfig
+) -> None:
     stage = config.stage1_1
     tiny_policy.set_trainable(stage.trainable)
     losses = stage1_losses(tiny_policy, _batch(), stage, torch.Generator().manual_seed(0))
@@ -114,7 +109,12 @@ def test_stage1_1_gradients_pass_through_the_frozen_dit(tiny_policy: PrefRestore
     assert _grad_norm(tiny_policy.integrator) > 0
     assert _grad_norm(tiny_policy.diffusion_connector) > 0
     assert _grad_norm(tiny_policy.vae_connector) > 0
-    for frozen in (tiny_policy.transformer, tiny_policy.lq_encoder, tiny_policy.vae, tiny_policy.visual_tokenizer):
+    for frozen in (
+        tiny_policy.transformer,
+        tiny_policy.lq_encoder,
+        tiny_policy.vae,
+        tiny_policy.visual_tokenizer,
+    ):
         assert _has_no_grad(frozen)
 
 
@@ -139,6 +139,25 @@ def test_stage1_2_gradients(tiny_policy: PrefRestorePolicy, config: RunConfig) -
     assert _grad_norm(tiny_policy.vae_connector) > 0
     for frozen in (tiny_policy.integrator, tiny_policy.diffusion_connector, tiny_policy.vae):
         assert _has_no_grad(frozen)
+
+
+def test_stage1_2_with_generated_codes(tiny_policy: PrefRestorePolicy, config: RunConfig) -> None:
+    """semantic_codes=generated conditions the DiT on the integrator's own greedy codes of the LQ prompt."""
+    stage = config.stage1_2.model_copy(update={"semantic_codes": "generated"})
+    tiny_policy.set_trainable(stage.trainable)
+    batch = _batch()
+    losses = stage1_losses(tiny_policy, batch, stage, torch.Generator().manual_seed(0))
+    target = stage1_losses(tiny_policy, batch, config.stage1_2, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    cond = tiny_policy.condition(batch["lq"], batch["caption"], sampler=SamplerConfig(), generator=generator)
+    states = drop_conditions(cond.encoder_hidden_states, 0.0, generator)
+    expected = flow_matching_loss(tiny_policy, tiny_policy.encode_clean(batch["hq"]), states, generator)
+    torch.testing.assert_close(losses["diff_loss"], expected)
+    assert not torch.equal(cond.codes, tiny_policy.target_codes(batch["hq"]))
+    assert abs(losses["diff_loss"].item() - target["diff_loss"].item()) > 1e-4
+    torch.testing.assert_close(losses["latent_loss"], target["latent_loss"])
+    losses["loss"].backward()
+    assert _grad_norm(tiny_policy.transformer) > 0 and _has_no_grad(tiny_policy.integrator)
 
 
 # ----------------------------------------------------------------------------- training
@@ -171,7 +190,9 @@ def test_adamw_lowers_the_stage1_2_loss(config: RunConfig) -> None:
 def test_drop_conditions() -> None:
     states = torch.randn(64, 5, 3, generator=torch.Generator().manual_seed(0)) + 3.0
     assert torch.equal(drop_conditions(states, 0.0, torch.Generator().manual_seed(1)), states)
-    assert torch.equal(drop_conditions(states, 1.0, torch.Generator().manual_seed(1)), torch.zeros_like(states))
+    assert torch.equal(
+        drop_conditions(states, 1.0, torch.Generator().manual_seed(1)), torch.zeros_like(states)
+    )
     half = drop_conditions(states, 0.5, torch.Generator().manual_seed(1))
     dropped = (half == 0).flatten(1).all(1)
     kept = (half == states).flatten(1).all(1)
@@ -184,10 +205,14 @@ def test_drop_conditions() -> None:
 def test_adopt_fitted_vae(tiny_policy: PrefRestorePolicy) -> None:
     with torch.no_grad():  # stand-in for the autoencoder stage having changed the encoder
         for param in tiny_policy.vae.encoder.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+            param.add_(
+                0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel()))
+            )
     assert any(
         not torch.equal(a, b)
-        for a, b in zip(tiny_policy.vae.encoder.state_dict().values(), tiny_policy.lq_encoder.state_dict().values())
+        for a, b in zip(
+            tiny_policy.vae.encoder.state_dict().values(), tiny_policy.lq_encoder.state_dict().values()
+        )
     )
     clean = _faces(4, 7)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, Qwen3ForCausalLM, SiglipVisionModel
 from rlrestore.config import ComponentSpec, SamplerConfig, load_config
 from rlrestore.models import CheckpointError, PrefRestorePolicy, RestoreOutput, count_parameters
 from rlrestore.models.loading import load_component
+from rlrestore.models.policy import _pick_token
 from tests.conftest import build_tiny_policy, tiny_config
 
 FULL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "prefrestore.yaml"
@@ -36,15 +37,6 @@ def _faces(batch: int, seed: int) -> torch.Tensor:
 
 LQ = _faces(2, 0)
 HQ = _faces(2, 1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on 2 busy cores are ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +113,9 @@ def test_different_seeds_give_different_candidates(batched: RestoreOutput) -> No
             assert (flat[i] - flat[j]).abs().mean() > 0.1, (i, j)
 
 
-def test_deterministic_sampler_repeats_exactly(policy: PrefRestorePolicy, ode_reference: RestoreOutput) -> None:
+def test_deterministic_sampler_repeats_exactly(
+    policy: PrefRestorePolicy, ode_reference: RestoreOutput
+) -> None:
     again = policy.restore(LQ[:1], CAPTIONS[:1], torch.tensor([[5, 5, 9]]), ODE_SAMPLER)
     assert torch.equal(again.latents, ode_reference.latents)
     assert torch.equal(again.images, ode_reference.images)
@@ -156,7 +150,9 @@ def test_prompt_batch_pads_on_the_left(policy: PrefRestorePolicy) -> None:
     codes = torch.randint(0, vocab.codebook_size, (2, 64), generator=torch.Generator().manual_seed(1))
     ids, mask = policy.prompt_batch(codes, CAPTIONS)
     plain = vocab.prompt_ids(policy.config.prompt, codes[0].tolist())
-    captioned = vocab.prompt_ids(policy.config.caption_prompt.replace("{caption}", CAPTIONS[1]), codes[1].tolist())
+    captioned = vocab.prompt_ids(
+        policy.config.caption_prompt.replace("{caption}", CAPTIONS[1]), codes[1].tolist()
+    )
     pad = len(captioned) - len(plain)
     assert pad > 0 and ids.shape == mask.shape == (2, len(captioned))
     assert ids[1].tolist() == captioned and mask[1].tolist() == [1] * len(captioned)
@@ -221,8 +217,32 @@ def test_sampled_generation(policy: PrefRestorePolicy, batched: RestoreOutput) -
     assert first.min() >= 0 and first.max() < policy.config.codebook_size
     assert torch.equal(first, second)
     assert not torch.equal(first[0], batched.codes[1])  # not the greedy codes
-    top1 = policy.generate_codes(ids, mask, SamplerConfig(ar_sampling="sample", ar_top_k=1), torch.Generator())
+    top1 = policy.generate_codes(
+        ids, mask, SamplerConfig(ar_sampling="sample", ar_top_k=1), torch.Generator()
+    )
     assert torch.equal(top1[0], batched.codes[1])  # top-k 1 is greedy
+
+
+def test_top_k_top_p_token_choice() -> None:
+    """Probabilities 0.5 / 0.3 / 0.15 / 0.05: top-p 0.7 keeps the first two, top-k 3 the first three."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+
+    def draw(**options: object) -> torch.Tensor:
+        sampler = SamplerConfig(ar_sampling="sample", **options)
+        return _pick_token(logits, sampler, torch.Generator().manual_seed(0))
+
+    top_p = draw(ar_top_p=0.7)
+    assert set(top_p.tolist()) == {0, 1}
+    assert (top_p == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+    top_k = draw(ar_top_k=3, ar_top_p=1.0)
+    assert set(top_k.tolist()) == {0, 1, 2}
+    assert (top_k == 2).float().mean().item() == pytest.approx(0.15 / 0.95, abs=0.03)
+    assert set(draw(ar_top_k=1).tolist()) == {0}
+    assert set(draw(ar_temperature=0.01, ar_top_p=1.0).tolist()) == {0}
+    assert torch.equal(draw(ar_top_p=0.9), draw(ar_top_p=0.9))
+    assert torch.equal(
+        _pick_token(logits[:3], SamplerConfig(), torch.Generator()), torch.zeros(3, dtype=torch.long)
+    )
 
 
 def test_condition_without_codes_needs_a_sampler(policy: PrefRestorePolicy) -> None:
@@ -270,18 +290,40 @@ def test_save_and_load_round_trip(
     assert no_network == []
 
 
+def test_fitted_scaling_factor_and_trained_weights_survive_a_checkpoint(
+    tiny_policy: PrefRestorePolicy, tmp_path: Path
+) -> None:
+    with torch.no_grad():
+        tiny_policy.vae_connector[0].weight.add_(1.0)
+        tiny_policy.visual_tokenizer.quantizer.proj.weight.mul_(-1.0)
+    scale = tiny_policy.adopt_fitted_vae(HQ)
+    assert scale != 1.0
+    tiny_policy.save_pretrained(tmp_path / "fitted")
+    loaded = PrefRestorePolicy.from_pretrained(tmp_path / "fitted")
+    assert loaded.scaling_factor == pytest.approx(scale)
+    _assert_same_state(tiny_policy, loaded)
+    torch.testing.assert_close(loaded.encode_clean(HQ), tiny_policy.encode_clean(HQ), rtol=0, atol=0)
+
+
 def test_checkpoint_subfolders_load_with_diffusers_and_transformers(
     policy: PrefRestorePolicy, checkpoint: Path
 ) -> None:
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "integrator", "policy_config.json", "rlrestore_modules.safetensors", "transformer", "vae", "vision"
+        "integrator",
+        "policy_config.json",
+        "rlrestore_modules.safetensors",
+        "transformer",
+        "vae",
+        "vision",
     ]
     _assert_same_state(SanaTransformer2DModel.from_pretrained(checkpoint / "transformer"), policy.transformer)
     _assert_same_state(AutoencoderDC.from_pretrained(checkpoint / "vae"), policy.vae)
     integrator = Qwen3ForCausalLM.from_pretrained(checkpoint / "integrator")
     _assert_same_state(integrator, policy.integrator)
     assert integrator.get_input_embeddings().num_embeddings == policy.vocabulary.size
-    _assert_same_state(SiglipVisionModel.from_pretrained(checkpoint / "vision"), policy.visual_tokenizer.tower)
+    _assert_same_state(
+        SiglipVisionModel.from_pretrained(checkpoint / "vision"), policy.visual_tokenizer.tower
+    )
     assert len(AutoTokenizer.from_pretrained(checkpoint / "integrator")) == policy.vocabulary.first_image_id
 
 
@@ -342,7 +384,12 @@ def test_unknown_hub_id_fails_offline_with_a_download_hint(tmp_path: Path, no_ne
     assert "huggingface-cli download" in message
     # The loader itself (reached when the config file is cached but the weights are not) says the same.
     with pytest.raises(CheckpointError) as info:
-        load_component("transformer", ComponentSpec(pretrained=repo), lambda arch: None, SanaTransformer2DModel.from_pretrained)
+        load_component(
+            "transformer",
+            ComponentSpec(pretrained=repo),
+            lambda arch: None,
+            SanaTransformer2DModel.from_pretrained,
+        )
     assert f"huggingface-cli download {repo}" in str(info.value)
     assert no_network == []
 
@@ -363,7 +410,10 @@ def test_full_size_config_lists_every_missing_source_at_once(no_network: list) -
     for key, source in [
         ("policy.vision.pretrained", "google/siglip2-so400m-patch14-384/config.json"),
         ("policy.integrator.pretrained", "Qwen/Qwen3-0.6B/config.json"),
-        ("policy.transformer.pretrained", "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers/transformer/config.json"),
+        (
+            "policy.transformer.pretrained",
+            "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers/transformer/config.json",
+        ),
         ("policy.vae.pretrained", "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers/vae/config.json"),
         ("policy.text_tokenizer", "Qwen/Qwen3-0.6B/tokenizer_config.json"),
     ]:
@@ -402,7 +452,9 @@ def test_full_size_policy_on_the_meta_device() -> None:
     assert counts["vae (DC-AE f32c32)"] / 1e6 == pytest.approx(312.3, abs=0.1)
     assert counts["vision tower (SigLIP2 so400m)"] / 1e6 == pytest.approx(428.2, abs=0.1)
     # Qwen3-0.6B is 596.0 M with its 151,936 x 1024 tied embedding; the body keeps its size.
-    assert counts["integrator body (Qwen3-0.6B)"] / 1e6 == pytest.approx((596.0e6 - 151936 * 1024) / 1e6, abs=0.1)
+    assert counts["integrator body (Qwen3-0.6B)"] / 1e6 == pytest.approx(
+        (596.0e6 - 151936 * 1024) / 1e6, abs=0.1
+    )
     assert vocab.size == vocab.first_image_id + 65536
     assert embedding.weight.shape == (vocab.size, 1024)
     assert policy.integrator.lm_head.weight is embedding.weight

@@ -8,8 +8,9 @@ One code path serves tiny random-init test models and real checkpoints: a compon
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn

@@ -114,7 +114,7 @@ class PrefRestorePolicy(nn.Module):
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, config: PolicyConfig) -> "PrefRestorePolicy":
+    def from_config(cls, config: PolicyConfig) -> PrefRestorePolicy:
         """Build every network: random-init from `arch`, or weights from `pretrained` (local only)."""
         require_available(
             [
@@ -181,7 +181,7 @@ class PrefRestorePolicy(nn.Module):
         (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "PrefRestorePolicy":
+    def from_pretrained(cls, path: str | Path) -> PrefRestorePolicy:
         """Load a directory written by :meth:`save_pretrained` (safetensors only, no pickle)."""
         path = Path(path)
         meta_file = path / POLICY_CONFIG

@@ -78,6 +78,6 @@ class Vocabulary:
         if template.count(IMAGE_PLACEHOLDER) != 1:
             raise ValueError(f"prompt {template!r} must contain {IMAGE_PLACEHOLDER} exactly once")
         before, after = template.split(IMAGE_PLACEHOLDER)
-        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)
         image_block = [self.im_start, self.scales[0], *self.image_ids(lq_codes), self.im_end]
         return [*encode(before), *image_block, *encode(after), self.im_start, self.scales[0]]
