@@ -59,10 +59,10 @@ def _train_command(run_dir: Path, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _session_first_steps(run_dir: Path) -> list[int]:
+def _session_first_steps(run_dir: Path, stage: str = "stage1.1") -> list[int]:
     """First step logged by each writer session (a part file name carries its session)."""
     firsts: dict[str, int] = {}
-    for part in sorted((run_dir / "metrics" / "stage1.1").glob("part-*.parquet")):
+    for part in sorted((run_dir / "metrics" / stage).glob("part-*.parquet")):
         session = "-".join(part.stem.split("-")[-3:-1])  # part-<time>-<pid>-<token>-<seq>
         first = int(pq.read_table(part, columns=["step"]).column("step").to_pylist()[0])
         firsts[session] = min(first, firsts.get(session, first))
@@ -86,6 +86,11 @@ def test_interrupted_stage1_resumes_without_repeating_steps(tmp_path: Path) -> N
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # The driver's Ray processes fate-share with it but die asynchronously; a worker still alive
+    # could finish one more checkpoint, so wait until none is left before reading the latest.
+    while _train_worker_pids():
+        assert time.monotonic() < deadline + 60, "Ray Train workers outlived their killed driver"
+        time.sleep(0.5)
     interrupted_at = max(step for step, _ in list_checkpoints(run_dir, "stage1.1"))
     assert interrupted_at < steps
 
@@ -101,3 +106,53 @@ def test_interrupted_stage1_resumes_without_repeating_steps(tmp_path: Path) -> N
     # The second session started exactly at the newest checkpoint: nothing finished was redone.
     assert firsts[-1] == interrupted_at
     assert list_checkpoints(run_dir, "stage1.1")[-1][0] == steps
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray sets their process title)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline:
+            pids.append(proc.pid)
+    return pids
+
+
+def test_stage1_survives_a_killed_worker(tmp_path: Path, ray_cluster) -> None:
+    import threading
+
+    steps = 40
+    config = tiny_config(
+        tmp_path / "run",
+        f"stage1_1.steps={steps}",
+        "stage1_1.checkpoint_every=4",
+        "stage1_1.keep_checkpoints=20",
+        "ray.max_failures=2",
+    )
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            run_stage1(config, "stage1.1")
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not any(step >= 8 for step, _ in list_checkpoints(tmp_path / "run", "stage1.1")):
+        assert thread.is_alive(), f"training ended early: {errors}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    victims = _train_worker_pids()
+    assert victims, "found no Ray Train worker process to kill"
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not errors, errors
+
+    frame = read_metrics(tmp_path / "run", "stage1.1")
+    assert frame["step"].tolist() == list(range(steps))
+    assert list_checkpoints(tmp_path / "run", "stage1.1")[-1][0] == steps
+    assert len(_session_first_steps(tmp_path / "run")) >= 2, "the worker group was not restarted"
