@@ -13,6 +13,7 @@ during the write leaves the previous checkpoint as the latest usable one.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -74,7 +75,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / TRAINER_STATE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is unreadable ({exc}); delete {checkpoint} to fall back to an older one") from None
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC, SanaTransformer2DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -62,6 +63,7 @@ class RestoreOutput:
     images: torch.Tensor  # [B, K, 3, R, R]
     seeds: torch.Tensor  # [B, K]
     codes: torch.Tensor  # [B, N]
+    encoder_hidden_states: torch.Tensor  # [B, L, D] condition of each input (shared by its K candidates)
 
 
 def _build_vision(arch: dict[str, Any]) -> SiglipVisionModel:
@@ -208,7 +210,7 @@ class PrefRestorePolicy(nn.Module):
             raise CheckpointError(f"{path}: rlrestore_modules.safetensors is missing")
         try:
             tensors = load_file(str(own_file))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
+        except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{own_file} is corrupt: {exc}") from None
         for prefix, module in (
             ("quantizer.", policy.visual_tokenizer.pre_quant),
@@ -434,6 +436,7 @@ class PrefRestorePolicy(nn.Module):
             images=images.view(batch, k, *images.shape[1:]),
             seeds=seeds,
             codes=cond.codes,
+            encoder_hidden_states=cond.encoder_hidden_states,
         )
 
 

@@ -1,0 +1,94 @@
+"""Rollout worker: K candidate restorations per degraded training face, tagged with a policy version.
+
+The worker holds an inference copy of the policy and the training shards. Given sample indices
+and an epoch it degrades the clean faces itself (Eq. 16, seeded per (sample, epoch), so every
+worker produces the same LQ image for the same sample), samples K candidates per input in one
+batched call with per-candidate seeds, and returns what Stage 2 needs: the clean latents x0 of
+the candidates, their decoded images, the conditions, the clean faces, and the version of the
+weights that produced them. ``RolloutActor`` is the thin Ray wrapper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from rlrestore.config import DegradationConfig, SamplerConfig
+from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
+from rlrestore.models.policy import PrefRestorePolicy
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout call: B inputs x K candidates."""
+
+    ids: list[str]
+    captions: list[str]
+    lq: torch.Tensor  # [B, 3, R, R] degraded inputs in [-1, 1]
+    clean: torch.Tensor  # [B, 3, R, R] clean faces in [-1, 1]
+    x0: torch.Tensor  # [B, K, C, h, w] clean latents of the candidates
+    images: torch.Tensor  # [B, K, 3, R, R] decoded candidates in [-1, 1]
+    encoder_hidden_states: torch.Tensor  # [B, L, D] condition c = (S, z_low) of each input
+    seeds: torch.Tensor  # [B, K]
+    policy_version: int
+
+
+class RolloutWorker:
+    """Samples candidates from the current rollout policy (plain class; no Ray needed to test it)."""
+
+    def __init__(
+        self,
+        policy_dir: str | Path,
+        shards: str | Path,
+        degradation: dict,
+        data_seed: int,
+        holdout: int,
+        threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.policy = PrefRestorePolicy.from_pretrained(policy_dir).eval()
+        train, _ = split_holdout(read_shards(Path(shards)), holdout)
+        self.dataset = FaceDataset(
+            train, self.policy.config.resolution, DegradationConfig.model_validate(degradation), data_seed
+        )
+        self.version = 0
+
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def load_weights(self, version: int, transformer_state: dict[str, torch.Tensor]) -> int:
+        """Adopt new DiT weights (from the learners) as policy ``version``; returns it."""
+        if version < self.version:
+            raise ValueError(f"weights version {version} is older than the worker's {self.version}")
+        self.policy.transformer.load_state_dict(transformer_state)
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def rollout(self, indices: list[int], epoch: int, seeds: torch.Tensor, sampler: SamplerConfig) -> RolloutBatch:
+        """K = seeds.shape[1] candidates for each training sample in ``indices`` at ``epoch``."""
+        if seeds.shape[0] != len(indices):
+            raise ValueError(f"seeds has {seeds.shape[0]} rows for {len(indices)} inputs")
+        self.dataset.set_epoch(epoch)
+        batch = collate_faces([self.dataset[i] for i in indices])
+        out = self.policy.restore(batch["lq"], batch["caption"], seeds, sampler)
+        return RolloutBatch(
+            ids=batch["id"],
+            captions=batch["caption"],
+            lq=batch["lq"],
+            clean=batch["hq"],
+            x0=out.latents,
+            images=out.images,
+            encoder_hidden_states=out.encoder_hidden_states,
+            seeds=seeds,
+            policy_version=self.version,
+        )
+
+
+def make_rollout_actor(num_cpus: float, num_gpus: float, max_restarts: int = 3, **kwargs) -> ray.actor.ActorHandle:
+    """A rollout worker as a restartable Ray actor with the given resources."""
+    actor_class = ray.remote(RolloutWorker)
+    return actor_class.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts).remote(**kwargs)
