@@ -6,6 +6,7 @@ and the checkpoint are built once per module and shared by the tests that only r
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -287,6 +288,33 @@ def test_save_and_load_round_trip(
     assert torch.equal(again.codes, ode_reference.codes)
     assert torch.equal(again.latents, ode_reference.latents)
     assert torch.equal(again.images, ode_reference.images)
+    assert no_network == []
+
+
+def test_components_load_from_the_hugging_face_cache(policy: PrefRestorePolicy, no_network: list) -> None:
+    """A hub id resolves through the local HF cache layout (models--org--name/snapshots/REV).
+
+    conftest points HF_HOME at a temporary folder before any import, so this is that cache."""
+    hub = Path(os.environ["HF_HOME"]) / "hub"
+    commit = "0123456789abcdef" * 2 + "01234567"  # refs hold full 40-hex commit ids
+    snapshot = hub / "models--rlrestore-test--tiny-pref-restore" / "snapshots" / commit
+    policy.transformer.save_pretrained(snapshot / "transformer")
+    policy.vae.save_pretrained(snapshot / "vae")
+    policy.integrator.save_pretrained(snapshot)  # like Qwen/Qwen3-0.6B: model and tokenizer at the root
+    policy.vocabulary.tokenizer.save_pretrained(snapshot)
+    (hub / "models--rlrestore-test--tiny-pref-restore" / "refs").mkdir()
+    (hub / "models--rlrestore-test--tiny-pref-restore" / "refs" / "main").write_text(commit)
+    repo = "rlrestore-test/tiny-pref-restore"
+    config = policy.config.model_copy(deep=True)
+    config.transformer = ComponentSpec(pretrained=repo, subfolder="transformer")
+    config.vae = ComponentSpec(pretrained=repo, subfolder="vae")
+    config.integrator = ComponentSpec(pretrained=repo)
+    config.text_tokenizer = repo
+    loaded = PrefRestorePolicy.from_config(config)
+    for name in ("transformer", "vae", "integrator"):
+        for key, value in getattr(policy, name).state_dict().items():
+            assert torch.equal(value, getattr(loaded, name).state_dict()[key]), f"{name}.{key}"
+    assert loaded.vocabulary.first_image_id == policy.vocabulary.first_image_id
     assert no_network == []
 
 
