@@ -50,8 +50,12 @@ class PolicyConfig(_Section):
     vision: ComponentSpec = Field(
         default_factory=ComponentSpec, description="SigLIP2 vision tower (transformers SiglipVisionModel)."
     )
-    vision_feature_layer: int = Field(-2, description="Hidden layer of the vision tower fed to the quantiser.")
-    codebook_size: int = Field(65536, gt=1, description="Number of visual codes V (image tokens <I0>..<I{V-1}>).")
+    vision_feature_layer: int = Field(
+        -2, description="Hidden layer of the vision tower fed to the quantiser."
+    )
+    codebook_size: int = Field(
+        65536, gt=1, description="Number of visual codes V (image tokens <I0>..<I{V-1}>)."
+    )
     codebook_dim: int = Field(64, gt=0, description="Dimension of the vector-quantised code space.")
     integrator: ComponentSpec = Field(
         default_factory=ComponentSpec, description="Qwen3 causal LM (transformers Qwen3ForCausalLM)."
@@ -66,7 +70,8 @@ class PolicyConfig(_Section):
     )
     vae: ComponentSpec = Field(default_factory=ComponentSpec, description="DC-AE (diffusers AutoencoderDC).")
     prompt: str = Field(
-        "<image>\nPlease reconstruct the given image.", description="AR prompt when the sample has no caption."
+        "<image>\nPlease reconstruct the given image.",
+        description="AR prompt when the sample has no caption.",
     )
     caption_prompt: str = Field(
         "<image>\nPlease reconstruct the given image based on the image content: {caption}",
@@ -91,8 +96,12 @@ class SamplerConfig(_Section):
 
     steps: int = Field(20, ge=1, le=1000, description="Number of Euler steps.")
     guidance_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1.0 turns CFG off.")
-    sde_eta: float = Field(0.0, ge=0, description="Noise level of the SDE sampler; 0 is the deterministic ODE.")
-    ar_sampling: Literal["greedy", "sample"] = Field("greedy", description="How the AR integrator picks tokens.")
+    sde_eta: float = Field(
+        0.0, ge=0, description="Noise level of the SDE sampler; 0 is the deterministic ODE."
+    )
+    ar_sampling: Literal["greedy", "sample"] = Field(
+        "greedy", description="How the AR integrator picks tokens."
+    )
     ar_top_k: int = Field(1200, ge=1, description="Top-k of AR sampling (ar_sampling=sample).")
     ar_top_p: float = Field(0.95, gt=0, le=1, description="Top-p of AR sampling (ar_sampling=sample).")
     ar_temperature: float = Field(1.0, gt=0, description="Temperature of AR sampling.")
@@ -152,7 +161,9 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
     warmup_ratio: float = Field(0.01, ge=0, lt=1, description="Fraction of steps spent in linear warm-up.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
 
@@ -167,7 +178,9 @@ class Stage1Config(_Section):
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(128, ge=1, description="Global batch size (split evenly over workers).")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
-    condition_dropout: float = Field(0.1, ge=0, lt=1, description="Probability of zeroing the conditions (CFG).")
+    condition_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Probability of zeroing the conditions (CFG)."
+    )
     checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
@@ -207,7 +220,9 @@ class TextureAlignmentConfig(Stage1Config):
     """Stage 1.2: AR frozen, train the DiT and the LQ encoder, L_diff + beta ||E(y) - E_frozen(x)||^2 (Eq. 11)."""
 
     diff_weight: float = Field(1.0, ge=0, description="Weight of the diffusion loss.")
-    latent_weight: float = Field(1.0, ge=0, description="beta: weight of the latent consistency loss (Eq. 11).")
+    latent_weight: float = Field(
+        1.0, ge=0, description="beta: weight of the latent consistency loss (Eq. 11)."
+    )
     semantic_codes: Literal["target", "generated"] = Field(
         "target",
         description="Codes S the DiT is conditioned on: 'target' teacher-forces the clean face's codes "
@@ -218,6 +233,89 @@ class TextureAlignmentConfig(Stage1Config):
         default_factory=lambda: ["transformer", "lq_encoder", "vae_connector"],
         description="Policy components trained in this stage.",
     )
+
+
+class RewardSpec(_Section):
+    """One reward model: a registered name (or ``module:Class``), its weight and constructor args."""
+
+    name: str = Field(
+        ..., min_length=1, description="Registered reward name or a 'package.module:Class' path."
+    )
+    weight: float = Field(1.0, description="Weight of this component in the total reward.")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the reward's constructor."
+    )
+
+
+class ActorGroupConfig(_Section):
+    """How many Ray actors of one role run, and what each reserves."""
+
+    num_actors: int = Field(1, ge=1, description="Number of actors of this role.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed).")
+
+
+class NFTConfig(_Section):
+    """DiffusionNFT loss (Eq. 13-15) and the v_old EMA, as the reference implementation does them."""
+
+    beta: float = Field(
+        0.1, gt=0, description="beta (the paper's gamma) of v+ / v-: 1.0 single reward, 0.1 multi-reward."
+    )
+    loss_form: Literal["velocity", "adaptive_x0"] = Field(
+        "velocity", description="'velocity': Eq. 15; 'adaptive_x0': the reference's x0-space adaptive form."
+    )
+    adaptive_scale: float = Field(5.0, gt=0, description="Scale of the adaptive_x0 form.")
+    timesteps_per_sample: int = Field(
+        4, ge=1, description="Timesteps t (each a forward/backward) per stored x0."
+    )
+    base_penalty: float = Field(
+        0.0, ge=0, description="Weight of ||v_theta - v_base||^2 to the frozen base (1e-4 in the reference)."
+    )
+    clip: float = Field(5.0, gt=0, description="Clip constant c of the group-normalised advantage.")
+    reward_eps: float = Field(1e-4, gt=0, description="Added to the step-wide reward std.")
+    ema_schedule: Literal["linear", "delayed"] = Field("linear", description="Decay schedule of v_old.")
+
+
+class Stage2Config(_Section):
+    """Stage 2: preference RL with DiffusionNFT on rollout, reward and learner actors."""
+
+    steps: int = Field(100, ge=1, description="RL steps (rollout -> reward -> learn -> sync).")
+    inputs_per_step: int = Field(48, ge=1, description="Degraded inputs per step (groups).")
+    candidates: int = Field(24, ge=1, description="K candidates per input.")
+    rollout_batch: int = Field(4, ge=1, description="Inputs per batched rollout call.")
+    sampler_steps: int = Field(
+        10, ge=1, description="Sampler steps of rollouts (deterministic ODE, CFG off)."
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [
+            RewardSpec(name="sharpness", weight=1.0),
+            RewardSpec(name="psnr", weight=0.0),
+        ],
+        description="Reward components; a weight of 0 reports a component without training on it.",
+    )
+    nft: NFTConfig = Field(default_factory=NFTConfig, description="NFT loss and v_old EMA.")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(
+            lr=3e-4, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0
+        ),
+        description="Learner optimizer (Table I: AdamW 3e-4 constant, wd 1e-4).",
+    )
+    micro_batch: int = Field(8, ge=1, description="Samples per learner forward/backward.")
+    finetune: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA of the DiT.")
+    lora_rank: int = Field(32, ge=1, description="LoRA rank (finetune=lora).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage of the learners.")
+    rollout_workers: ActorGroupConfig = Field(
+        default_factory=lambda: ActorGroupConfig(num_actors=2), description="Rollout worker actors."
+    )
+    reward_workers: ActorGroupConfig = Field(default_factory=ActorGroupConfig, description="Reward actors.")
+    learners: ActorGroupConfig = Field(
+        default_factory=lambda: ActorGroupConfig(num_actors=2), description="DeepSpeed learner ranks."
+    )
+    async_rollouts: bool = Field(False, description="Roll out step i+1 while the learners train on step i.")
+    max_policy_lag: int = Field(1, ge=0, description="Most policy versions a rollout may lag (async mode).")
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
+    sample_grid_every: int = Field(10, ge=1, description="Write an LQ | candidates | GT grid every N steps.")
 
 
 class RayConfig(_Section):
@@ -265,12 +363,19 @@ class RunConfig(_Section):
     stage1_2: TextureAlignmentConfig = Field(
         default_factory=TextureAlignmentConfig, description="Stage 1.2, Texture-to-Diffusion Alignment."
     )
+    stage2: Stage2Config = Field(
+        default_factory=Stage2Config, description="Stage 2, DiffusionNFT preference RL."
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and resources.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="W&B and progress.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunConfig:
-        for name, stage in (("autoencoder", self.autoencoder), ("stage1_1", self.stage1_1), ("stage1_2", self.stage1_2)):
+        for name, stage in (
+            ("autoencoder", self.autoencoder),
+            ("stage1_1", self.stage1_1),
+            ("stage1_2", self.stage1_2),
+        ):
             if stage.batch_size % self.ray.num_workers:
                 raise ValueError(
                     f"{name}.batch_size={stage.batch_size} must be divisible by ray.num_workers={self.ray.num_workers}"
@@ -352,7 +457,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping at the top, got {type(loaded).__name__}"
+            )
         data = loaded or {}
     if overrides:
         source += " + overrides"
