@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,16 @@ def latest_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
 
 
 def save_checkpoint(
-    run_dir: str | Path, stage: str, step: int, policy: PrefRestorePolicy, state: dict[str, Any], keep: int
+    run_dir: str | Path,
+    stage: str,
+    step: int,
+    policy: PrefRestorePolicy,
+    state: dict[str, Any],
+    keep: int,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Atomically write policy + trainer state for ``step`` and keep the newest ``keep`` checkpoints."""
+    """Atomically write policy + trainer state (+ whatever ``extra`` writes into the checkpoint
+    directory) for ``step``, and keep the newest ``keep`` checkpoints."""
     root = checkpoint_root(run_dir, stage)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -62,6 +70,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp / "policy")
     torch.save(state, tmp / TRAINER_STATE)
+    if extra is not None:
+        extra(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

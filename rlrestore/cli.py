@@ -44,7 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0] if args.stage == "stage1" else [args.stage]
     with ray_session(config.ray):
         for stage in stages:
-            run_stage1(config, stage)
+            if stage == "stage2":
+                from rlrestore.stage2 import run_stage2
+
+                run_stage2(config)
+            else:
+                run_stage1(config, stage)
     print(f"run directory: {config.run_dir}")
     return 0
 
@@ -122,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Run a training stage as a Ray Train job (resumes automatically).")
     train.add_argument(
         "stage",
-        choices=[*STAGE1_SEQUENCE, "stage1"],
-        help="autoencoder (optional DC-AE fit), stage1.1, stage1.2, or stage1 = all with steps > 0 in order.",
+        choices=[*STAGE1_SEQUENCE, "stage1", "stage2"],
+        help="autoencoder (optional DC-AE fit), stage1.1, stage1.2, stage1 = those with steps > 0 in order, "
+        "or stage2 (DiffusionNFT on rollout, reward and learner actors; starts from the end of stage1.2).",
     )
     train.add_argument("config", help="YAML config file (see configs/).")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.num_workers=4.")

@@ -303,7 +303,12 @@ class Stage2Config(_Section):
     micro_batch: int = Field(8, ge=1, description="Samples per learner forward/backward.")
     finetune: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA of the DiT.")
     lora_rank: int = Field(32, ge=1, description="LoRA rank (finetune=lora).")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage of the learners.")
+    zero_stage: int = Field(
+        2,
+        ge=0,
+        le=2,
+        description="DeepSpeed ZeRO stage of the learners (0-2; ZeRO-3 would split the DiT the EMA reads whole).",
+    )
     rollout_workers: ActorGroupConfig = Field(
         default_factory=lambda: ActorGroupConfig(num_actors=2), description="Rollout worker actors."
     )

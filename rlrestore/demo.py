@@ -1,8 +1,9 @@
-"""``rlrestore demo``: the whole current pipeline on the embedded faces with tiny models.
+"""``rlrestore demo``: the whole pipeline on the embedded faces with tiny models.
 
-Data build -> (autoencoder) -> Stage 1.1 -> Stage 1.2 on a local Ray cluster, then restoration of
-held-back faces through ``rlrestore restore``'s code path, a LQ | restored | GT grid and PSNR
-figures of the degraded input and of the restoration against the clean face.
+Data build -> (autoencoder) -> Stage 1.1 -> Stage 1.2 -> Stage 2 on a local Ray cluster, then the
+held-back faces are restored by the Stage-1 policy F and the Stage-2 policy Q through
+``rlrestore restore``'s code path: a LQ | F | Q | GT grid, the reward curves, and the mean total
+reward (and each component, PSNR included) of F and Q with its change.
 """
 
 from __future__ import annotations
@@ -11,10 +12,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from rewards import RewardBatch, RewardWorker
+from rlrestore.checkpoints import latest_checkpoint
 from rlrestore.config import RunConfig
-from rlrestore.data import degrade_seeded, read_shards, save_image, split_holdout, square_resize
+from rlrestore.data import (
+    degrade_seeded,
+    image_grid,
+    read_shards,
+    save_image,
+    split_holdout,
+    square_resize,
+    to_tensor,
+)
 from rlrestore.data.degradation import sample_seed
 from rlrestore.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.plotting import plot_run
@@ -29,23 +41,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-def image_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
-    """Stack equally sized images into a grid with 2-pixel white gutters."""
-    gap = 2
-    h, w = rows[0][0].shape[:2]
-    grid = np.full((len(rows) * (h + gap) - gap, len(rows[0]) * (w + gap) - gap, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = image
-    return grid
+def score_restorations(config: RunConfig, restored: list[np.ndarray], clean: list[np.ndarray]) -> dict[str, float]:
+    """Mean of each Stage 2 reward component and of the weighted total over restored faces."""
+    worker = RewardWorker(config.stage2.rewards)
+    images = torch.stack([to_tensor(image) for image in restored])
+    batch = RewardBatch(captions=[""] * len(restored), clean=torch.stack([to_tensor(image) for image in clean]))
+    scores = worker.score(images, batch)
+    total = sum(spec.weight * scores[name] for spec, name in zip(config.stage2.rewards, worker.names, strict=True))
+    return {**{name: float(values.mean()) for name, values in scores.items()}, "total": float(total.mean())}
 
 
 def run_demo(config: RunConfig) -> dict:
-    """Train on the embedded faces, restore the held-back ones, and write a short report."""
+    """Train every stage on the embedded faces, restore the held-back ones with F and Q, report."""
+    from rlrestore.stage2 import run_stage2
+
     run_dir = Path(config.run_dir)
     with ray_session(config.ray):
         for stage in DEMO_STAGES:
             run_stage1(config, stage)
+        run_stage2(config)
     _, holdout = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
     demo_dir = run_dir / "demo"
     size = config.policy.resolution
@@ -55,32 +69,38 @@ def run_demo(config: RunConfig) -> dict:
         degraded, _ = degrade_seeded(clean, config.degradation, sample_seed(config.data.seed, record.id, 0))
         save_image(degraded, lq_dir / f"{record.id}.png")
         gt[record.id] = clean
-    restored_dir = demo_dir / "restored"
-    restore_files(run_dir, [lq_dir], restored_dir, config.sampler, seed=config.seed, progress=config.logging.progress)
-    rows, figures = [], []
-    for face_id, clean in gt.items():
-        lq = np.asarray(Image.open(lq_dir / f"{face_id}.png").convert("RGB"))
-        out = np.asarray(Image.open(restored_dir / f"{face_id}.png").convert("RGB"))
-        rows.append([lq, out, clean])
-        figures.append({"id": face_id, "psnr_lq": psnr(lq, clean), "psnr_restored": psnr(out, clean)})
-    grid_path = save_image(image_grid(rows), demo_dir / "grid_lq_restored_gt.png")
+    variants = {"F": latest_checkpoint(run_dir, "stage1.2"), "Q": latest_checkpoint(run_dir, "stage2")}
+    outputs: dict[str, list[np.ndarray]] = {}
+    for name, checkpoint in variants.items():
+        out_dir = demo_dir / f"restored_{name}"
+        restore_files(checkpoint, [lq_dir], out_dir, config.sampler, seed=config.seed, progress=False)
+        outputs[name] = [np.asarray(Image.open(out_dir / f"{face_id}.png").convert("RGB")) for face_id in gt]
+    lqs = [np.asarray(Image.open(lq_dir / f"{face_id}.png").convert("RGB")) for face_id in gt]
+    rows = [[lq, f, q, clean] for lq, f, q, clean in zip(lqs, outputs["F"], outputs["Q"], gt.values(), strict=True)]
+    grid_path = save_image(image_grid(rows), demo_dir / "grid_lq_F_Q_gt.png")
+    rewards = {name: score_restorations(config, images, list(gt.values())) for name, images in outputs.items()}
     plots = plot_run(run_dir)
+    change = rewards["Q"]["total"] - rewards["F"]["total"]
     report = {
         "run_dir": str(run_dir),
         "grid": str(grid_path),
         "plots": [str(p) for p in plots],
-        "faces": figures,
-        "mean_psnr_lq": float(np.mean([f["psnr_lq"] for f in figures])),
-        "mean_psnr_restored": float(np.mean([f["psnr_restored"] for f in figures])),
+        "held_back_faces": list(gt),
+        "rewards": rewards,
+        "total_reward_change": change,
+        "psnr_degraded": float(np.mean([psnr(lq, clean) for lq, clean in zip(lqs, gt.values(), strict=True)])),
     }
     (demo_dir / "report.json").write_text(json.dumps(report, indent=2))
+    components = ", ".join(f"{key} {rewards['F'][key]:.3f} -> {rewards['Q'][key]:.3f}" for key in rewards["F"])
     print("\n== rlrestore demo finished ==")
-    print(f"run directory      : {run_dir}")
-    print(f"checkpoints        : {run_dir / 'checkpoints'}")
-    print(f"metrics (Parquet)  : {run_dir / 'metrics'}")
-    print(f"loss curves (PNG)  : {', '.join(str(p) for p in plots)}")
-    print(f"held-back faces    : {lq_dir} -> {restored_dir}")
-    print(f"grid LQ|restored|GT: {grid_path}")
-    print(f"mean PSNR vs clean : degraded {report['mean_psnr_lq']:.2f} dB, restored {report['mean_psnr_restored']:.2f} dB")
-    print(f"report             : {demo_dir / 'report.json'}")
+    print(f"run directory        : {run_dir}")
+    print(f"checkpoints          : {run_dir / 'checkpoints'} (F = stage1.2, Q = stage2)")
+    print(f"metrics (Parquet)    : {run_dir / 'metrics'}")
+    print(f"curves (PNG)         : {', '.join(str(p) for p in plots)}")
+    print(f"stage 2 sample grids : {run_dir / 'samples'}")
+    print(f"grid LQ | F | Q | GT : {grid_path}")
+    print(f"held-back faces      : {len(gt)} ({lq_dir})")
+    print(f"reward F -> Q        : {components}")
+    print(f"mean total reward    : F {rewards['F']['total']:.4f}, Q {rewards['Q']['total']:.4f}, change {change:+.4f}")
+    print(f"report               : {demo_dir / 'report.json'}")
     return report

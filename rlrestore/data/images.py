@@ -179,3 +179,14 @@ def iter_image_files(root: str | Path) -> list[Path]:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
         )
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def image_grid(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Stack equally sized images into a grid with 2-pixel white gutters."""
+    gap = 2
+    h, w = rows[0][0].shape[:2]
+    grid = np.full((len(rows) * (h + gap) - gap, len(rows[0]) * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = image
+    return grid

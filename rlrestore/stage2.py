@@ -1,0 +1,258 @@
+"""Stage 2 driver: DiffusionNFT preference RL on rollout, reward and learner actors.
+
+One readable loop per step:
+
+    rollout  K candidates per degraded input on the rollout actors (tagged with a policy version)
+    reward   named scores per candidate on the reward actors -> weighted total -> r (Eq. 12)
+    learn    NFT loss (Eq. 13-15) on the DeepSpeed learner ranks; v_old EMA update
+    sync     the new rollout weights reach every rollout actor through the object store
+    log      Parquet + W&B metrics, sample grids; checkpoint every N steps
+
+With ``stage2.async_rollouts`` the rollouts of step i+1 run while the learners train on step i
+(policy lag 1, recorded per step). Resume: the same command continues from the newest
+checkpoint (policy, learner state with v_old and optimizer, step).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from rewards import RewardAggregator, RewardBatch, collect_scores, make_reward_actor, submit_scores
+from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
+from rlrestore.config import RunConfig, SamplerConfig, save_config
+from rlrestore.data import image_grid, save_image, to_uint8
+from rlrestore.jobs import prepare_shards
+from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.tracking import MetricsWriter, WandbRun
+from rollouts import RolloutBatch, make_rollout_actor
+from trainers.nft_learner import LearnerGroup
+from trainers.stage1 import EpochBatches, derived_seed
+
+STAGE = "stage2"
+
+
+def starting_point(config: RunConfig) -> tuple[Path, Path | None]:
+    """(policy dir the actors start from, stage-2 checkpoint to resume or None)."""
+    resume = latest_checkpoint(config.run_dir, STAGE)
+    if resume is not None:
+        return resume / "policy", resume
+    handoff = latest_checkpoint(config.run_dir, "stage1.2")
+    if handoff is None:
+        raise FileNotFoundError(
+            f"stage2 starts from the end of Stage 1, but {config.run_dir}/checkpoints/stage1.2 has no checkpoint: "
+            "run `rlrestore train stage1 CONFIG` first"
+        )
+    return handoff / "policy", None
+
+
+def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -> torch.Tensor:
+    """Per-candidate noise seeds [B, K], a pure function of (seed, step, sample, k)."""
+    return torch.tensor(
+        [[derived_seed(seed, STAGE, step, index, k) for k in range(candidates)] for index in indices]
+    )
+
+
+class Stage2Run:
+    """The actors of one Stage 2 run and the loop that drives them."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.stage = config.stage2
+        self.run_dir = Path(config.run_dir)
+        policy_dir, self.resume = starting_point(config)
+        self.policy_dir = policy_dir
+        shards = prepare_shards(config)
+        worker_args = {
+            "policy_dir": str(policy_dir),
+            "shards": str(shards),
+            "degradation": config.degradation.model_dump(mode="json"),
+            "data_seed": config.data.seed,
+            "holdout": config.data.holdout,
+        }
+        group = self.stage.rollout_workers
+        self.rollouts = [
+            make_rollout_actor(group.num_cpus, group.num_gpus, **worker_args) for _ in range(group.num_actors)
+        ]
+        self.reward_actors = [
+            make_reward_actor(self.stage.rewards, self.stage.reward_workers)
+            for _ in range(self.stage.reward_workers.num_actors)
+        ]
+        self.aggregator = RewardAggregator.from_config(self.stage)
+        self.learners = LearnerGroup(policy_dir, self.stage, seed=config.seed, device=config.device)
+        self.start = self.learners.load(self.resume / "learner") if self.resume is not None else 0
+        self.version = self.start
+        if self.resume is not None:
+            self.sync_weights()
+        num_samples = ray.get(self.rollouts[0].num_samples.remote())
+        self.batches = EpochBatches(num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE))
+        self.sampler = SamplerConfig(steps=self.stage.sampler_steps)
+
+    # ----------------------------------------------------------------------------- phases
+    def launch_rollouts(self, step: int) -> list[ray.ObjectRef]:
+        """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors."""
+        epoch, indices = self.batches.at(step)
+        size = self.stage.rollout_batch
+        chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        return [
+            self.rollouts[n % len(self.rollouts)].rollout.remote(
+                chunk, epoch, candidate_seeds(self.config.seed, step, chunk, self.stage.candidates), self.sampler
+            )
+            for n, chunk in enumerate(chunks)
+        ]
+
+    def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """Scores of every candidate (flattened [G*K]) from the reward actors."""
+        groups, k = batch.images.shape[:2]
+        images = batch.images.flatten(0, 1)
+        reward_batch = RewardBatch(
+            captions=[caption for caption in batch.captions for _ in range(k)],
+            clean=batch.clean.repeat_interleave(k, dim=0),
+            metadata=[{"id": sample_id, "input": g} for g, sample_id in enumerate(batch.ids) for _ in range(k)],
+        )
+        n = len(self.reward_actors)
+        bounds = np.linspace(0, groups * k, n + 1).astype(int)
+        refs = [
+            submit_scores(actor, images[a:b], reward_batch.select(int(a), int(b)))
+            for actor, a, b in zip(self.reward_actors, bounds[:-1], bounds[1:], strict=True)
+            if b > a
+        ]
+        parts = [collect_scores(ref) for ref in refs]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    def sync_weights(self) -> None:
+        """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``."""
+        weights = self.learners.rollout_weights_ref()
+        ray.get([actor.load_weights.remote(self.version, weights) for actor in self.rollouts])
+
+    # ----------------------------------------------------------------------------- the loop
+    def run(self) -> None:
+        stage, config = self.stage, self.config
+        writer = MetricsWriter(self.run_dir, STAGE)
+        wandb_run = WandbRun(
+            run_dir=self.run_dir / "logs" / STAGE,
+            mode=config.logging.wandb_mode,
+            project=config.logging.wandb_project,
+            entity=config.logging.wandb_entity,
+            name=f"{self.run_dir.name}-{STAGE}",
+            config=config.model_dump(mode="json"),
+        )
+        bar = tqdm(total=stage.steps, initial=self.start, desc=STAGE, disable=not config.logging.progress)
+        pending = self.launch_rollouts(self.start) if self.start < stage.steps else []
+        for step in range(self.start, stage.steps):
+            began = time.perf_counter()
+            parts: list[RolloutBatch] = ray.get(pending)
+            batch = _concat(parts)
+            rollout_time = time.perf_counter() - began
+            if stage.async_rollouts and step + 1 < stage.steps:
+                pending = self.launch_rollouts(step + 1)  # runs while this step scores and learns
+
+            began = time.perf_counter()
+            scores = self.score(batch)
+            result = self.aggregator.combine(scores, *batch.images.shape[:2])
+            reward_time = time.perf_counter() - began
+
+            k = batch.images.shape[1]
+            samples = {
+                "x0": batch.x0.flatten(0, 1),
+                "encoder_hidden_states": batch.encoder_hidden_states.repeat_interleave(k, dim=0),
+                "r": result.r.flatten(),
+                "valid": result.valid.flatten(),
+            }
+            began = time.perf_counter()
+            learned = self.learners.train_step(samples, step)
+            learn_time = time.perf_counter() - began
+
+            began = time.perf_counter()
+            self.version = step + 1
+            self.sync_weights()
+            sync_time = time.perf_counter() - began
+            if not stage.async_rollouts and step + 1 < stage.steps:
+                pending = self.launch_rollouts(step + 1)
+
+            total_time = rollout_time + reward_time + learn_time + sync_time
+            metrics = {
+                **result.metrics,
+                **{f"learn/{key}": value for key, value in learned.items()},
+                "policy_lag": float(step - batch.policy_version),
+                "timing/rollout": rollout_time,
+                "timing/reward": reward_time,
+                "timing/learn": learn_time,
+                "timing/sync": sync_time,
+                "throughput/candidates_per_s": batch.images.shape[0] * k / max(total_time, 1e-9),
+            }
+            writer.log(metrics, step=step)
+            wandb_run.log(metrics, step=step)
+            done = step + 1
+            if done % stage.sample_grid_every == 0 or done == stage.steps:
+                grid = self.sample_grid(batch, done)
+                wandb_run.log_images("samples", [grid], step=step, captions=["LQ | candidates | GT"])
+            if done % stage.checkpoint_every == 0 or done == stage.steps:
+                writer.flush()
+                self.checkpoint(done)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/total/mean']:.4f}")
+        bar.close()
+        writer.close()
+        wandb_run.finish()
+
+    def sample_grid(self, batch: RolloutBatch, step: int) -> np.ndarray:
+        """LQ | up to 4 candidates | GT for up to 4 inputs, saved to <run_dir>/samples/."""
+        rows = []
+        for g in range(min(4, batch.images.shape[0])):
+            candidates = [to_uint8(image) for image in batch.images[g, :4]]
+            rows.append([to_uint8(batch.lq[g]), *candidates, to_uint8(batch.clean[g])])
+        grid = image_grid(rows)
+        save_image(grid, self.run_dir / "samples" / f"stage2_step_{step:06d}.png")
+        return grid
+
+    def checkpoint(self, step: int) -> None:
+        """Policy (trained DiT), learner state (v_theta, v_old, optimizer) and step, atomically."""
+        policy = PrefRestorePolicy.from_pretrained(self.policy_dir)
+        policy.transformer.load_state_dict(self.learners.trained_weights())
+        save_checkpoint(
+            self.run_dir,
+            STAGE,
+            step,
+            policy,
+            {"step": step},
+            self.stage.keep_checkpoints,
+            extra=lambda directory: self.learners.save(directory / "learner"),
+        )
+
+    def shutdown(self) -> None:
+        self.learners.shutdown()
+        for actor in [*self.rollouts, *self.reward_actors]:
+            ray.kill(actor)
+
+
+def _concat(parts: list[RolloutBatch]) -> RolloutBatch:
+    """One RolloutBatch from the per-actor chunks of a step."""
+    return RolloutBatch(
+        ids=[i for part in parts for i in part.ids],
+        captions=[c for part in parts for c in part.captions],
+        lq=torch.cat([part.lq for part in parts]),
+        clean=torch.cat([part.clean for part in parts]),
+        x0=torch.cat([part.x0 for part in parts]),
+        images=torch.cat([part.images for part in parts]),
+        encoder_hidden_states=torch.cat([part.encoder_hidden_states for part in parts]),
+        seeds=torch.cat([part.seeds for part in parts]),
+        policy_version=min(part.policy_version for part in parts),
+    )
+
+
+def run_stage2(config: RunConfig) -> None:
+    """Run (or resume) Stage 2 on the connected Ray cluster."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    run = Stage2Run(config)
+    try:
+        run.run()
+    finally:
+        run.shutdown()

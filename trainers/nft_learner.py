@@ -1,0 +1,669 @@
+"""Stage 2 learner: DeepSpeed ranks that minimise the DiffusionNFT loss (Eq. 13-15) on the SANA DiT.
+
+Each rank holds three copies of the DiT, wrapped as a velocity field v(x_t, t, c):
+
+* ``engine``: the trained v_theta, a DeepSpeed engine (ZeRO stage 0, 1 or 2; AdamW with the
+  ``OptimConfig`` lr / betas / eps / weight decay, warm-up + cosine or constant schedule, gradient
+  clipping by DeepSpeed's ``gradient_clipping``);
+* ``v_old``: the frozen rollout policy, an EMA of v_theta refreshed after every optimizer step with
+  the reference decay schedules (``rlrestore.nft.ema_decay``); rollout workers sample with it;
+* ``v_base`` (only when ``nft.base_penalty > 0``): the frozen starting DiT of the optional penalty
+  ``base_penalty * ||v_theta - v_base||^2``.
+
+One :meth:`NFTLearner.train_step` is one optimizer step over the rank's share of a rollout step.
+Every stored clean latent x0 with ``valid`` set is trained at ``nft.timesteps_per_sample``
+timesteps, each with fresh noise and a separate forward/backward, in micro-batches; gradients
+accumulate until the last micro-step. The timesteps are drawn per sample without replacement from
+the rollout sampler's own grid (the ``sampler_steps`` times at which the shifted Euler sampler
+evaluates the velocity, ``rlrestore.flow.shifted_timesteps``), as the reference trains the
+sampler's timesteps; with more timesteps than grid points they are drawn with replacement.
+Noise and timesteps of a sample are a pure function of (seed, step, the sample's global index),
+and every loss term is weighted by ``world_size / (valid samples of all ranks x timesteps)``, so
+the update is the mean over the whole step's valid (sample, timestep) pairs whatever the number of
+ranks and however the samples were split. Ranks with fewer micro-batches run zero-weighted ones
+so that all ranks run the same collectives.
+
+``LearnerGroup`` runs N learners as Ray actors forming one torch.distributed group (gloo on CPU,
+nccl on GPU) and is what the Stage 2 driver uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import deepspeed
+import deepspeed.ops
+import ray
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from diffusers import SanaTransformer2DModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from rlrestore.config import NFTConfig, OptimConfig, PolicyConfig, Stage2Config
+from rlrestore.flow import interpolate, shifted_timesteps
+from rlrestore.models.loading import CheckpointError, resolve_dtype
+from rlrestore.models.policy import POLICY_CONFIG, PrefRestorePolicy
+from rlrestore.nft import ema_decay, ema_update, nft_loss
+from trainers.stage1 import derived_seed, lr_lambda
+
+SAMPLE_KEYS = ("x0", "encoder_hidden_states", "r", "valid")
+LEARNER_STATE = "learner_state.json"
+ENGINE_DIR = "engine"
+ENGINE_TAG = "learner"
+V_OLD_FILE = "v_old.safetensors"
+V_BASE_FILE = "v_base.safetensors"
+# Loss-term sums all-reduced at the end of a step, in this order.
+_STAT_NAMES = ("loss", "loss_positive", "loss_negative", "old_deviation", "base_penalty")
+
+
+class VelocityField(nn.Module):
+    """The DiT as v(x_t, t, c), the module DeepSpeed wraps (and the frozen v_old / v_base copies).
+
+    ``forward`` is :meth:`PrefRestorePolicy.velocity` itself (it only reads ``self.transformer``),
+    so learners and rollouts share one timestep convention.
+    """
+
+    def __init__(self, transformer: SanaTransformer2DModel) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x_t: Tensor, t: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+        return PrefRestorePolicy.velocity(self, x_t, t, encoder_hidden_states)  # type: ignore[arg-type]
+
+
+def load_dit(policy_dir: str | Path) -> tuple[SanaTransformer2DModel, PolicyConfig]:
+    """Only the DiT (``transformer/``) and the config of a policy checkpoint: the learners need
+    nothing else, which spares each rank the AR integrator, the vision tower and the DC-AE."""
+    path = Path(policy_dir)
+    meta_file = path / POLICY_CONFIG
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a policy checkpoint: {POLICY_CONFIG} is missing")
+    try:
+        config = PolicyConfig.model_validate(json.loads(meta_file.read_text())["policy"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{meta_file} is unreadable or invalid: {exc}") from None
+    try:
+        transformer = SanaTransformer2DModel.from_pretrained(path / "transformer", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}/transformer: cannot load the DiT: {exc}") from None
+    return transformer.to(resolve_dtype(config.dtype)), config
+
+
+def skip_shm_comm_build() -> None:
+    """Stop DeepSpeed from JIT-compiling its CPU shared-memory comm op.
+
+    On CPU, ``deepspeed.init_distributed`` compiles ``deepspeed_shm_comm`` with ninja/g++ (77 s
+    on 2 cores the first time, then cached in ~/.cache/torch_extensions). The op only serves
+    ``inference_all_reduce`` (tensor-parallel inference); training collectives go through
+    torch.distributed (gloo) either way. DeepSpeed builds the op only if its compatibility table
+    lists it, so marking it incompatible skips the build and leaves training unchanged.
+    """
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine right now (for the rendezvous of rank 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _module_checksum(module: nn.Module) -> float:
+    """Position-weighted sum of every parameter and its square, in float64: equal on identical ranks."""
+    total = torch.zeros((), dtype=torch.float64)
+    for position, param in enumerate(module.parameters(), start=1):
+        values = param.detach().double()
+        total += position * (values.sum() + values.square().sum()).cpu()
+    return float(total)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().clone().contiguous() for key, value in module.state_dict().items()}
+
+
+class NFTLearner:
+    """One DeepSpeed rank of the Stage 2 learner (plain class: runs and tests without Ray).
+
+    ``policy`` is a policy checkpoint directory (only its DiT is loaded) or a
+    :class:`PrefRestorePolicy`, whose DiT is copied. With ``world_size > 1`` the caller sets
+    MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK (``LearnerGroup`` does); a single
+    rank sets them itself. ``total_steps`` shapes a cosine schedule, ``sampler_steps`` the timestep
+    grid, ``seed`` the noise and timesteps.
+    """
+
+    def __init__(
+        self,
+        policy: str | Path | PrefRestorePolicy,
+        nft: NFTConfig,
+        optim: OptimConfig,
+        *,
+        micro_batch: int = 8,
+        finetune: Literal["full", "lora"] = "full",
+        lora_rank: int = 32,
+        zero_stage: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        sampler_steps: int = 10,
+        total_steps: int = 100,
+        seed: int = 0,
+    ) -> None:
+        if finetune == "lora":
+            raise ValueError(
+                f"finetune='lora' (rank {lora_rank}) is not implemented: LoRA of the DiT needs the `peft` "
+                "package, which rlrestore does not depend on (it is not installed); use finetune='full'"
+            )
+        if finetune != "full":
+            raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(
+                f"zero_stage={zero_stage} is not supported by the learner: ZeRO-3 partitions the DiT "
+                "parameters, which the v_old EMA and the rollout weights read whole; use 0, 1 or 2"
+            )
+        if micro_batch < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need micro_batch >= 1 and 0 <= rank < world_size; got {micro_batch=}, {rank=}, {world_size=}"
+            )
+        self.nft, self.optim = nft, optim
+        self.micro_batch, self.zero_stage = micro_batch, zero_stage
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device = torch.device(device)
+        self.step = 0  # index of the next update (the last train_step's step + 1)
+
+        if isinstance(policy, PrefRestorePolicy):
+            transformer, policy_config = copy.deepcopy(policy.transformer), policy.config
+        else:
+            transformer, policy_config = load_dit(policy)
+        self.timestep_grid = shifted_timesteps(sampler_steps, policy_config.flow_shift)[:-1]
+        transformer = transformer.to(self.device)
+        transformer.requires_grad_(True)
+        self.v_old = self._frozen_copy(transformer)
+        self.v_base = self._frozen_copy(transformer) if nft.base_penalty > 0 else None
+
+        with self._lone_rank_env():
+            self._init_distributed()
+            self.engine, *_ = deepspeed.initialize(
+                model=VelocityField(transformer).train(),
+                model_parameters=[p for p in transformer.parameters() if p.requires_grad],
+                config=self._deepspeed_config(transformer.dtype),
+                lr_scheduler=functools.partial(self._schedule, total_steps=total_steps),
+            )
+
+    # ----------------------------------------------------------------------------- setup
+    @staticmethod
+    def _frozen_copy(transformer: SanaTransformer2DModel) -> VelocityField:
+        field = VelocityField(copy.deepcopy(transformer)).eval()
+        field.requires_grad_(False)
+        return field
+
+    @contextlib.contextmanager
+    def _lone_rank_env(self) -> Iterator[None]:
+        """DeepSpeed reads the launcher's variables (RANK, LOCAL_RANK, ...) from the environment.
+        A lone rank sets them for its own set-up only and restores the caller's environment after,
+        so they leak neither into later code nor into processes started afterwards (Ray workers)."""
+        if self.world_size > 1:
+            yield
+            return
+        names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        saved = {name: os.environ.get(name) for name in names}
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    def _init_distributed(self) -> None:
+        """Join the process group (gloo on CPU, nccl on GPU), or check the one already there."""
+        if dist.is_initialized() and (
+            dist.get_world_size() != self.world_size or dist.get_rank() != self.rank
+        ):
+            raise RuntimeError(
+                f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}, but this learner is rank {self.rank} of {self.world_size}"
+            )
+        skip_shm_comm_build()
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False
+        )
+
+    def _deepspeed_config(self, dtype: torch.dtype) -> dict[str, Any]:
+        optim = self.optim
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": 1,  # the step's micro-batch count varies: boundary set by hand
+            "gradient_clipping": optim.grad_clip,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": optim.lr,
+                    "betas": list(optim.betas),
+                    "eps": optim.eps,
+                    "weight_decay": optim.weight_decay,
+                    "torch_adam": True,  # torch.optim.AdamW: no fused-Adam op to JIT-build
+                },
+            },
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    def _schedule(
+        self, optimizer: torch.optim.Optimizer, total_steps: int
+    ) -> torch.optim.lr_scheduler.LambdaLR:
+        optim = self.optim
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, total_steps, optim.warmup_ratio, optim.schedule)
+        )
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self, samples: dict[str, Tensor], step: int) -> dict[str, float]:
+        """One optimizer step on this rank's samples; every rank of the group must call it.
+
+        ``samples``: ``x0`` [N, C, h, w] clean latents of the candidates, ``encoder_hidden_states``
+        [N, L, D] their conditions, ``r`` [N] optimality probabilities in [0, 1], ``valid`` [N] bool
+        (invalid samples never enter the loss), and optionally ``index`` [N] global sample ids that
+        seed each sample's noise and timesteps (default ``rank * N + arange(N)``).
+
+        Returns metrics of the whole group (identical on every rank but ``step_time``). If no rank
+        has a valid sample, nothing is updated (no optimizer step, no EMA) and the metrics say
+        ``samples = 0``, ``skipped = 1``.
+        """
+        began = time.perf_counter()
+        x0, states, r, index = self._valid_samples(samples)
+        counts = torch.tensor([len(x0), math.ceil(len(x0) / self.micro_batch)], dtype=torch.float64)
+        total_samples = int(self._all_reduce(counts[:1], dist.ReduceOp.SUM))
+        micro_steps = int(self._all_reduce(counts[1:], dist.ReduceOp.MAX))
+        lr = float(self.engine.get_lr()[0])
+        if total_samples == 0:
+            self.step = step + 1
+            return {"samples": 0.0, "skipped": 1.0, "lr": lr, "step_time": time.perf_counter() - began}
+
+        timesteps = self.nft.timesteps_per_sample
+        t, eps = self._noise_and_timesteps(index, step, x0.shape[1:])
+        weight = self.world_size / (total_samples * timesteps)
+        sums = torch.zeros(len(_STAT_NAMES), dtype=torch.float64)
+        for micro in range(micro_steps):
+            part = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
+            for j in range(timesteps):
+                self.engine.set_gradient_accumulation_boundary(
+                    micro == micro_steps - 1 and j == timesteps - 1
+                )
+                if part.start < len(x0):
+                    loss, stats = self._loss(x0[part], states[part], r[part], t[part, j], eps[part, j])
+                    count = len(r[part])
+                    self.engine.backward(loss * (count * weight))
+                    sums += count * stats
+                else:  # this rank is out of samples: a zero-weighted pass keeps the collectives in step
+                    self.engine.backward(self._idle_loss(x0.shape[1:], states.shape[1:]))
+
+        grad_norm = self._grad_norm_before_step()
+        self.engine.step()
+        if grad_norm is None:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        decay = ema_decay(step, self.nft.ema_schedule)
+        ema_update(self.v_old.parameters(), self.engine.module.parameters(), decay)
+        self.step = step + 1
+
+        sums = self._all_reduce(sums, dist.ReduceOp.SUM) / (total_samples * timesteps)
+        metrics = dict(zip(_STAT_NAMES, sums.tolist(), strict=True))
+        if self.v_base is None:
+            del metrics["base_penalty"]
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=lr,
+            ema_decay=decay,
+            samples=float(total_samples),
+            skipped=0.0,
+            step_time=time.perf_counter() - began,
+        )
+        return metrics
+
+    def _valid_samples(self, samples: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Check the sample dict and keep its valid rows, on the learner's device."""
+        missing = [key for key in SAMPLE_KEYS if key not in samples]
+        if missing:
+            raise KeyError(
+                f"samples lack {missing}; a learner step needs {list(SAMPLE_KEYS)} (+ optional 'index')"
+            )
+        x0, states, r, valid = (samples[key] for key in SAMPLE_KEYS)
+        n = x0.shape[0]
+        index = samples.get("index", self.rank * n + torch.arange(n))
+        if x0.ndim != 4 or states.ndim != 3:
+            raise ValueError(
+                f"x0 must be [N, C, h, w] and encoder_hidden_states [N, L, D]; got {tuple(x0.shape)} "
+                f"and {tuple(states.shape)}"
+            )
+        for name, value in (("encoder_hidden_states", states), ("r", r), ("valid", valid), ("index", index)):
+            if value.shape[0] != n:
+                raise ValueError(f"{name} has {value.shape[0]} rows for {n} samples in x0")
+        valid = valid.bool()
+        if valid.any() and not bool(((r[valid] >= 0) & (r[valid] <= 1)).all()):
+            raise ValueError("r must lie in [0, 1] for valid samples (see rlrestore.nft.group_normalize)")
+        dtype = self.engine.module.transformer.dtype
+        keep = valid.nonzero().squeeze(1)
+        return (
+            x0[keep].to(self.device, dtype),
+            states[keep].to(self.device, dtype),
+            r[keep].to(self.device, torch.float32),
+            index[keep].long(),
+        )
+
+    def _noise_and_timesteps(self, index: Tensor, step: int, shape: torch.Size) -> tuple[Tensor, Tensor]:
+        """[n, T] timesteps from the sampler grid and [n, T, C, h, w] noise, seeded per sample."""
+        grid, count = self.timestep_grid, self.nft.timesteps_per_sample
+        times, noise = [], []
+        for sample in index.tolist():
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "nft", step, sample))
+            if count <= len(grid):
+                picks = torch.randperm(len(grid), generator=generator)[:count]
+            else:
+                picks = torch.randint(len(grid), (count,), generator=generator)
+            times.append(grid[picks])
+            noise.append(torch.randn((count, *shape), generator=generator))
+        if not times:  # no valid sample on this rank: it only runs zero-weighted passes
+            return torch.empty(0, count), torch.empty(0, count, *shape)
+        dtype = self.engine.module.transformer.dtype
+        return torch.stack(times).to(self.device, dtype), torch.stack(noise).to(self.device, dtype)
+
+    def _loss(self, x0: Tensor, states: Tensor, r: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean NFT loss (+ base penalty) of one micro-batch at one timestep per sample, and its stats."""
+        x_t = interpolate(x0, eps, t)
+        v_theta = self.engine(x_t, t, states)
+        with torch.no_grad():
+            v_old = self.v_old(x_t, t, states)
+        loss, stats = nft_loss(
+            v_theta.float(),
+            v_old.float(),
+            x0.float(),
+            eps.float(),
+            t.float(),
+            r,
+            beta=self.nft.beta,
+            form=self.nft.loss_form,
+            adaptive_scale=self.nft.adaptive_scale,
+        )
+        penalty = torch.zeros((), device=loss.device)
+        if self.v_base is not None:
+            with torch.no_grad():
+                v_base = self.v_base(x_t, t, states)
+            penalty = (v_theta.float() - v_base.float()).square().mean()
+            loss = loss + self.nft.base_penalty * penalty
+        values = [loss, stats["loss_positive"], stats["loss_negative"], stats["old_deviation"], penalty]
+        return loss, torch.stack([v.detach().double().cpu() for v in values])
+
+    def _idle_loss(self, latent_shape: torch.Size, state_shape: torch.Size) -> Tensor:
+        dtype = self.engine.module.transformer.dtype
+        x = torch.zeros(1, *latent_shape, device=self.device, dtype=dtype)
+        states = torch.zeros(1, *state_shape, device=self.device, dtype=dtype)
+        return self.engine(x, torch.ones(1, device=self.device, dtype=dtype), states).sum() * 0.0
+
+    def _grad_norm_before_step(self) -> float | None:
+        """ZeRO-1/2 report the pre-clipping norm themselves; ZeRO-0 (plain fp32) does not."""
+        if self.zero_stage > 0:
+            return None
+        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+
+    def _all_reduce(self, values: Tensor, op: dist.ReduceOp) -> Tensor:
+        if self.world_size == 1:
+            return values
+        # gloo reduces CPU tensors, nccl device tensors
+        moved = values.to(self.device)
+        dist.all_reduce(moved, op=op)
+        return moved.cpu()
+
+    # ----------------------------------------------------------------------------- weights
+    def state_dict_for_rollout(self) -> dict[str, Tensor]:
+        """The DiT weights rollout workers sample with: v_old, the EMA of the trained weights, as the
+        reference samples with its old (EMA) policy. Keys of ``policy.transformer.state_dict()``."""
+        return _cpu_state(self.v_old.transformer)
+
+    def trained_state_dict(self) -> dict[str, Tensor]:
+        """The trained DiT weights v_theta (keys of ``policy.transformer.state_dict()``)."""
+        return _cpu_state(self.engine.module.transformer)
+
+    def checksums(self) -> dict[str, float]:
+        """Cheap fingerprints of v_theta and v_old; ranks of one group must agree exactly."""
+        return {"trained": _module_checksum(self.engine.module), "v_old": _module_checksum(self.v_old)}
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save(self, directory: str | Path) -> None:
+        """Write the learner state; every rank calls it with the same (shared) directory.
+
+        ``engine/`` is DeepSpeed's checkpoint (v_theta, the ZeRO-partitioned AdamW state and the
+        schedule, one file per rank); rank 0 adds ``v_old.safetensors``, ``v_base.safetensors``
+        (with a base penalty) and ``learner_state.json`` (step, world size, ZeRO stage).
+        """
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+        if self.rank == 0:
+            save_file(_cpu_state(self.v_old.transformer), str(directory / V_OLD_FILE))
+            if self.v_base is not None:
+                save_file(_cpu_state(self.v_base.transformer), str(directory / V_BASE_FILE))
+            state = {"step": self.step, "world_size": self.world_size, "zero_stage": self.zero_stage}
+            (directory / LEARNER_STATE).write_text(json.dumps(state, indent=2))
+        self._barrier()
+
+    def load(self, directory: str | Path) -> None:
+        """Restore a state written by :meth:`save` with the same world size and ZeRO stage.
+
+        DeepSpeed unpickles its own checkpoint files: load only directories this system wrote.
+        """
+        directory = Path(directory)
+        state_file = directory / LEARNER_STATE
+        if not state_file.is_file():
+            raise CheckpointError(f"{directory} is not a learner checkpoint: {LEARNER_STATE} is missing")
+        state = json.loads(state_file.read_text())
+        ours = {"world_size": self.world_size, "zero_stage": self.zero_stage}
+        saved = {key: state.get(key) for key in ours}
+        if saved != ours:
+            raise CheckpointError(
+                f"{directory} was written by learners with {saved}; these run with {ours}: "
+                "start the same number of learners with the same zero_stage to resume"
+            )
+        path, _ = self.engine.load_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG)
+        if path is None:
+            raise CheckpointError(
+                f"{directory / ENGINE_DIR}: DeepSpeed found no checkpoint tagged {ENGINE_TAG!r}"
+            )
+        self.v_old.transformer.load_state_dict(load_file(str(directory / V_OLD_FILE)))
+        if self.v_base is not None:
+            base_file = directory / V_BASE_FILE
+            if not base_file.is_file():
+                raise CheckpointError(f"{directory}: {V_BASE_FILE} is missing but nft.base_penalty > 0")
+            self.v_base.transformer.load_state_dict(load_file(str(base_file)))
+        self.step = int(state["step"])
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class LearnerActor:
+    """Thin Ray actor around :class:`NFTLearner`: it joins the group in :meth:`setup`, once rank 0's
+    address is known, and otherwise forwards calls."""
+
+    def __init__(self, num_cpus: float) -> None:
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.learner: NFTLearner | None = None
+
+    def address(self) -> tuple[str, str, int]:
+        """(node id, node IP, a free port there)."""
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), free_port()
+
+    def setup(
+        self, rank: int, world_size: int, local_rank: int, master: tuple[str, int], **kwargs: Any
+    ) -> None:
+        os.environ.update(
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(local_rank),
+        )
+        self.learner = NFTLearner(rank=rank, world_size=world_size, **kwargs)
+
+    def train_step(self, samples: dict[str, Tensor], step: int) -> dict[str, float]:
+        return self.learner.train_step(samples, step)
+
+    def state_dict_for_rollout(self) -> dict[str, Tensor]:
+        return self.learner.state_dict_for_rollout()
+
+    def trained_state_dict(self) -> dict[str, Tensor]:
+        return self.learner.trained_state_dict()
+
+    def checksums(self) -> dict[str, float]:
+        return self.learner.checksums()
+
+    def save(self, directory: str) -> None:
+        self.learner.save(directory)
+
+    def load(self, directory: str) -> int:
+        self.learner.load(directory)
+        return self.learner.step
+
+
+def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    """``ray.get`` that raises as soon as any rank fails, instead of waiting on ranks that are
+    blocked in a collective with the failed one."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
+
+
+def split_samples(samples: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:
+    """Contiguous near-equal shares, one per rank (sizes differ by at most one; the first
+    ``N % world_size`` ranks get the extra sample). Nothing is dropped or padded: the learners
+    weight the loss by the step's global sample count, and each sample keeps its global ``index``."""
+    n = samples["x0"].shape[0]
+    samples = {"index": torch.arange(n), **samples}
+    shares = {key: torch.tensor_split(value, world_size) for key, value in samples.items()}
+    return [{key: parts[rank] for key, parts in shares.items()} for rank in range(world_size)]
+
+
+class LearnerGroup:
+    """``stage2.learners.num_actors`` learner ranks as Ray actors in one torch.distributed group.
+
+    Rank 0 picks the rendezvous address on its node; every rank learns it before joining. A rank
+    that dies breaks the group's collectives, so learners are not restarted: resume the run from a
+    checkpoint (:meth:`save` / :meth:`load`; the directory must be visible to every rank's node).
+    When a call raises, the other ranks may be stuck in a collective: :meth:`shutdown` the group.
+    On GPUs each actor sees its own device (Ray sets CUDA_VISIBLE_DEVICES), so LOCAL_RANK is 0.
+    """
+
+    def __init__(
+        self,
+        policy_dir: str | Path,
+        stage2: Stage2Config,
+        *,
+        seed: int = 0,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+    ) -> None:
+        resources = stage2.learners
+        use_cuda = device == "cuda" or (device == "auto" and resources.num_gpus > 0)
+        actor_class = ray.remote(LearnerActor).options(
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=0
+        )
+        self.actors = [actor_class.remote(resources.num_cpus) for _ in range(resources.num_actors)]
+        self.world_size = len(self.actors)
+        addresses = ray.get([actor.address.remote() for actor in self.actors])
+        master = (addresses[0][1], addresses[0][2])
+        nodes = [node for node, _, _ in addresses]
+        learner_args = {
+            "policy": str(policy_dir),
+            "nft": stage2.nft,
+            "optim": stage2.optim,
+            "micro_batch": stage2.micro_batch,
+            "finetune": stage2.finetune,
+            "lora_rank": stage2.lora_rank,
+            "zero_stage": stage2.zero_stage,
+            "device": "cuda:0" if use_cuda else "cpu",
+            "sampler_steps": stage2.sampler_steps,
+            "total_steps": stage2.steps,
+            "seed": seed,
+        }
+        setups = [
+            actor.setup.remote(
+                rank=rank,
+                world_size=self.world_size,
+                local_rank=0 if use_cuda else nodes[:rank].count(nodes[rank]),
+                master=master,
+                **learner_args,
+            )
+            for rank, actor in enumerate(self.actors)
+        ]
+        try:
+            gather(setups)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def train_step(self, samples: dict[str, Tensor], step: int) -> dict[str, float]:
+        """Split the step's samples over the ranks, train, and return the group's metrics
+        (rank 0's, which are all-reduced over the group; ``step_time`` is the slowest rank's)."""
+        shares = split_samples(samples, self.world_size)
+        results = gather(
+            [actor.train_step.remote(share, step) for actor, share in zip(self.actors, shares, strict=True)]
+        )
+        metrics = dict(results[0])
+        metrics["step_time"] = max(result["step_time"] for result in results)
+        return metrics
+
+    def rollout_weights_ref(self) -> ray.ObjectRef:
+        """Object ref of rank 0's v_old DiT weights: pass it to rollout actors without a copy here."""
+        return self.actors[0].state_dict_for_rollout.remote()
+
+    def rollout_weights(self) -> dict[str, Tensor]:
+        """Rank 0's v_old DiT weights (see :meth:`NFTLearner.state_dict_for_rollout`)."""
+        return ray.get(self.rollout_weights_ref())
+
+    def trained_weights(self) -> dict[str, Tensor]:
+        return ray.get(self.actors[0].trained_state_dict.remote())
+
+    def check_in_sync(self) -> dict[str, float]:
+        """Rank 0's checksums, after checking that every rank holds the same v_theta and v_old."""
+        sums = ray.get([actor.checksums.remote() for actor in self.actors])
+        differing = [rank for rank, value in enumerate(sums) if value != sums[0]]
+        if differing:
+            raise RuntimeError(f"learner ranks {differing} differ from rank 0: {sums}")
+        return sums[0]
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        gather([actor.save.remote(str(directory)) for actor in self.actors])
+
+    def load(self, directory: str | Path) -> int:
+        """Restore every rank; returns the step to resume from."""
+        return gather([actor.load.remote(str(directory)) for actor in self.actors])[0]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
