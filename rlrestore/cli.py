@@ -6,6 +6,7 @@
     rlrestore demo [key=value ...]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
+    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N]
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rlrestore.bench import format_report, run_bench
+
+    # `rlrestore bench key=value` : the first override lands in the optional CONFIG slot.
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not Path(config_path).exists():
+        config_path, overrides = None, [config_path, *overrides]
+    config = load_config(config_path or default_config_path(), overrides)
+    report = run_bench(config, args.out, repeats=args.repeats, parts=args.only or None, threads=args.threads)
+    print(format_report(report))
+    print(f"report: {Path(args.out).resolve()}")
+    return 0
+
+
 def default_config_path() -> Path:
     """The embedded tiny config (CPU, minutes) used by the demo when no config is given."""
     return Path(__file__).parent / "configs" / "tiny.yaml"
@@ -150,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.set_defaults(func=cmd_restore)
 
     demo = sub.add_parser(
-        "demo", help="Data build -> Stage 1.1 -> Stage 1.2 -> restoration of held-back faces, on tiny models."
+        "demo", help="Data build -> Stage 1.1 -> Stage 1.2 -> Stage 2 -> F vs Q on held-back faces, tiny models."
     )
     demo.add_argument("--config", default=None, help="Config (default: the embedded tiny config).")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/demo2.")
@@ -166,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("config", nargs="?", default=None, help="YAML config file (show).")
     cfg.add_argument("overrides", nargs="*", help="key=value overrides.")
     cfg.set_defaults(func=cmd_config)
+
+    bench = sub.add_parser(
+        "bench",
+        help="Benchmark rollouts, the learner step and a Stage 2 step on Ray, each as a ratio against a "
+        "plain baseline measured in the same run (random-init policy, offline).",
+    )
+    bench.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny config).")
+    bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage2.candidates=8.")
+    bench.add_argument("--out", required=True, help="JSON file for the figures and their settings.")
+    bench.add_argument("--repeats", type=int, default=3, help="Timed runs per figure after one warm-up (median).")
+    bench.add_argument(
+        "--only", action="append", choices=["rollout", "learner", "stage2"], default=[],
+        help="Run only this benchmark (repeatable; default all).",
+    )
+    bench.add_argument("--threads", type=int, default=1, help="Torch threads of this process (default 1).")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -23,7 +23,14 @@ import ray
 import torch
 from tqdm import tqdm
 
-from rewards import RewardAggregator, RewardBatch, collect_scores, make_reward_actor, submit_scores
+from rewards import (
+    AggregateResult,
+    RewardAggregator,
+    RewardBatch,
+    collect_scores,
+    make_reward_actor,
+    submit_scores,
+)
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
 from rlrestore.config import RunConfig, SamplerConfig, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
@@ -90,18 +97,27 @@ class Stage2Run:
         if self.resume is not None:
             self.sync_weights()
         num_samples = ray.get(self.rollouts[0].num_samples.remote())
-        self.batches = EpochBatches(num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE))
+        self.batches = EpochBatches(
+            num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE)
+        )
         self.sampler = SamplerConfig(steps=self.stage.sampler_steps)
 
     # ----------------------------------------------------------------------------- phases
-    def launch_rollouts(self, step: int) -> list[ray.ObjectRef]:
-        """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors."""
+    def rollout_chunks(self, step: int) -> tuple[int, list[list[int]]]:
+        """(epoch, sample indices per rollout call) of ``step``."""
         epoch, indices = self.batches.at(step)
         size = self.stage.rollout_batch
-        chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        return epoch, [indices[i : i + size] for i in range(0, len(indices), size)]
+
+    def launch_rollouts(self, step: int) -> list[ray.ObjectRef]:
+        """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors."""
+        epoch, chunks = self.rollout_chunks(step)
         return [
             self.rollouts[n % len(self.rollouts)].rollout.remote(
-                chunk, epoch, candidate_seeds(self.config.seed, step, chunk, self.stage.candidates), self.sampler
+                chunk,
+                epoch,
+                candidate_seeds(self.config.seed, step, chunk, self.stage.candidates),
+                self.sampler,
             )
             for n, chunk in enumerate(chunks)
         ]
@@ -110,11 +126,7 @@ class Stage2Run:
         """Scores of every candidate (flattened [G*K]) from the reward actors."""
         groups, k = batch.images.shape[:2]
         images = batch.images.flatten(0, 1)
-        reward_batch = RewardBatch(
-            captions=[caption for caption in batch.captions for _ in range(k)],
-            clean=batch.clean.repeat_interleave(k, dim=0),
-            metadata=[{"id": sample_id, "input": g} for g, sample_id in enumerate(batch.ids) for _ in range(k)],
-        )
+        reward_batch = candidate_reward_batch(batch)
         n = len(self.reward_actors)
         bounds = np.linspace(0, groups * k, n + 1).astype(int)
         refs = [
@@ -147,7 +159,7 @@ class Stage2Run:
         for step in range(self.start, stage.steps):
             began = time.perf_counter()
             parts: list[RolloutBatch] = ray.get(pending)
-            batch = _concat(parts)
+            batch = concat_rollouts(parts)
             rollout_time = time.perf_counter() - began
             if stage.async_rollouts and step + 1 < stage.steps:
                 pending = self.launch_rollouts(step + 1)  # runs while this step scores and learns
@@ -157,15 +169,8 @@ class Stage2Run:
             result = self.aggregator.combine(scores, *batch.images.shape[:2])
             reward_time = time.perf_counter() - began
 
-            k = batch.images.shape[1]
-            samples = {
-                "x0": batch.x0.flatten(0, 1),
-                "encoder_hidden_states": batch.encoder_hidden_states.repeat_interleave(k, dim=0),
-                "r": result.r.flatten(),
-                "valid": result.valid.flatten(),
-            }
             began = time.perf_counter()
-            learned = self.learners.train_step(samples, step)
+            learned = self.learners.train_step(learner_samples(batch, result), step)
             learn_time = time.perf_counter() - began
 
             began = time.perf_counter()
@@ -184,7 +189,7 @@ class Stage2Run:
                 "timing/reward": reward_time,
                 "timing/learn": learn_time,
                 "timing/sync": sync_time,
-                "throughput/candidates_per_s": batch.images.shape[0] * k / max(total_time, 1e-9),
+                "throughput/candidates_per_s": batch.x0.shape[0] * batch.x0.shape[1] / max(total_time, 1e-9),
             }
             writer.log(metrics, step=step)
             wandb_run.log(metrics, step=step)
@@ -231,7 +236,7 @@ class Stage2Run:
             ray.kill(actor)
 
 
-def _concat(parts: list[RolloutBatch]) -> RolloutBatch:
+def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
     """One RolloutBatch from the per-actor chunks of a step."""
     return RolloutBatch(
         ids=[i for part in parts for i in part.ids],
@@ -244,6 +249,27 @@ def _concat(parts: list[RolloutBatch]) -> RolloutBatch:
         seeds=torch.cat([part.seeds for part in parts]),
         policy_version=min(part.policy_version for part in parts),
     )
+
+
+def candidate_reward_batch(batch: RolloutBatch) -> RewardBatch:
+    """What the rewards see of each candidate: its input's caption, clean face and id."""
+    k = batch.images.shape[1]
+    return RewardBatch(
+        captions=[caption for caption in batch.captions for _ in range(k)],
+        clean=batch.clean.repeat_interleave(k, dim=0),
+        metadata=[{"id": sample_id, "input": g} for g, sample_id in enumerate(batch.ids) for _ in range(k)],
+    )
+
+
+def learner_samples(batch: RolloutBatch, result: AggregateResult) -> dict[str, torch.Tensor]:
+    """The learner batch of a step: every candidate's x0, its input's condition, r and validity."""
+    k = batch.images.shape[1]
+    return {
+        "x0": batch.x0.flatten(0, 1),
+        "encoder_hidden_states": batch.encoder_hidden_states.repeat_interleave(k, dim=0),
+        "r": result.r.flatten(),
+        "valid": result.valid.flatten(),
+    }
 
 
 def run_stage2(config: RunConfig) -> None:

@@ -1,0 +1,422 @@
+"""Benchmarks: each figure is a ratio against a plain baseline measured in the same run.
+
+    rollout  candidates/s of ``PrefRestorePolicy.restore`` (B inputs x K candidates in one call,
+             as the rollout worker samples) vs plain ``diffusers`` sampling of the same model one
+             input and one candidate at a time (``FlowMatchEulerDiscreteScheduler`` stepping the DiT)
+    learner  seconds per ``NFTLearner.train_step`` (DeepSpeed, one rank) vs a plain PyTorch loop
+             with ``torch.optim.AdamW`` and the same NFT loss, micro-batches and forward/backward count
+    stage2   seconds per Stage 2 step on Ray (rollout, reward and learner actors, weight sync) vs
+             the same work done sequentially in one process with the plain classes
+
+Every timing is the median of ``repeats`` runs after one warm-up run (``time.perf_counter``).
+The policy is random-initialised from the config, so everything runs offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from rlrestore.config import RunConfig, SamplerConfig, Stage2Config
+from rlrestore.flow import shifted_timesteps
+from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
+
+PARTS = ("rollout", "learner", "stage2")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[int], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``run(i)`` for i = 1..repeats, after a warm-up ``run(0)``."""
+    run(0)
+    _sync(device)
+    times = []
+    for i in range(1, repeats + 1):
+        began = time.perf_counter()
+        run(i)
+        _sync(device)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def _figure(
+    unit: str, ours: float, baseline: float, ratio_means: str, settings: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "unit": unit,
+        "ours": ours,
+        "baseline": baseline,
+        "ratio": ours / baseline,
+        "ratio_means": ratio_means,
+        "settings": settings,
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    """The config's ``device`` for in-process benchmarks ("auto": CUDA when there is one)."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------- rollout
+@torch.no_grad()
+def sample_one_at_a_time(
+    policy: PrefRestorePolicy,
+    lq: torch.Tensor,
+    captions: list[str],
+    seeds: torch.Tensor,
+    sampler: SamplerConfig,
+) -> torch.Tensor:
+    """The baseline: per input its condition, per candidate a diffusers Euler loop on the DiT and
+    a decode, one sample per call. Same noise, grid and conditions as ``restore``: [B, K, C, h, w]."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=policy.config.flow_shift)
+    # restore's grid: linspace(1, 0, steps + 1) shifted; diffusers shifts the sigmas and appends the final 0.
+    sigmas = torch.linspace(1.0, 0.0, sampler.steps + 1, dtype=torch.float64)[:-1].tolist()
+    shape = policy.latent_shape()
+    rows = []
+    for b in range(lq.shape[0]):
+        generator = torch.Generator(device="cpu").manual_seed(int(seeds[0, 0]))
+        states = policy.condition(lq[b : b + 1], captions[b : b + 1], sampler=sampler, generator=generator)
+        states = states.encoder_hidden_states
+        row = []
+        for seed in seeds[b].tolist():
+            noise = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(int(seed)))
+            x = noise[None].to(policy.device, states.dtype)
+            scheduler.set_timesteps(sigmas=sigmas, device=policy.device)
+            for t in scheduler.timesteps:
+                v = policy.transformer(
+                    hidden_states=x,
+                    encoder_hidden_states=states,
+                    timestep=t.expand(1).to(x.dtype),
+                    return_dict=False,
+                )[0]
+                x = scheduler.step(v, t, x, return_dict=False)[0]
+            policy.decode(x)
+            row.append(x[0])
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def bench_rollout(
+    policy: PrefRestorePolicy, inputs: int, candidates: int, steps: int, repeats: int
+) -> dict[str, Any]:
+    """Candidates/s of one batched ``restore`` call vs the one-at-a-time diffusers baseline."""
+    sampler = SamplerConfig(steps=steps)  # Stage 2 rollouts: deterministic ODE, CFG off
+    generator = torch.Generator().manual_seed(0)
+    size = policy.config.resolution
+    lq = (torch.rand(inputs, 3, size, size, generator=generator) * 2 - 1).to(policy.device)
+    captions = [""] * inputs
+    seeds = torch.arange(inputs * candidates).view(inputs, candidates)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def batched(_: int) -> None:
+        outputs["batched"] = policy.restore(lq, captions, seeds, sampler).latents
+
+    def baseline(_: int) -> None:
+        outputs["baseline"] = sample_one_at_a_time(policy, lq, captions, seeds, sampler)
+
+    count = inputs * candidates
+    ours = count / median_seconds(batched, repeats, policy.device)
+    base = count / median_seconds(baseline, repeats, policy.device)
+    difference = float((outputs["batched"].float() - outputs["baseline"].float()).abs().max())
+    return _figure(
+        "candidates/s",
+        ours,
+        base,
+        "batched restore / one-at-a-time diffusers throughput (>1: batching is faster)",
+        {"inputs": inputs, "candidates": candidates, "steps": steps, "max_abs_latent_difference": difference},
+    )
+
+
+# --------------------------------------------------------------------------------- learner
+def random_samples(policy: PrefRestorePolicy, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A learner batch shaped like a rollout's: x0, conditions, r in [0, 1], all valid."""
+    generator = torch.Generator().manual_seed(seed)
+    transformer = policy.transformer.config
+    length = policy.num_semantic_tokens + 1 + transformer.sample_size**2 // transformer.patch_size**2
+    return {
+        "x0": torch.randn(count, *policy.latent_shape(), generator=generator),
+        "encoder_hidden_states": torch.randn(
+            count, length, transformer.caption_channels, generator=generator
+        ),
+        "r": torch.rand(count, generator=generator),
+        "valid": torch.ones(count, dtype=torch.bool),
+    }
+
+
+class PlainNFTStep:
+    """The baseline learner: the DiT, a frozen v_old copy and ``torch.optim.AdamW``; per step the
+    same micro-batches x timesteps forward/backward passes, gradient clipping and v_old EMA."""
+
+    def __init__(self, policy: PrefRestorePolicy, stage2: Stage2Config, device: torch.device) -> None:
+        self.stage2 = stage2
+        self.model = copy.deepcopy(policy.transformer).to(device).train().requires_grad_(True)
+        self.v_old = copy.deepcopy(self.model).eval().requires_grad_(False)
+        optim = stage2.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        self.grid = shifted_timesteps(stage2.sampler_steps, policy.config.flow_shift)[:-1].to(device)
+        self.device = device
+
+    @staticmethod
+    def _velocity(
+        model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor
+    ) -> torch.Tensor:
+        return model(hidden_states=x_t, encoder_hidden_states=states, timestep=t * 1000.0, return_dict=False)[
+            0
+        ]
+
+    def train_step(self, samples: dict[str, torch.Tensor], step: int) -> None:
+        x0 = samples["x0"].to(self.device)
+        states = samples["encoder_hidden_states"].to(self.device)
+        r = samples["r"].to(self.device)
+        count, timesteps, micro = len(x0), self.stage2.nft.timesteps_per_sample, self.stage2.micro_batch
+        generator = torch.Generator().manual_seed(step)
+        picks = torch.stack(
+            [torch.randperm(len(self.grid), generator=generator)[:timesteps] for _ in range(count)]
+        )
+        t = self.grid[picks.to(self.device)]
+        eps = torch.randn((count, timesteps, *x0.shape[1:]), generator=generator).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for start in range(0, count, micro):
+            part = slice(start, start + micro)
+            for j in range(timesteps):
+                x_t = interpolate(x0[part], eps[part, j], t[part, j])
+                v_theta = self._velocity(self.model, x_t, t[part, j], states[part])
+                with torch.no_grad():
+                    v_old = self._velocity(self.v_old, x_t, t[part, j], states[part])
+                loss, _ = nft_loss(
+                    v_theta, v_old, x0[part], eps[part, j], t[part, j], r[part], beta=self.stage2.nft.beta
+                )
+                (loss * (len(r[part]) / (count * timesteps))).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage2.optim.grad_clip)
+        self.optimizer.step()
+        ema_update(
+            self.v_old.parameters(), self.model.parameters(), ema_decay(step, self.stage2.nft.ema_schedule)
+        )
+
+
+def bench_learner(
+    policy: PrefRestorePolicy, stage2: Stage2Config, samples: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """Seconds per ``NFTLearner.train_step`` (one rank) vs the plain AdamW loop, same batch."""
+    from trainers.nft_learner import NFTLearner
+
+    if stage2.nft.loss_form != "velocity" or stage2.nft.base_penalty > 0:
+        raise ValueError("the learner benchmark compares the velocity-form NFT loss without a base penalty")
+    batch = random_samples(policy, samples)
+    learner = NFTLearner(
+        policy,
+        stage2.nft,
+        stage2.optim,
+        micro_batch=stage2.micro_batch,
+        zero_stage=stage2.zero_stage,
+        device=device,
+        sampler_steps=stage2.sampler_steps,
+        total_steps=repeats + 1,
+    )
+    plain = PlainNFTStep(policy, stage2, device)
+    ours = median_seconds(lambda i: learner.train_step(batch, i), repeats, device)
+    base = median_seconds(lambda i: plain.train_step(batch, i), repeats, device)
+    return _figure(
+        "s/step",
+        ours,
+        base,
+        "NFTLearner (DeepSpeed) / plain AdamW seconds per step (>1: overhead)",
+        {
+            "samples": samples,
+            "micro_batch": stage2.micro_batch,
+            "timesteps_per_sample": stage2.nft.timesteps_per_sample,
+            "forward_backward_passes": math.ceil(samples / stage2.micro_batch)
+            * stage2.nft.timesteps_per_sample,
+            "zero_stage": stage2.zero_stage,
+            "world_size": 1,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------- stage 2
+def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
+    """Seconds per Stage 2 step on Ray (``Stage2Run``'s phases) vs the plain classes in one process.
+
+    Needs a connected Ray session, and a run directory with a Stage 1.2 checkpoint and the shards.
+    """
+    import ray
+
+    from rewards import RewardWorker
+    from rlrestore.stage2 import (
+        Stage2Run,
+        candidate_reward_batch,
+        candidate_seeds,
+        concat_rollouts,
+        learner_samples,
+    )
+    from rollouts import RolloutWorker
+    from trainers.nft_learner import NFTLearner
+
+    stage = config.stage2
+    run = Stage2Run(config)
+
+    def ray_step(step: int) -> None:
+        batch = concat_rollouts(ray.get(run.launch_rollouts(step)))
+        result = run.aggregator.combine(run.score(batch), *batch.images.shape[:2])
+        run.learners.train_step(learner_samples(batch, result), step)
+        run.version = step + 1
+        run.sync_weights()
+
+    try:
+        ray_seconds = median_seconds(ray_step, repeats, torch.device("cpu"))
+    finally:
+        run.shutdown()
+
+    worker = RolloutWorker(
+        run.policy_dir,
+        Path(config.run_dir) / "data",
+        config.degradation.model_dump(mode="json"),
+        config.data.seed,
+        config.data.holdout,
+        threads=torch.get_num_threads(),
+    )
+    rewarder = RewardWorker(stage.rewards)
+    learner = NFTLearner(
+        run.policy_dir,
+        stage.nft,
+        stage.optim,
+        micro_batch=stage.micro_batch,
+        zero_stage=stage.zero_stage,
+        device=pick_device(config.device),
+        sampler_steps=stage.sampler_steps,
+        total_steps=stage.steps,
+        seed=config.seed,
+    )
+
+    def sequential_step(step: int) -> None:
+        epoch, chunks = run.rollout_chunks(step)
+        batch = concat_rollouts(
+            [
+                worker.rollout(
+                    chunk, epoch, candidate_seeds(config.seed, step, chunk, stage.candidates), run.sampler
+                )
+                for chunk in chunks
+            ]
+        )
+        result = run.aggregator.combine(
+            rewarder.score(batch.images.flatten(0, 1), candidate_reward_batch(batch)), *batch.images.shape[:2]
+        )
+        learner.train_step(learner_samples(batch, result), step)
+        worker.load_weights(step + 1, learner.state_dict_for_rollout())
+
+    sequential_seconds = median_seconds(sequential_step, repeats, torch.device("cpu"))
+    return _figure(
+        "s/step",
+        ray_seconds,
+        sequential_seconds,
+        "Ray actors / sequential plain classes seconds per step (>1: orchestration overhead)",
+        {
+            "inputs_per_step": stage.inputs_per_step,
+            "candidates": stage.candidates,
+            "rollout_batch": stage.rollout_batch,
+            "sampler_steps": stage.sampler_steps,
+            "rollout_actors": stage.rollout_workers.num_actors,
+            "reward_actors": stage.reward_workers.num_actors,
+            "learner_ranks": stage.learners.num_actors,
+            "zero_stage": stage.zero_stage,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------- driver
+def run_bench(
+    config: RunConfig,
+    out: str | Path,
+    repeats: int = 3,
+    parts: Sequence[str] | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Run the chosen benchmarks with a random-init policy from ``config``; write and return the report."""
+    from rlrestore.checkpoints import save_checkpoint
+    from rlrestore.jobs import prepare_shards, ray_session
+
+    parts = PARTS if parts is None else tuple(parts)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or repeats < 1:
+        raise ValueError(
+            f"parts must be among {PARTS} (got unknown {unknown}) and repeats >= 1 (got {repeats})"
+        )
+    torch.set_num_threads(threads)
+    device = pick_device(config.device)
+    stage = config.stage2
+    torch.manual_seed(config.seed)
+    policy = PrefRestorePolicy.from_config(config.policy).eval()
+    report: dict[str, Any] = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "statistic": "median after one warm-up",
+    }
+    if "rollout" in parts:
+        report["rollout"] = bench_rollout(
+            policy.to(device), stage.rollout_batch, stage.candidates, stage.sampler_steps, repeats
+        )
+    if "learner" in parts:
+        report["learner"] = bench_learner(
+            policy, stage, stage.inputs_per_step * stage.candidates, repeats, device
+        )
+    if "stage2" in parts:
+        with tempfile.TemporaryDirectory(prefix="rlrestore-bench-") as tmp:
+            run_config = config.model_copy(update={"run_dir": tmp})
+            save_checkpoint(tmp, "stage1.2", 1, policy.to("cpu"), {"step": 1}, keep=1)
+            prepare_shards(run_config)
+            with ray_session(config.ray):
+                report["stage2"] = bench_stage2(run_config, repeats)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table of the report's figures."""
+    header = f"{'benchmark':<10} {'unit':<13} {'ours':>10} {'baseline':>10} {'ratio':>7}  ratio means"
+    title = (
+        f"device {report['device']}, torch threads {report['torch_threads']}, "
+        f"median of {report['repeats']} after one warm-up"
+    )
+    lines = [
+        title,
+        header,
+        "-" * len(header),
+    ]
+    for name in PARTS:
+        if name in report:
+            f = report[name]
+            lines.append(
+                f"{name:<10} {f['unit']:<13} {f['ours']:>10.4g} {f['baseline']:>10.4g} {f['ratio']:>7.3f}  {f['ratio_means']}"
+            )
+            lines.append(
+                " " * 11
+                + ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["settings"].items()
+                )
+            )
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""`rlrestore bench`: the report has every figure as positive finite numbers (speed is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rlrestore.bench import format_report, run_bench
+from rlrestore.cli import main
+from tests.conftest import tiny_config
+
+SMALL = (
+    "stage2.inputs_per_step=2",
+    "stage2.candidates=2",
+    "stage2.rollout_batch=1",
+    "stage2.sampler_steps=2",
+    "stage2.micro_batch=2",
+    "stage2.nft.timesteps_per_sample=1",
+)
+FIGURE_KEYS = {"unit", "ours", "baseline", "ratio", "ratio_means", "settings"}
+
+
+def check_figure(figure: dict) -> None:
+    assert FIGURE_KEYS <= set(figure)
+    for key in ("ours", "baseline", "ratio"):
+        assert math.isfinite(figure[key]) and figure[key] > 0, (key, figure[key])
+
+
+def test_rollout_and_learner_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    report = run_bench(tiny_config(tmp_path / "run", *SMALL), out, repeats=1, parts=["rollout", "learner"])
+    assert json.loads(out.read_text()) == report
+    assert {"device", "torch_threads", "repeats", "rollout", "learner"} <= set(report)
+    assert "stage2" not in report
+    check_figure(report["rollout"])
+    check_figure(report["learner"])
+    settings = report["rollout"]["settings"]
+    assert (settings["inputs"], settings["candidates"], settings["steps"]) == (1, 2, 2)
+    # the diffusers baseline samples the same model on the same grid: the same latents
+    assert report["rollout"]["settings"]["max_abs_latent_difference"] < 1e-4
+    assert report["learner"]["settings"]["forward_backward_passes"] == 2
+    assert "rollout" in format_report(report)
+
+
+def test_cli_rejects_an_unknown_part(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--out", str(tmp_path / "b.json"), "--only", "nothing"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage2_figure_on_ray(tmp_path: Path, ray_cluster) -> None:
+    overrides = (
+        *SMALL,
+        "stage2.learners.num_actors=1",
+        "stage2.rollout_workers.num_actors=1",
+        "stage2.zero_stage=0",
+    )
+    report = run_bench(
+        tiny_config(tmp_path / "run", *overrides), tmp_path / "bench.json", repeats=1, parts=["stage2"]
+    )
+    check_figure(report["stage2"])
+    assert report["stage2"]["settings"]["learner_ranks"] == 1
