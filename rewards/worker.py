@@ -153,8 +153,11 @@ def make_reward_actor(
     batch_size: int = 32,
     max_restarts: int = 3,
     max_task_retries: int = 1,
+    scheduling_strategy=None,
 ):
     """Start a Ray actor hosting the rewards of ``specs``; returns its ``ActorHandle``.
+
+    ``scheduling_strategy`` places it (e.g. in a bundle of the Stage 2 placement group).
 
     ``resources`` (an ``ActorGroupConfig`` or a dict with ``num_cpus``/``num_gpus``/``memory``)
     is what the actor reserves; None reserves what the rewards declare
@@ -182,7 +185,12 @@ def make_reward_actor(
     options = {key: value for key, value in reserved.items() if key != "memory" or value}
     return (
         ray.remote(RewardActor)
-        .options(max_restarts=max_restarts, max_task_retries=max_task_retries, **options)
+        .options(
+            max_restarts=max_restarts,
+            max_task_retries=max_task_retries,
+            scheduling_strategy=scheduling_strategy,
+            **options,
+        )
         .remote(list(specs), device, batch_size)
     )
 

@@ -316,6 +316,12 @@ class Stage2Config(_Section):
     learners: ActorGroupConfig = Field(
         default_factory=lambda: ActorGroupConfig(num_actors=2), description="DeepSpeed learner ranks."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of all Stage 2 actors (one bundle per actor)."
+    )
+    placement_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds to wait for the cluster to fit the placement group before failing."
+    )
     async_rollouts: bool = Field(False, description="Roll out step i+1 while the learners train on step i.")
     max_policy_lag: int = Field(1, ge=0, description="Most policy versions a rollout may lag (async mode).")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")

@@ -1,5 +1,8 @@
 """Stage 2 driver: DiffusionNFT preference RL on rollout, reward and learner actors.
 
+All actors live in one Ray placement group (a bundle per actor, ``stage2.placement_strategy``),
+so the same config scales from 2 CPUs to many GPUs and a run never starts half-placed.
+
 One readable loop per step:
 
     rollout  K candidates per degraded input on the rollout actors (tagged with a policy version)
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from rewards import (
@@ -32,7 +37,7 @@ from rewards import (
     submit_scores,
 )
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
-from rlrestore.config import RunConfig, SamplerConfig, save_config
+from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
 from rlrestore.jobs import prepare_shards
 from rlrestore.models.policy import PrefRestorePolicy
@@ -65,6 +70,27 @@ def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -
     )
 
 
+def reserve_placement_group(stage: Stage2Config) -> PlacementGroup:
+    """One bundle per actor (rollouts, rewards, learners, in that order), reserved up front so the
+    run either gets all its resources or fails with a clear message instead of hanging."""
+    bundles = []
+    for group in (stage.rollout_workers, stage.reward_workers, stage.learners):
+        bundle = {"CPU": group.num_cpus, **({"GPU": group.num_gpus} if group.num_gpus else {})}
+        bundles.extend(dict(bundle) for _ in range(group.num_actors))
+    group_handle = placement_group(bundles, strategy=stage.placement_strategy)
+    ready, _ = ray.wait([group_handle.ready()], timeout=stage.placement_timeout_s)
+    if not ready:
+        remove_placement_group(group_handle)
+        wanted = {key: sum(b.get(key, 0.0) for b in bundles) for key in ("CPU", "GPU")}
+        raise RuntimeError(
+            f"Stage 2 needs {len(bundles)} actors with {wanted['CPU']} CPUs and {wanted['GPU']} GPUs in all "
+            f"(placement {stage.placement_strategy}), but the cluster could not fit them within "
+            f"{stage.placement_timeout_s} s; it has {ray.cluster_resources()}. Lower the num_cpus/num_gpus "
+            "of stage2.rollout_workers / reward_workers / learners or add nodes."
+        )
+    return group_handle
+
+
 class Stage2Run:
     """The actors of one Stage 2 run and the loop that drives them."""
 
@@ -82,16 +108,29 @@ class Stage2Run:
             "data_seed": config.data.seed,
             "holdout": config.data.holdout,
         }
+        self.placement = reserve_placement_group(self.stage)
+        bundles = iter(range(len(self.placement.bundle_specs)))
         group = self.stage.rollout_workers
         self.rollouts = [
-            make_rollout_actor(group.num_cpus, group.num_gpus, **worker_args) for _ in range(group.num_actors)
+            make_rollout_actor(
+                group.num_cpus, group.num_gpus, scheduling_strategy=self.bundle(next(bundles)), **worker_args
+            )
+            for _ in range(group.num_actors)
         ]
         self.reward_actors = [
-            make_reward_actor(self.stage.rewards, self.stage.reward_workers)
+            make_reward_actor(
+                self.stage.rewards, self.stage.reward_workers, scheduling_strategy=self.bundle(next(bundles))
+            )
             for _ in range(self.stage.reward_workers.num_actors)
         ]
         self.aggregator = RewardAggregator.from_config(self.stage)
-        self.learners = LearnerGroup(policy_dir, self.stage, seed=config.seed, device=config.device)
+        self.learners = LearnerGroup(
+            policy_dir,
+            self.stage,
+            seed=config.seed,
+            device=config.device,
+            scheduling_strategies=[self.bundle(next(bundles)) for _ in range(self.stage.learners.num_actors)],
+        )
         self.start = self.learners.load(self.resume / "learner") if self.resume is not None else 0
         self.version = self.start
         if self.resume is not None:
@@ -101,6 +140,12 @@ class Stage2Run:
             num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE)
         )
         self.sampler = SamplerConfig(steps=self.stage.sampler_steps)
+
+    def bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
+        """Scheduling strategy that puts an actor into bundle ``index`` of the run's placement group."""
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.placement, placement_group_bundle_index=index
+        )
 
     # ----------------------------------------------------------------------------- phases
     def rollout_chunks(self, step: int) -> tuple[int, list[list[int]]]:
@@ -234,6 +279,7 @@ class Stage2Run:
         self.learners.shutdown()
         for actor in [*self.rollouts, *self.reward_actors]:
             ray.kill(actor)
+        remove_placement_group(self.placement)
 
 
 def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:

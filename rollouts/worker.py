@@ -68,7 +68,9 @@ class RolloutWorker:
         return version
 
     @torch.no_grad()
-    def rollout(self, indices: list[int], epoch: int, seeds: torch.Tensor, sampler: SamplerConfig) -> RolloutBatch:
+    def rollout(
+        self, indices: list[int], epoch: int, seeds: torch.Tensor, sampler: SamplerConfig
+    ) -> RolloutBatch:
         """K = seeds.shape[1] candidates for each training sample in ``indices`` at ``epoch``."""
         if seeds.shape[0] != len(indices):
             raise ValueError(f"seeds has {seeds.shape[0]} rows for {len(indices)} inputs")
@@ -88,7 +90,14 @@ class RolloutWorker:
         )
 
 
-def make_rollout_actor(num_cpus: float, num_gpus: float, max_restarts: int = 3, **kwargs) -> ray.actor.ActorHandle:
-    """A rollout worker as a restartable Ray actor with the given resources."""
+def make_rollout_actor(
+    num_cpus: float, num_gpus: float, max_restarts: int = 3, scheduling_strategy=None, **kwargs
+) -> ray.actor.ActorHandle:
+    """A rollout worker as a restartable Ray actor with the given resources (and placement)."""
     actor_class = ray.remote(RolloutWorker)
-    return actor_class.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts).remote(**kwargs)
+    return actor_class.options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=max_restarts,
+        scheduling_strategy=scheduling_strategy,
+    ).remote(**kwargs)

@@ -58,3 +58,11 @@ def test_three_stage2_steps_then_resume(tmp_path: Path, ray_cluster) -> None:
     assert frame["step"].tolist() == [0, 1, 2, 3, 4]
     assert list_checkpoints(run_dir, "stage2")[-1][0] == 5
     assert frame.set_index("step").loc[4, "policy_lag"] == 1.0  # async: rolled out during step 3
+
+
+def test_a_placement_group_the_cluster_cannot_fit_fails_clearly(tmp_path: Path, ray_cluster) -> None:
+    from rlrestore.stage2 import reserve_placement_group
+
+    config = tiny_config(tmp_path, "stage2.learners.num_cpus=8", "stage2.placement_timeout_s=2")
+    with pytest.raises(RuntimeError, match=r"could not fit them within 2.0 s.*stage2\.rollout_workers"):
+        reserve_placement_group(config.stage2)

@@ -585,13 +585,21 @@ class LearnerGroup:
         *,
         seed: int = 0,
         device: Literal["auto", "cpu", "cuda"] = "auto",
+        scheduling_strategies: list | None = None,
     ) -> None:
         resources = stage2.learners
         use_cuda = device == "cuda" or (device == "auto" and resources.num_gpus > 0)
-        actor_class = ray.remote(LearnerActor).options(
-            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=0
-        )
-        self.actors = [actor_class.remote(resources.num_cpus) for _ in range(resources.num_actors)]
+        strategies = scheduling_strategies or [None] * resources.num_actors
+        actor_class = ray.remote(LearnerActor)
+        self.actors = [
+            actor_class.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                max_restarts=0,
+                scheduling_strategy=strategy,
+            ).remote(resources.num_cpus)
+            for strategy in strategies
+        ]
         self.world_size = len(self.actors)
         addresses = ray.get([actor.address.remote() for actor in self.actors])
         master = (addresses[0][1], addresses[0][2])
