@@ -58,6 +58,7 @@ __all__ = [
     "RewardBatch",
     "RewardError",
     "build_reward",
+    "check_reward_weights",
     "register_reward",
     "registered_rewards",
     "reward_class",
@@ -143,6 +144,16 @@ class Reward(ABC):
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+
+    @classmethod
+    def missing_weights(cls, **args: Any) -> list[str]:
+        """Weight files that building this reward with ``args`` would need and cannot find.
+
+        Each entry names what is missing, what to download and where to put it. The default
+        (rewards without weights) is ``[]``; model-based rewards override it so that a run
+        fails before any actor starts, listing every missing file (:func:`check_reward_weights`).
+        """
+        return []
 
     @abstractmethod
     def score(self, images: Tensor, batch: RewardBatch) -> Tensor:
@@ -261,6 +272,19 @@ def reward_class(name: str) -> type[Reward]:
 def reward_name(spec: RewardSpec) -> str:
     """Key under which the reward of ``spec`` reports its scores (its class's ``name``)."""
     return reward_class(spec.name).name
+
+
+def check_reward_weights(specs: list[RewardSpec]) -> None:
+    """Raise one :class:`RewardError` listing every weight file the rewards of ``specs`` miss."""
+    missing = [
+        f"- reward {spec.name!r}: {item}"
+        for spec in specs
+        for item in reward_class(spec.name).missing_weights(**spec.args)
+    ]
+    if missing:
+        raise RewardError(
+            "reward weights are missing (nothing is downloaded at run time):\n" + "\n".join(missing)
+        )
 
 
 def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward:

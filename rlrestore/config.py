@@ -303,6 +303,14 @@ class Stage2Config(_Section):
     micro_batch: int = Field(8, ge=1, description="Samples per learner forward/backward.")
     finetune: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA of the DiT.")
     lora_rank: int = Field(32, ge=1, description="LoRA rank (finetune=lora).")
+    lora_alpha: float = Field(
+        32.0, gt=0, description="LoRA scale numerator: the adapter's update is scaled by alpha / rank."
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="Names (suffixes) of the DiT's Linear layers that get LoRA adapters (finetune=lora).",
+    )
     zero_stage: int = Field(
         2,
         ge=0,
