@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlrestore.config import ActorGroupConfig, NFTConfig, OptimConfig, Stage2Config
+from rlrestore.models.loading import CheckpointError
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.nft import ema_update
 from tests.conftest import build_tiny_policy
@@ -29,9 +30,13 @@ def make_samples(n: int = 8, r: float = 1.0, seed: int = 0) -> dict[str, torch.T
     }
 
 
-def make_learner(policy: PrefRestorePolicy, zero_stage: int = 0, **nft: object) -> NFTLearner:
+def make_learner(
+    policy: PrefRestorePolicy, zero_stage: int = 0, learner_args: dict | None = None, **nft: object
+) -> NFTLearner:
     config = NFTConfig(**{"beta": 1.0, "timesteps_per_sample": 2, **nft})
-    return NFTLearner(policy, config, OPTIM, micro_batch=4, zero_stage=zero_stage, sampler_steps=8)
+    return NFTLearner(
+        policy, config, OPTIM, micro_batch=4, zero_stage=zero_stage, sampler_steps=8, **(learner_args or {})
+    )
 
 
 @torch.no_grad()
@@ -150,9 +155,49 @@ def test_save_and_load_restore_the_learner(policy: PrefRestorePolicy, tmp_path: 
     assert torch.equal(weights(restored.trained_state_dict()), weights(original.trained_state_dict()))
 
 
+LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ("to_q", "to_v")}
+
+
+def test_lora_trains_only_adapters_and_rollouts_get_merged_weights(
+    policy: PrefRestorePolicy, tmp_path: Path
+) -> None:
+    learner = make_learner(policy, zero_stage=2, learner_args=LORA)
+    trained = [name for name, p in learner.engine.module.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
+    base = policy.transformer.state_dict()
+    # B starts at zero: the adapted DiT is the base DiT, under the base DiT's keys.
+    start = learner.state_dict_for_rollout()
+    assert start.keys() == base.keys()
+    assert all(torch.equal(start[key], base[key]) for key in base)
+
+    samples = make_samples(r=1.0)
+    before = flow_matching_error(learner, samples)
+    for step in range(4):
+        learner.train_step(samples, step)
+    assert flow_matching_error(learner, samples) < before  # r = 1 pulls toward the target
+
+    merged = learner.trained_state_dict()
+    changed = {key for key in base if not torch.equal(merged[key], base[key])}
+    assert changed and all(key.endswith(("to_q.weight", "to_v.weight")) for key in changed)
+    # The merged weights in a plain DiT give the adapted DiT's velocity.
+    plain = build_tiny_policy(0)
+    plain.transformer.load_state_dict(merged)
+    x, t, states = torch.randn(2, *LATENT), torch.tensor([0.3, 0.9]), torch.randn(2, *CONDITION)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.velocity(x, t, states), learner.engine.module(x, t, states))
+
+    learner.save(tmp_path)
+    restored = make_learner(policy, zero_stage=2, learner_args=LORA)
+    restored.load(tmp_path)
+    assert torch.equal(weights(restored.trained_state_dict()), weights(merged))
+    assert torch.equal(weights(restored.state_dict_for_rollout()), weights(learner.state_dict_for_rollout()))
+    with pytest.raises(CheckpointError, match="finetune"):
+        make_learner(policy, zero_stage=2).load(tmp_path)
+
+
 def test_unsupported_setups_fail_clearly(policy: PrefRestorePolicy) -> None:
-    with pytest.raises(ValueError, match="peft"):
-        NFTLearner(policy, NFTConfig(), OPTIM, finetune="lora")
+    with pytest.raises(ValueError, match=r"lora_targets \['to_qkv'\].*attn1.to_q"):
+        make_learner(policy, learner_args={**LORA, "lora_targets": ("to_q", "to_qkv")})
     with pytest.raises(ValueError, match="ZeRO-3"):
         NFTLearner(policy, NFTConfig(), OPTIM, zero_stage=3)
     with pytest.raises(KeyError, match="valid"):

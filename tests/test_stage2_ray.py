@@ -1,4 +1,4 @@
-"""Stage 2 on a local Ray cluster: 2 rollout actors, 1 reward actor, 2 ZeRO-2 learner ranks; then a resume."""
+"""Stage 2 on a local Ray cluster: 2 rollout actors, 1 reward actor, 2 ZeRO-2 LoRA learner ranks; then a resume."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ STAGE2 = (
     "stage2.sample_grid_every=2",
     "stage2.learners.num_actors=2",
     "stage2.zero_stage=2",
+    # LoRA here; full fine-tuning runs on Ray in test_nft_learner's 2-rank group and test_bench
+    "stage2.finetune=lora",
+    "stage2.lora_rank=4",
 )
 
 
@@ -46,7 +49,9 @@ def test_three_stage2_steps_then_resume(tmp_path: Path, ray_cluster) -> None:
         assert frame[column].notna().all(), column
     assert (frame["policy_lag"] == 0).all()
     assert [step for step, _ in list_checkpoints(run_dir, "stage2")] == [2, 3]
-    assert (run_dir / "checkpoints" / "stage2" / "step_000003" / "learner").is_dir()
+    step3 = run_dir / "checkpoints" / "stage2" / "step_000003"
+    assert (step3 / "learner").is_dir()
+    assert '"finetune": "lora"' in (step3 / "learner" / "learner_state.json").read_text()
     assert sorted(p.name for p in (run_dir / "samples").glob("stage2_step_*.png")) == [
         "stage2_step_000002.png",
         "stage2_step_000003.png",

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from rlrestore.config import NFTConfig, OptimConfig, PolicyConfig, Stage2Config
 from rlrestore.flow import interpolate, shifted_timesteps
 from rlrestore.models.loading import CheckpointError, resolve_dtype
+from rlrestore.models.lora import add_lora, merged_state_dict
 from rlrestore.models.policy import POLICY_CONFIG, PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, nft_loss
 from trainers.stage1 import derived_seed, lr_lambda
@@ -157,6 +158,8 @@ class NFTLearner:
         micro_batch: int = 8,
         finetune: Literal["full", "lora"] = "full",
         lora_rank: int = 32,
+        lora_alpha: float = 32.0,
+        lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
         zero_stage: int = 2,
         rank: int = 0,
         world_size: int = 1,
@@ -165,12 +168,7 @@ class NFTLearner:
         total_steps: int = 100,
         seed: int = 0,
     ) -> None:
-        if finetune == "lora":
-            raise ValueError(
-                f"finetune='lora' (rank {lora_rank}) is not implemented: LoRA of the DiT needs the `peft` "
-                "package, which rlrestore does not depend on (it is not installed); use finetune='full'"
-            )
-        if finetune != "full":
+        if finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
         if zero_stage not in (0, 1, 2):
             raise ValueError(
@@ -184,6 +182,7 @@ class NFTLearner:
         self.nft, self.optim = nft, optim
         self.micro_batch, self.zero_stage = micro_batch, zero_stage
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.finetune, self.lora_rank = finetune, lora_rank
         self.device = torch.device(device)
         self.step = 0  # index of the next update (the last train_step's step + 1)
 
@@ -193,7 +192,10 @@ class NFTLearner:
             transformer, policy_config = load_dit(policy)
         self.timestep_grid = shifted_timesteps(sampler_steps, policy_config.flow_shift)[:-1]
         transformer = transformer.to(self.device)
-        transformer.requires_grad_(True)
+        if finetune == "lora":
+            add_lora(transformer, lora_rank, lora_alpha, lora_targets)
+        else:
+            transformer.requires_grad_(True)
         self.v_old = self._frozen_copy(transformer)
         self.v_base = self._frozen_copy(transformer) if nft.base_penalty > 0 else None
 
@@ -212,6 +214,12 @@ class NFTLearner:
         field = VelocityField(copy.deepcopy(transformer)).eval()
         field.requires_grad_(False)
         return field
+
+    def _trained(self, field: nn.Module) -> list[Tensor]:
+        """The parameters the optimizer updates (all of them, or the LoRA factors), in module
+        order: the EMA of v_old only needs these, the frozen base weights are equal in both."""
+        names = {name for name, param in self.engine.module.named_parameters() if param.requires_grad}
+        return [param for name, param in field.named_parameters() if name in names]
 
     @contextlib.contextmanager
     def _lone_rank_env(self) -> Iterator[None]:
@@ -326,7 +334,7 @@ class NFTLearner:
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
         decay = ema_decay(step, self.nft.ema_schedule)
-        ema_update(self.v_old.parameters(), self.engine.module.parameters(), decay)
+        ema_update(self._trained(self.v_old), self._trained(self.engine.module), decay)
         self.step = step + 1
 
         sums = self._all_reduce(sums, dist.ReduceOp.SUM) / (total_samples * timesteps)
@@ -440,12 +448,13 @@ class NFTLearner:
     # ----------------------------------------------------------------------------- weights
     def state_dict_for_rollout(self) -> dict[str, Tensor]:
         """The DiT weights rollout workers sample with: v_old, the EMA of the trained weights, as the
-        reference samples with its old (EMA) policy. Keys of ``policy.transformer.state_dict()``."""
-        return _cpu_state(self.v_old.transformer)
+        reference samples with its old (EMA) policy. Keys of ``policy.transformer.state_dict()``
+        (LoRA adapters merged into their layers)."""
+        return merged_state_dict(self.v_old.transformer)
 
     def trained_state_dict(self) -> dict[str, Tensor]:
-        """The trained DiT weights v_theta (keys of ``policy.transformer.state_dict()``)."""
-        return _cpu_state(self.engine.module.transformer)
+        """The trained DiT weights v_theta (keys of ``policy.transformer.state_dict()``, LoRA merged)."""
+        return merged_state_dict(self.engine.module.transformer)
 
     def checksums(self) -> dict[str, float]:
         """Cheap fingerprints of v_theta and v_old; ranks of one group must agree exactly."""
@@ -465,7 +474,7 @@ class NFTLearner:
             save_file(_cpu_state(self.v_old.transformer), str(directory / V_OLD_FILE))
             if self.v_base is not None:
                 save_file(_cpu_state(self.v_base.transformer), str(directory / V_BASE_FILE))
-            state = {"step": self.step, "world_size": self.world_size, "zero_stage": self.zero_stage}
+            state = {"step": self.step, **self._layout()}
             (directory / LEARNER_STATE).write_text(json.dumps(state, indent=2))
         self._barrier()
 
@@ -479,12 +488,12 @@ class NFTLearner:
         if not state_file.is_file():
             raise CheckpointError(f"{directory} is not a learner checkpoint: {LEARNER_STATE} is missing")
         state = json.loads(state_file.read_text())
-        ours = {"world_size": self.world_size, "zero_stage": self.zero_stage}
-        saved = {key: state.get(key) for key in ours}
+        ours = self._layout()
+        saved = {key: state.get(key, "full" if key == "finetune" else None) for key in ours}
         if saved != ours:
             raise CheckpointError(
                 f"{directory} was written by learners with {saved}; these run with {ours}: "
-                "start the same number of learners with the same zero_stage to resume"
+                "start the same number of learners with the same zero_stage and finetune settings to resume"
             )
         path, _ = self.engine.load_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG)
         if path is None:
@@ -498,6 +507,15 @@ class NFTLearner:
                 raise CheckpointError(f"{directory}: {V_BASE_FILE} is missing but nft.base_penalty > 0")
             self.v_base.transformer.load_state_dict(load_file(str(base_file)))
         self.step = int(state["step"])
+
+    def _layout(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this learner (state shapes and partitions)."""
+        layout: dict[str, Any] = {
+            "world_size": self.world_size, "zero_stage": self.zero_stage, "finetune": self.finetune
+        }
+        if self.finetune == "lora":
+            layout["lora_rank"] = self.lora_rank
+        return layout
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -611,6 +629,8 @@ class LearnerGroup:
             "micro_batch": stage2.micro_batch,
             "finetune": stage2.finetune,
             "lora_rank": stage2.lora_rank,
+            "lora_alpha": stage2.lora_alpha,
+            "lora_targets": tuple(stage2.lora_targets),
             "zero_stage": stage2.zero_stage,
             "device": "cuda:0" if use_cuda else "cpu",
             "sampler_steps": stage2.sampler_steps,
