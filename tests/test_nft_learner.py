@@ -155,6 +155,39 @@ def test_save_and_load_restore_the_learner(policy: PrefRestorePolicy, tmp_path: 
     assert torch.equal(weights(restored.trained_state_dict()), weights(original.trained_state_dict()))
 
 
+class _Payload:
+    """Unpickling this runs ``Path.touch(marker)``: what a tampered checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_learner_checkpoints_load_without_running_pickled_code(
+    policy: PrefRestorePolicy, tmp_path: Path, zero_stage: int
+) -> None:
+    learner = make_learner(policy, zero_stage=zero_stage)
+    learner.train_step(make_samples(), 0)
+    learner.save(tmp_path / "ckpt")
+    make_learner(policy, zero_stage=zero_stage).load(tmp_path / "ckpt")  # DeepSpeed's own files pass
+
+    files = sorted((tmp_path / "ckpt" / "engine").rglob("*.pt"))
+    assert files
+    marker = tmp_path / "pwned"
+    for file in files:
+        state = torch.load(file, weights_only=False)
+        state["payload"] = _Payload(marker)
+        torch.save(state, file)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        make_learner(policy, zero_stage=zero_stage).load(tmp_path / "ckpt")
+    assert not marker.exists()
+    torch.load(files[0], weights_only=False)  # DeepSpeed's own loader would have run it
+    assert marker.exists()
+
+
 LORA = {"finetune": "lora", "lora_rank": 4, "lora_alpha": 8.0, "lora_targets": ("to_q", "to_v")}
 
 

@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -47,6 +48,10 @@ import ray
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from diffusers import SanaTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -117,6 +122,29 @@ def skip_shm_comm_build() -> None:
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's own loader unpickles with ``weights_only=False``, so a tampered checkpoint could
+    run code. Its files hold only tensors, containers and three plain DeepSpeed types (the ZeRO
+    optimizer's loss scaler, ZeRO stage enum and parameter-fragment addresses), which are the
+    only globals this loader accepts; anything else is refused with a :class:`CheckpointError`.
+    """
+
+    SAFE_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
+
+    def load(self, path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(list(self.SAFE_GLOBALS)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first_line = str(exc).strip().splitlines()[-1]
+            raise CheckpointError(
+                f"{path}: refusing to load, it holds objects other than tensors and DeepSpeed's "
+                f"plain state types ({first_line})"
+            ) from None
 
 
 def free_port() -> int:
@@ -207,6 +235,7 @@ class NFTLearner:
                 config=self._deepspeed_config(transformer.dtype),
                 lr_scheduler=functools.partial(self._schedule, total_steps=total_steps),
             )
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
 
     # ----------------------------------------------------------------------------- setup
     @staticmethod
@@ -479,10 +508,9 @@ class NFTLearner:
         self._barrier()
 
     def load(self, directory: str | Path) -> None:
-        """Restore a state written by :meth:`save` with the same world size and ZeRO stage.
-
-        DeepSpeed unpickles its own checkpoint files: load only directories this system wrote.
-        """
+        """Restore a state written by :meth:`save` with the same world size, ZeRO stage and
+        fine-tuning mode. Every file is read without executing pickled code (safetensors, and
+        :class:`WeightsOnlyCheckpointEngine` for DeepSpeed's engine files)."""
         directory = Path(directory)
         state_file = directory / LEARNER_STATE
         if not state_file.is_file():
