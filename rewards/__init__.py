@@ -2,8 +2,10 @@
 
 Built-in rewards (no weights needed): ``psnr`` and ``ssim`` (fidelity to the clean face,
 pyiqa), ``sharpness`` (mean Sobel gradient of the luma) and ``piqe`` (negated pyiqa PIQE).
-Other rewards subclass :class:`Reward` and are named in the config by registered name or by
-``package.module:Class`` path (see ``rewards.base``).
+``http`` scores with a remote scorer (``rewards.http``). Other rewards subclass :class:`Reward`
+and are named in the config by registered name, installed plugin (entry point group
+``rlrestore.rewards``) or ``package.module:Class`` path (see ``rewards.base``). How rewards share
+reward actors and what happens when one fails: ``rewards.pool`` and ``rewards.worker``.
 """
 
 from rewards.aggregate import AggregateResult, RewardAggregator
@@ -14,6 +16,7 @@ from rewards.base import (
     RewardError,
     build_reward,
     check_reward_weights,
+    plugin_rewards,
     register_reward,
     registered_rewards,
     reward_class,
@@ -21,6 +24,22 @@ from rewards.base import (
     to_unit_range,
 )
 from rewards.fidelity import PSNR, SSIM
+from rewards.http import HTTPReward
+from rewards.identity import Identity, embedding_angle_degrees
+from rewards.iqa import (
+    BRISQUE,
+    LPIPS,
+    MANIQA,
+    MSSSIM,
+    MUSIQ,
+    NIQE,
+    CLIPIQAPlus,
+    IqaReward,
+    TOPIQFace,
+    WeightFile,
+)
+from rewards.pool import RewardActorPool, RewardErrorLog
+from rewards.preference import CLIPScore, CLIPScoreImage, HPSv2, PickScore
 from rewards.quality import PIQE, Sharpness, luminance, mean_gradient_magnitude
 from rewards.worker import (
     RewardActor,
@@ -32,24 +51,44 @@ from rewards.worker import (
 )
 
 __all__ = [
+    "BRISQUE",
+    "LPIPS",
+    "MANIQA",
+    "MSSSIM",
+    "MUSIQ",
+    "NIQE",
     "PIQE",
     "PSNR",
     "SSIM",
     "AggregateResult",
+    "CLIPIQAPlus",
+    "CLIPScore",
+    "CLIPScoreImage",
+    "HPSv2",
+    "HTTPReward",
+    "Identity",
+    "IqaReward",
+    "PickScore",
     "PyiqaReward",
     "Reward",
     "RewardActor",
+    "RewardActorPool",
     "RewardAggregator",
     "RewardBatch",
     "RewardError",
+    "RewardErrorLog",
     "RewardWorker",
     "Sharpness",
+    "TOPIQFace",
+    "WeightFile",
     "build_reward",
     "check_reward_weights",
     "collect_scores",
+    "embedding_angle_degrees",
     "luminance",
     "make_reward_actor",
     "mean_gradient_magnitude",
+    "plugin_rewards",
     "register_reward",
     "registered_rewards",
     "reward_class",

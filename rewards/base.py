@@ -15,14 +15,21 @@ signal r of Eq. 12. Every reward, built-in or plugin, is a subclass of :class:`R
         def score(self, images, batch):
             return images.mean(dim=(1, 2, 3)) + self.offset
 
-A config names it by its registered name or by a ``package.module:Class`` path (an unregistered
-class then reports under its ``name`` attribute, by default the class name), and passes the
-constructor's keyword arguments in ``args``; the reward actor supplies ``device``::
+A config names it by its registered name, by the name of an installed plugin (an entry point of
+group ``rlrestore.rewards``, registered under that name on first use) or by a
+``package.module:Class`` path (an unregistered class then reports under its ``name`` attribute, by
+default the class name), and passes the constructor's keyword arguments in ``args``; the reward
+actor supplies ``device``::
 
     stage2:
       rewards:
         - {name: brightness, weight: 1.0, args: {offset: 0.5}}
         - {name: my_pkg.rewards:Aesthetic, weight: 0.5}
+
+A plugin package declares its rewards in its ``pyproject.toml`` (see ``examples/reward_plugin``)::
+
+    [project.entry-points."rlrestore.rewards"]
+    colourfulness = "rlrestore_colourfulness:Colourfulness"
 
 Conventions every reward follows:
 
@@ -41,6 +48,7 @@ Conventions every reward follows:
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -52,6 +60,7 @@ from torch import Tensor
 from rlrestore.config import RewardSpec
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "RESOURCE_KEYS",
     "PyiqaReward",
     "Reward",
@@ -59,6 +68,7 @@ __all__ = [
     "RewardError",
     "build_reward",
     "check_reward_weights",
+    "plugin_rewards",
     "register_reward",
     "registered_rewards",
     "reward_class",
@@ -67,6 +77,7 @@ __all__ = [
 ]
 
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
+ENTRY_POINT_GROUP = "rlrestore.rewards"
 
 
 class RewardError(ValueError):
@@ -243,15 +254,25 @@ def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def plugin_rewards() -> list[str]:
+    """Names of the installed plugin rewards (entry points of group ``rlrestore.rewards``), sorted."""
+    return sorted({entry.name for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
+
+
 def reward_class(name: str) -> type[Reward]:
-    """Resolve a registered name or a ``package.module:Class`` path to a Reward subclass."""
+    """Resolve a name to a Reward subclass: the registry first, then the installed entry points
+    of group ``rlrestore.rewards``; a name with a colon is a ``package.module:Class`` path."""
     if ":" not in name:
-        if name not in _REGISTRY:
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        plugin = _plugin_class(name)
+        if plugin is None:
             raise RewardError(
-                f"unknown reward {name!r}; registered rewards: {', '.join(registered_rewards())} "
-                "(or give a 'package.module:Class' path)"
+                f"unknown reward {name!r}; registered rewards: {', '.join(registered_rewards())}; "
+                f"installed plugins (entry points {ENTRY_POINT_GROUP!r}): "
+                f"{', '.join(plugin_rewards()) or 'none'} (or give a 'package.module:Class' path)"
             )
-        return _REGISTRY[name]
+        return plugin
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise RewardError(f"reward path {name!r} must look like 'package.module:Class'")
@@ -264,8 +285,38 @@ def reward_class(name: str) -> type[Reward]:
         if not hasattr(obj, part):
             raise RewardError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+    return _checked_class(obj, f"reward {name!r}")
+
+
+def _plugin_class(name: str) -> type[Reward] | None:
+    """The class of the entry point ``name`` (registered under that name), or None if none is installed."""
+    entries = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name))
+    if not entries:
+        return None
+    sources = sorted({f"{_distribution(entry)} ({entry.value})" for entry in entries})
+    if len(sources) > 1:
+        raise RewardError(
+            f"reward {name!r} is declared by several installed plugins: {', '.join(sources)}; "
+            "uninstall all but one"
+        )
+    entry = entries[0]
+    where = f"plugin reward {name!r} (entry point {entry.value!r} of distribution {_distribution(entry)!r})"
+    try:
+        obj = entry.load()
+    except Exception as exc:  # any import-time failure of a plugin is reported the same way
+        raise RewardError(
+            f"{where} failed to load: {type(exc).__name__}: {exc}; reinstall the plugin or its dependencies"
+        ) from exc
+    return register_reward(name)(_checked_class(obj, where))
+
+
+def _distribution(entry: importlib.metadata.EntryPoint) -> str:
+    return entry.dist.name if entry.dist is not None else "unknown"
+
+
+def _checked_class(obj: Any, where: str) -> type[Reward]:
     if not (isinstance(obj, type) and issubclass(obj, Reward)) or inspect.isabstract(obj):
-        raise RewardError(f"reward {name!r} is not a concrete subclass of rewards.Reward (got {obj!r})")
+        raise RewardError(f"{where} is not a concrete subclass of rewards.Reward (got {obj!r})")
     return obj
 
 

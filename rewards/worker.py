@@ -1,13 +1,26 @@
 """Reward actors: a plain ``RewardWorker`` hosting reward models, and its thin Ray actor wrapper.
 
-``RewardWorker`` builds the configured rewards on one device and scores batches in chunks; a
-reward that raises does not take the worker down: its scores for that chunk are NaN (the
-aggregator then masks those samples) and the error is kept in ``worker.errors``.
+``RewardWorker`` builds the configured rewards on one device and scores batches in chunks of
+``batch_size`` images. A reward that raises, returns a malformed result or hangs does not take
+the worker down; per reward, its error policy (``RewardSpec.on_error``, default
+``stage2.reward_errors``) decides:
+
+- ``retry``: the failed chunk is called again up to ``retries`` times; if every attempt fails,
+  the chunk scores NaN and the failure is reported (the Stage 2 driver then skips the step);
+- ``skip_step``: the chunk scores NaN at once and the failure is reported;
+- ``fail``: :class:`~rewards.base.RewardError` is raised, naming the reward and the error.
+
+Every failed chunk is kept in ``worker.errors`` (see :class:`RewardWorker`). Timeouts: each
+call runs in a daemon thread that the worker waits on for at most ``timeout_s``; Python cannot
+stop a thread, so a call past its timeout is abandoned (left running), counts as failed, and the
+reward's remaining chunks of that ``score`` call are not attempted. In Stage 2 the actor of a
+worker that abandoned a call is then replaced (``rewards.pool``), which ends the stuck thread and
+frees what it holds.
 
 ``make_reward_actor`` runs a worker as a Ray actor with the resources the rewards declare (or
 the configured ones) and restarts. Images cross the object store as numpy arrays::
 
-    actor = make_reward_actor(stage2.rewards, stage2.reward_workers)
+    actor = make_reward_actor(stage2.rewards, stage2.reward_workers, errors=stage2.reward_errors)
     ref = submit_scores(actor, images, RewardBatch(captions, clean=clean_faces))
     scores = collect_scores(ref)  # {"sharpness": Tensor[N], "psnr": Tensor[N]}
 """
@@ -15,20 +28,25 @@ the configured ones) and restarts. Images cross the object store as numpy arrays
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from rewards.base import RESOURCE_KEYS, RewardBatch, build_reward, reward_class
-from rlrestore.config import ActorGroupConfig, RewardSpec
+from rewards.base import RESOURCE_KEYS, Reward, RewardBatch, RewardError, build_reward, reward_class
+from rlrestore.config import ActorGroupConfig, ErrorPolicy, RewardErrorConfig, RewardSpec
 
 __all__ = [
+    "ErrorHandling",
     "RewardActor",
+    "RewardTimeout",
     "RewardWorker",
+    "call_with_timeout",
     "collect_scores",
     "make_reward_actor",
     "reward_resources",
@@ -36,26 +54,88 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RewardTimeout(TimeoutError):
+    """A reward call did not return within its timeout (its thread was abandoned, still running)."""
+
+
+def call_with_timeout(function: Callable[[], T], timeout_s: float, name: str = "reward call") -> T:
+    """``function()`` run in a daemon thread, waited on for at most ``timeout_s`` seconds.
+
+    Returns its result or re-raises its exception; raises :class:`RewardTimeout` when it is still
+    running at the deadline (the thread keeps running: Python cannot interrupt it, and a daemon
+    thread does not keep the process alive).
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeout(f"no result within {timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@dataclass(frozen=True)
+class ErrorHandling:
+    """The error policy of one reward, resolved from its spec and the run-wide defaults."""
+
+    policy: ErrorPolicy
+    retries: int
+    timeout_s: float
+
+    @classmethod
+    def of(cls, spec: RewardSpec, errors: RewardErrorConfig) -> ErrorHandling:
+        policy = spec.on_error or errors.policy
+        return cls(
+            policy=policy,
+            retries=errors.retries if policy == "retry" else 0,
+            timeout_s=spec.timeout_s or errors.timeout_s,
+        )
 
 
 class RewardWorker:
     """Score images with every configured reward, ``batch_size`` images per reward call.
 
-    ``errors`` lists the failed calls as dicts ``{"reward", "error", "start", "stop",
-    "traceback"}`` (samples ``start:stop`` of that ``score`` call got NaN); ``take_errors``
-    returns and clears them.
+    ``errors`` (the run-wide policy, retries and timeout; each spec's ``on_error`` and
+    ``timeout_s`` override it) says how failures are handled; see the module docstring.
+
+    ``errors`` after a call lists each chunk whose calls failed at least once, as a dict:
+    ``reward``; ``start``, ``stop`` (its samples); ``attempts`` (calls made) and ``failed`` (of
+    them failed); ``recovered`` (a retry succeeded: the scores are real, else they are NaN);
+    ``timed_out`` (an attempt was abandoned at its timeout); ``policy``; ``error`` and
+    ``traceback`` of the last failure. ``take_errors`` returns and clears them.
     """
 
     def __init__(
-        self, specs: Sequence[RewardSpec], device: torch.device | str = "cpu", batch_size: int = 32
+        self,
+        specs: Sequence[RewardSpec],
+        device: torch.device | str = "cpu",
+        batch_size: int = 32,
+        errors: RewardErrorConfig | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        errors = errors or RewardErrorConfig()
         self.rewards = [build_reward(spec, device) for spec in specs]
         names = [reward.name for reward in self.rewards]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"rewards {duplicates} are configured more than once; each may appear once")
+        self.handling = {
+            reward.name: ErrorHandling.of(spec, errors)
+            for reward, spec in zip(self.rewards, specs, strict=True)
+        }
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.errors: list[dict[str, Any]] = []
@@ -68,8 +148,9 @@ class RewardWorker:
     def score(self, images: Tensor, batch: RewardBatch) -> dict[str, Tensor]:
         """Scores ``{name: float32 [N]}`` of ``images`` (``[N, 3, H, W]`` in [-1, 1]).
 
-        Raises for a malformed call (shapes, missing clean faces for a fidelity reward);
-        failures inside a reward become NaN scores and an entry in ``errors``.
+        Raises for a malformed call (shapes, missing clean faces for a fidelity reward) and for
+        a failed reward whose policy is ``fail``; other failures become NaN scores and entries
+        in ``errors``.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W], got shape {tuple(images.shape)}")
@@ -84,11 +165,17 @@ class RewardWorker:
             chunks = []
             for start in range(0, count, self.batch_size):
                 stop = min(start + self.batch_size, count)
-                try:
-                    chunks.append(reward(images[start:stop], batch.select(start, stop)))
-                except Exception as exc:  # noqa: BLE001 - any reward failure becomes NaN, never a crash
-                    self._record(reward.name, exc, start, stop)
-                    chunks.append(torch.full((stop - start,), torch.nan))
+                scores, error = self._score_chunk(
+                    reward, images[start:stop], batch.select(start, stop), start
+                )
+                if error is not None:
+                    if error["timed_out"] and not error["recovered"]:
+                        stop = error["stop"] = count  # the reward hangs: skip its remaining chunks
+                        error["error"] += f"; samples {start}:{count} not scored"
+                    self.errors.append(error)
+                chunks.append(torch.full((stop - start,), torch.nan) if scores is None else scores)
+                if stop == count:
+                    break
             results[reward.name] = torch.cat(chunks) if chunks else torch.empty(0)
         return results
 
@@ -97,25 +184,55 @@ class RewardWorker:
         errors, self.errors = self.errors, []
         return errors
 
-    def _record(self, name: str, exc: Exception, start: int, stop: int) -> None:
-        message = f"{type(exc).__name__}: {exc}"
-        log.warning("reward %r failed on samples %d:%d, scored NaN: %s", name, start, stop, message)
-        self.errors.append(
-            {
-                "reward": name,
-                "error": message,
-                "start": start,
-                "stop": stop,
-                "traceback": "".join(traceback.format_exception(exc)),
-            }
-        )
+    def _score_chunk(
+        self, reward: Reward, images: Tensor, batch: RewardBatch, start: int
+    ) -> tuple[Tensor | None, dict[str, Any] | None]:
+        """(scores, or None when every attempt failed; the error record, or None when none failed)."""
+        handling = self.handling[reward.name]
+        span = f"samples {start}:{start + len(batch)}"
+        failures: list[Exception] = []
+        scores = None
+        for _ in range(1 + handling.retries):
+            try:
+                scores = call_with_timeout(
+                    lambda: reward(images, batch), handling.timeout_s, name=f"reward {reward.name}"
+                )
+                break
+            except Exception as exc:  # any reward failure is handled by its policy
+                failures.append(exc)
+                message = f"{type(exc).__name__}: {exc}"
+                if handling.policy == "fail":
+                    raise RewardError(
+                        f"reward {reward.name!r} failed on {span} (on_error=fail): {message}"
+                    ) from exc
+                log.warning(
+                    "reward %r failed on %s (attempt %d of %d, on_error=%s): %s",
+                    reward.name, span, len(failures), 1 + handling.retries, handling.policy, message,
+                )  # fmt: skip
+        if not failures:
+            return scores, None
+        last = failures[-1]
+        return scores, {
+            "reward": reward.name,
+            "start": start,
+            "stop": start + len(batch),
+            "attempts": len(failures) + (scores is not None),
+            "failed": len(failures),
+            "recovered": scores is not None,
+            "timed_out": any(isinstance(exc, RewardTimeout) for exc in failures),
+            "policy": handling.policy,
+            "error": f"{type(last).__name__}: {last}",
+            "traceback": "".join(traceback.format_exception(last)),
+        }
 
 
 class RewardActor:
     """What runs inside the Ray actor: a :class:`RewardWorker` taking and returning numpy arrays."""
 
-    def __init__(self, specs: Sequence[RewardSpec], device: str, batch_size: int) -> None:
-        self.worker = RewardWorker(specs, device=device, batch_size=batch_size)
+    def __init__(
+        self, specs: Sequence[RewardSpec], device: str, batch_size: int, errors: RewardErrorConfig | None
+    ) -> None:
+        self.worker = RewardWorker(specs, device=device, batch_size=batch_size, errors=errors)
 
     def names(self) -> list[str]:
         return self.worker.names
@@ -151,13 +268,15 @@ def make_reward_actor(
     *,
     device: str | None = None,
     batch_size: int = 32,
+    errors: RewardErrorConfig | None = None,
     max_restarts: int = 3,
     max_task_retries: int = 1,
     scheduling_strategy=None,
 ):
     """Start a Ray actor hosting the rewards of ``specs``; returns its ``ActorHandle``.
 
-    ``scheduling_strategy`` places it (e.g. in a bundle of the Stage 2 placement group).
+    ``scheduling_strategy`` places it (e.g. in a bundle of the Stage 2 placement group);
+    ``errors`` is the error policy of its :class:`RewardWorker`.
 
     ``resources`` (an ``ActorGroupConfig`` or a dict with ``num_cpus``/``num_gpus``/``memory``)
     is what the actor reserves; None reserves what the rewards declare
@@ -191,7 +310,7 @@ def make_reward_actor(
             scheduling_strategy=scheduling_strategy,
             **options,
         )
-        .remote(list(specs), device, batch_size)
+        .remote(list(specs), device, batch_size, errors)
     )
 
 

@@ -264,6 +264,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
     import ray
 
     from rewards import RewardWorker
+    from rewards.pool import reward_actor_count
     from rlrestore.stage2 import (
         Stage2Run,
         candidate_reward_batch,
@@ -279,7 +280,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
 
     def ray_step(step: int) -> None:
         batch = concat_rollouts(ray.get(run.launch_rollouts(step)))
-        result = run.aggregator.combine(run.score(batch), *batch.images.shape[:2])
+        result = run.aggregator.combine(run.score(batch).scores, *batch.images.shape[:2])
         run.learners.train_step(learner_samples(batch, result), step)
         run.version = step + 1
         run.sync_weights()
@@ -297,7 +298,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
         config.data.holdout,
         threads=torch.get_num_threads(),
     )
-    rewarder = RewardWorker(stage.rewards)
+    rewarder = RewardWorker(stage.rewards, errors=stage.reward_errors)
     learner = NFTLearner(
         run.policy_dir,
         stage.nft,
@@ -338,7 +339,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
             "rollout_batch": stage.rollout_batch,
             "sampler_steps": stage.sampler_steps,
             "rollout_actors": stage.rollout_workers.num_actors,
-            "reward_actors": stage.reward_workers.num_actors,
+            "reward_actors": reward_actor_count(stage),
             "learner_ranks": stage.learners.num_actors,
             "zero_stage": stage.zero_stage,
         },

@@ -4,6 +4,8 @@
     rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
     rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR INPUT [INPUT ...]
     rlrestore demo [key=value ...]
+    rlrestore eval CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--real] [key=value ...]
+    rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
     rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N]
@@ -79,6 +81,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = load_config(args.config or default_config_path(), args.overrides)
     config = config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
     run_demo(config)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlrestore.evaluation import run_evaluation
+
+    config = load_config(args.config, args.overrides)
+    report = run_evaluation(
+        config,
+        args.ckpt,
+        args.data,
+        args.out,
+        real=args.real,
+        reference=args.reference,
+        progress=config.logging.progress and not args.quiet,
+    )
+    print(report.markdown())
+    print(f"chunks computed {len(report.computed)}, reused {len(report.reused)}")
+    print(f"per-image table: {report.out / 'per_image.parquet'}")
+    print(f"summary        : {report.out / 'summary.csv'}, summary.md, summary.json")
+    if report.grid is not None:
+        print(f"grid           : {report.grid}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from rlrestore.analysis import run_determinism
+
+    config = load_config(args.config, args.overrides)
+    report = run_determinism(
+        config,
+        args.ckpt,
+        args.data,
+        args.out,
+        real=args.real,
+        seeds=args.seeds,
+        progress=config.logging.progress and not args.quiet,
+    )
+    print(report.markdown())
+    print(f"box plots: {report.plot}")
+    print(f"spreads  : {Path(args.out) / 'determinism_spread.csv'}, determinism.md, determinism.json")
     return 0
 
 
@@ -171,7 +214,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/demo2.")
     demo.set_defaults(func=cmd_demo)
 
-    plot = sub.add_parser("plot", help="Draw a run's metric curves to PNG.")
+    evaluate = sub.add_parser(
+        "eval",
+        help="Restore a test set with one or more checkpoints and score them: per-image Parquet table, "
+        "summary CSV/Markdown/JSON (skipped metrics with reasons), comparison grid. Resumes in OUT.",
+    )
+    _add_eval_arguments(evaluate)
+    evaluate.add_argument(
+        "--reference",
+        default=None,
+        help="Folder of clean faces FID compares against (default: the clean set).",
+    )
+    evaluate.set_defaults(func=cmd_eval)
+
+    analyze = sub.add_parser("analyze", help="Analyses of checkpoints.")
+    analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
+    determinism = analyze_sub.add_parser(
+        "determinism",
+        help="Restore each input under N seeds per checkpoint; per-input std of every metric, medians, "
+        "box plots and a verdict against the first checkpoint (paper Fig. 8).",
+    )
+    _add_eval_arguments(determinism)
+    determinism.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="Restorations per input N (default eval.determinism_seeds, 16).",
+    )
+    determinism.set_defaults(func=cmd_analyze)
+
+    plot = sub.add_parser(
+        "plot", help="Draw a run's metric curves (and Stage 2 rewards, Fig. 6 style) to PNG."
+    )
     plot.add_argument("run_dir", help="Run directory.")
     plot.add_argument("--out", default=None, help="Output folder (default RUN_DIR/plots).")
     plot.set_defaults(func=cmd_plot)
@@ -200,11 +274,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (sampler, degradation, eval section; see configs/).")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides (anywhere), e.g. eval.num_actors=4 eval.samples=2."
+    )
+    parser.add_argument(
+        "--ckpt",
+        action="append",
+        required=True,
+        metavar="[NAME=]CKPT",
+        help="Checkpoint to evaluate (repeatable): run, checkpoint or policy directory, optionally named, "
+        "e.g. --ckpt F=runs/x/checkpoints/stage1.2/step_000400 --ckpt Q=runs/x.",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="Folder of clean faces (degraded with Eq. 16, seeded) or Parquet shards; "
+        "with --real, real low-quality faces.",
+    )
+    parser.add_argument("--out", required=True, help="Output folder (rerun the same command to resume).")
+    parser.add_argument(
+        "--real", action="store_true", help="--data holds real low-quality faces: no ground truth."
+    )
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option: key=value items after options land here.
+    trailing = all("=" in item and not item.startswith("-") for item in extra)
+    if extra and trailing and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except USER_ERRORS as exc:

@@ -235,6 +235,10 @@ class TextureAlignmentConfig(Stage1Config):
     )
 
 
+DEFAULT_REWARD_ACTOR = "default"
+ErrorPolicy = Literal["retry", "skip_step", "fail"]
+
+
 class RewardSpec(_Section):
     """One reward model: a registered name (or ``module:Class``), its weight and constructor args."""
 
@@ -244,6 +248,45 @@ class RewardSpec(_Section):
     weight: float = Field(1.0, description="Weight of this component in the total reward.")
     args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the reward's constructor."
+    )
+    actor: str = Field(
+        DEFAULT_REWARD_ACTOR,
+        min_length=1,
+        description="Reward-actor group hosting this reward: 'default' (sized by stage2.reward_workers) "
+        "or a key of stage2.reward_actors. Rewards of one group share its actors.",
+    )
+    on_error: ErrorPolicy | None = Field(
+        None, description="Error policy of this reward; None uses stage2.reward_errors.policy."
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds one scoring call (one chunk of images) may take before it counts as failed; "
+        "None uses stage2.reward_errors.timeout_s.",
+    )
+
+
+class RewardErrorConfig(_Section):
+    """What happens when a reward raises, hangs or returns a malformed result.
+
+    A NaN score is no error: a reward returns it for an image it cannot score, and the aggregator
+    masks that sample. Every failure is logged with the reward's name, counted per step in
+    ``reward/errors/<name>`` and summarised in ``<run_dir>/reward_errors.json``.
+    """
+
+    policy: ErrorPolicy = Field(
+        "retry",
+        description="'retry': call the failed chunk again up to `retries` times, then as skip_step; "
+        "'skip_step': no training on the step (the step counter advances, so nothing repeats); "
+        "'fail': stop the run with the reward's name and error. A failure of a weight-0 reward "
+        "never skips a step (it only reports).",
+    )
+    retries: int = Field(2, ge=0, description="Extra attempts of a failed chunk under policy 'retry'.")
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds one scoring call (one chunk of images) of a reward may take; a call past it "
+        "fails as a timeout and its thread is abandoned (the reward actor is replaced after the step).",
     )
 
 
@@ -320,7 +363,18 @@ class Stage2Config(_Section):
     rollout_workers: ActorGroupConfig = Field(
         default_factory=lambda: ActorGroupConfig(num_actors=2), description="Rollout worker actors."
     )
-    reward_workers: ActorGroupConfig = Field(default_factory=ActorGroupConfig, description="Reward actors.")
+    reward_workers: ActorGroupConfig = Field(
+        default_factory=ActorGroupConfig,
+        description="Actors of the 'default' reward-actor group (rewards without `actor`).",
+    )
+    reward_actors: dict[str, ActorGroupConfig] = Field(
+        default_factory=dict,
+        description="Further reward-actor groups by name (a reward joins one with `actor: NAME`), each "
+        "with its own actors and CPU/GPU reservation; e.g. one GPU group per large model.",
+    )
+    reward_errors: RewardErrorConfig = Field(
+        default_factory=RewardErrorConfig, description="Error policy and timeout of reward scoring."
+    )
     learners: ActorGroupConfig = Field(
         default_factory=lambda: ActorGroupConfig(num_actors=2), description="DeepSpeed learner ranks."
     )
@@ -335,6 +389,35 @@ class Stage2Config(_Section):
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
     sample_grid_every: int = Field(10, ge=1, description="Write an LQ | candidates | GT grid every N steps.")
+
+    @model_validator(mode="after")
+    def _reward_groups_exist(self) -> Stage2Config:
+        if DEFAULT_REWARD_ACTOR in self.reward_actors:
+            raise ValueError(
+                f"stage2.reward_actors.{DEFAULT_REWARD_ACTOR}: the default group is sized by "
+                "stage2.reward_workers; set that instead or give this group another name"
+            )
+        for index, spec in enumerate(self.rewards):
+            if spec.actor != DEFAULT_REWARD_ACTOR and spec.actor not in self.reward_actors:
+                defined = ", ".join([DEFAULT_REWARD_ACTOR, *self.reward_actors])
+                raise ValueError(
+                    f"stage2.rewards.{index}.actor = {spec.actor!r} (reward {spec.name!r}) names no "
+                    f"reward-actor group; define stage2.reward_actors.{spec.actor} or use one of: {defined}"
+                )
+        return self
+
+    def reward_actor_groups(self) -> dict[str, tuple[ActorGroupConfig, list[RewardSpec]]]:
+        """Reward-actor groups that host at least one reward: name -> (resources, rewards).
+
+        In order of first use in ``rewards``; a group no reward names starts no actor.
+        """
+        groups: dict[str, tuple[ActorGroupConfig, list[RewardSpec]]] = {}
+        for spec in self.rewards:
+            if spec.actor not in groups:
+                resources = self.reward_actors.get(spec.actor, self.reward_workers)
+                groups[spec.actor] = (resources, [])
+            groups[spec.actor][1].append(spec)
+        return groups
 
 
 class RayConfig(_Section):
@@ -363,6 +446,84 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="Show progress bars.")
 
 
+# The paper's metrics (Table II) and the weight-free ones; those without weights here are reported as skipped.
+DEFAULT_EVAL_METRICS = (
+    "psnr", "ssim", "ms_ssim", "lpips", "fid", "musiq", "clipiqa+", "maniqa", "topiq_nr-face",
+    "niqe", "brisque", "piqe", "deg", "lmd", "hpsv2", "pickscore", "clipscore",
+)  # fmt: skip
+
+
+class EvalConfig(_Section):
+    """``rlrestore eval`` and ``rlrestore analyze determinism``: metrics, restorations, parallelism.
+
+    Per-image metrics are rewards of the reward registry, reported as raw values (PIQE, LPIPS, ...
+    un-negated); ``deg`` (ArcFace angle from the ``identity`` reward), ``fid`` (set-level) and
+    ``lmd`` are metric names of their own. A metric whose weights are missing, that needs ground
+    truth on a real set, or whose model is not available is skipped and reported with the reason.
+    """
+
+    metrics: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_METRICS),
+        min_length=1,
+        description="Metrics, in table order: registered reward names, plus 'deg' (ArcFace angle in degrees, "
+        "args of the 'identity' reward), 'fid' (set-level, against the clean set or --reference) and 'lmd' "
+        "(landmark distance; needs a reward registered as 'lmd').",
+    )
+    metric_args: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Constructor args per metric, e.g. weight files: eval.metric_args.deg.checkpoint=/w/backbone.pth, "
+        "eval.metric_args.lpips.weights=/w/lpips.pth.",
+    )
+    samples: int = Field(1, ge=1, description="Restorations per input; the k-th uses seed `seed + k`.")
+    determinism_seeds: int = Field(
+        16,
+        ge=2,
+        description="N of `analyze determinism`: restorations per input, seeds `seed` .. `seed + N - 1`.",
+    )
+    seed: int = Field(
+        0, description="Base seed: a synthetic input is degraded (Eq. 16) with a hash of (seed, its id)."
+    )
+    noise_seed: int | None = Field(
+        None,
+        description="None: each restoration starts from noise seeded with its own seed (stochastic sampler). "
+        "An int: every restoration starts from the same noise, seeded with it (SDE and AR noise too), so a "
+        "restoration is a deterministic function of its input whatever its seed.",
+    )
+    batch_size: int = Field(4, ge=1, description="Inputs per batched restore call.")
+    chunk_size: int = Field(
+        16,
+        ge=1,
+        description="Inputs per chunk: the unit of parallel work and of resuming (saved when complete).",
+    )
+    num_actors: int = Field(
+        0,
+        ge=0,
+        description="Ray actors restoring and scoring chunks in parallel; 0 runs in-process without Ray.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per eval actor (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per eval actor (fractions allowed).")
+    upscale_small: bool = Field(
+        False,
+        description="Metrics with a minimum image side (ms_ssim 161 px, niqe 96 px): true upscales smaller images "
+        "(bicubic, restoration and ground truth alike) to it; false leaves them unscored and reports how many.",
+    )
+    grid_images: int = Field(
+        8,
+        ge=0,
+        description="Inputs in the LQ | checkpoints | GT grid (written with 2+ checkpoints); 0: none.",
+    )
+
+    @model_validator(mode="after")
+    def _metric_names(self) -> EvalConfig:
+        repeated = sorted({name for name in self.metrics if self.metrics.count(name) > 1})
+        if repeated:
+            raise ValueError(f"eval.metrics lists {repeated} more than once")
+        unused = sorted(set(self.metric_args) - set(self.metrics))
+        if unused:
+            raise ValueError(f"eval.metric_args has args for {unused}, which eval.metrics does not list")
+        return self
+
+
 class RunConfig(_Section):
     """Everything a run needs; the YAML file mirrors this structure."""
 
@@ -387,6 +548,7 @@ class RunConfig(_Section):
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and resources.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="W&B and progress.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and determinism analysis.")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunConfig:

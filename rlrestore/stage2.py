@@ -7,13 +7,15 @@ One readable loop per step:
 
     rollout  K candidates per degraded input on the rollout actors (tagged with a policy version)
     reward   named scores per candidate on the reward actors -> weighted total -> r (Eq. 12)
-    learn    NFT loss (Eq. 13-15) on the DeepSpeed learner ranks; v_old EMA update
+    learn    NFT loss (Eq. 13-15) on the DeepSpeed learner ranks; v_old EMA update (skipped when a
+             weighted reward failed for good: ``stage2.reward_errors``, ``rewards.pool``)
     sync     the new rollout weights reach every rollout actor through the object store
     log      Parquet + W&B metrics, sample grids; checkpoint every N steps
 
 With ``stage2.async_rollouts`` the rollouts of step i+1 run while the learners train on step i
 (policy lag 1, recorded per step). Resume: the same command continues from the newest
-checkpoint (policy, learner state with v_old and optimizer, step).
+checkpoint (policy, learner state with v_old and optimizer, step). Reward failures are counted per
+step (``reward/errors/<name>``) and summarised at the end in ``<run_dir>/reward_errors.json``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from rewards import (
-    AggregateResult,
-    RewardAggregator,
-    RewardBatch,
-    collect_scores,
-    make_reward_actor,
-    submit_scores,
-)
+from rewards import AggregateResult, RewardAggregator, RewardBatch
+from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, reward_actor_count
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
@@ -47,6 +43,7 @@ from trainers.nft_learner import LearnerGroup
 from trainers.stage1 import EpochBatches, derived_seed
 
 STAGE = "stage2"
+REWARD_ERRORS_FILE = "reward_errors.json"
 
 
 def starting_point(config: RunConfig) -> tuple[Path, Path | None]:
@@ -71,10 +68,11 @@ def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -
 
 
 def reserve_placement_group(stage: Stage2Config) -> PlacementGroup:
-    """One bundle per actor (rollouts, rewards, learners, in that order), reserved up front so the
-    run either gets all its resources or fails with a clear message instead of hanging."""
+    """One bundle per actor (rollouts, reward-actor groups, learners, in that order), reserved up
+    front so the run either gets all its resources or fails with a clear message instead of hanging."""
+    reward_groups = [resources for resources, _ in stage.reward_actor_groups().values()]
     bundles = []
-    for group in (stage.rollout_workers, stage.reward_workers, stage.learners):
+    for group in (stage.rollout_workers, *reward_groups, stage.learners):
         bundle = {"CPU": group.num_cpus, **({"GPU": group.num_gpus} if group.num_gpus else {})}
         bundles.extend(dict(bundle) for _ in range(group.num_actors))
     group_handle = placement_group(bundles, strategy=stage.placement_strategy)
@@ -86,7 +84,7 @@ def reserve_placement_group(stage: Stage2Config) -> PlacementGroup:
             f"Stage 2 needs {len(bundles)} actors with {wanted['CPU']} CPUs and {wanted['GPU']} GPUs in all "
             f"(placement {stage.placement_strategy}), but the cluster could not fit them within "
             f"{stage.placement_timeout_s} s; it has {ray.cluster_resources()}. Lower the num_cpus/num_gpus "
-            "of stage2.rollout_workers / reward_workers / learners or add nodes."
+            "of stage2.rollout_workers / reward_workers / reward_actors / learners or add nodes."
         )
     return group_handle
 
@@ -117,13 +115,13 @@ class Stage2Run:
             )
             for _ in range(group.num_actors)
         ]
-        self.reward_actors = [
-            make_reward_actor(
-                self.stage.rewards, self.stage.reward_workers, scheduling_strategy=self.bundle(next(bundles))
-            )
-            for _ in range(self.stage.reward_workers.num_actors)
-        ]
+        self.rewards = RewardActorPool(
+            self.stage, [self.bundle(next(bundles)) for _ in range(reward_actor_count(self.stage))]
+        )
         self.aggregator = RewardAggregator.from_config(self.stage)
+        self.reward_errors = RewardErrorLog(self.stage.rewards)
+        if self.resume is not None:
+            self.reward_errors.load(self.run_dir / REWARD_ERRORS_FILE)
         self.learners = LearnerGroup(
             policy_dir,
             self.stage,
@@ -167,20 +165,9 @@ class Stage2Run:
             for n, chunk in enumerate(chunks)
         ]
 
-    def score(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        """Scores of every candidate (flattened [G*K]) from the reward actors."""
-        groups, k = batch.images.shape[:2]
-        images = batch.images.flatten(0, 1)
-        reward_batch = candidate_reward_batch(batch)
-        n = len(self.reward_actors)
-        bounds = np.linspace(0, groups * k, n + 1).astype(int)
-        refs = [
-            submit_scores(actor, images[a:b], reward_batch.select(int(a), int(b)))
-            for actor, a, b in zip(self.reward_actors, bounds[:-1], bounds[1:], strict=True)
-            if b > a
-        ]
-        parts = [collect_scores(ref) for ref in refs]
-        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    def score(self, batch: RolloutBatch) -> RewardOutcome:
+        """Scores of every candidate (flattened [G*K]) from the reward actors, and their failed calls."""
+        return self.rewards.score(batch.images.flatten(0, 1), candidate_reward_batch(batch))
 
     def sync_weights(self) -> None:
         """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``."""
@@ -210,12 +197,13 @@ class Stage2Run:
                 pending = self.launch_rollouts(step + 1)  # runs while this step scores and learns
 
             began = time.perf_counter()
-            scores = self.score(batch)
-            result = self.aggregator.combine(scores, *batch.images.shape[:2])
+            outcome = self.score(batch)
+            result = self.aggregator.combine(outcome.scores, *batch.images.shape[:2])
+            failures = self.reward_errors.record(step, outcome.errors)
             reward_time = time.perf_counter() - began
 
-            began = time.perf_counter()
-            learned = self.learners.train_step(learner_samples(batch, result), step)
+            began = time.perf_counter()  # a skipped step still syncs, so versions keep counting steps
+            learned = {} if failures.skip else self.learners.train_step(learner_samples(batch, result), step)
             learn_time = time.perf_counter() - began
 
             began = time.perf_counter()
@@ -228,6 +216,7 @@ class Stage2Run:
             total_time = rollout_time + reward_time + learn_time + sync_time
             metrics = {
                 **result.metrics,
+                **failures.metrics,
                 **{f"learn/{key}": value for key, value in learned.items()},
                 "policy_lag": float(step - batch.policy_version),
                 "timing/rollout": rollout_time,
@@ -275,9 +264,15 @@ class Stage2Run:
             extra=lambda directory: self.learners.save(directory / "learner"),
         )
 
+    def report_reward_errors(self) -> None:
+        """Print the reward-failure summary and write it to ``<run_dir>/reward_errors.json``."""
+        self.reward_errors.write(self.run_dir / REWARD_ERRORS_FILE)
+        print(self.reward_errors.format(), flush=True)
+
     def shutdown(self) -> None:
         self.learners.shutdown()
-        for actor in [*self.rollouts, *self.reward_actors]:
+        self.rewards.shutdown()
+        for actor in self.rollouts:
             ray.kill(actor)
         remove_placement_group(self.placement)
 
@@ -327,4 +322,5 @@ def run_stage2(config: RunConfig) -> None:
     try:
         run.run()
     finally:
+        run.report_reward_errors()
         run.shutdown()

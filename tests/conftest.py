@@ -69,3 +69,12 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the bad-input campaign's table of cases and outcomes (tests/test_bad_inputs.py)."""
+    from tests.campaign import OUTCOMES, table
+
+    if OUTCOMES:
+        terminalreporter.section(f"bad-input campaign: {len(OUTCOMES)} cases")
+        terminalreporter.write_line(table())

@@ -409,7 +409,7 @@ def test_unknown_hub_id_fails_offline_with_a_download_hint(tmp_path: Path, no_ne
         PrefRestorePolicy.from_config(config.policy)
     message = str(info.value)
     assert "policy.transformer.pretrained" in message and repo in message
-    assert "huggingface-cli download" in message
+    assert "hf download" in message
     # The loader itself (reached when the config file is cached but the weights are not) says the same.
     with pytest.raises(CheckpointError) as info:
         load_component(
@@ -418,7 +418,7 @@ def test_unknown_hub_id_fails_offline_with_a_download_hint(tmp_path: Path, no_ne
             lambda arch: None,
             SanaTransformer2DModel.from_pretrained,
         )
-    assert f"huggingface-cli download {repo}" in str(info.value)
+    assert f"hf download {repo}" in str(info.value)
     assert no_network == []
 
 
@@ -446,7 +446,7 @@ def test_full_size_config_lists_every_missing_source_at_once(no_network: list) -
         ("policy.text_tokenizer", "Qwen/Qwen3-0.6B/tokenizer_config.json"),
     ]:
         assert f"{key}: {source}" in message
-    assert "huggingface-cli download" in message
+    assert "hf download" in message
     assert no_network == []
 
 

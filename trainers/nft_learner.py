@@ -101,7 +101,9 @@ def load_dit(policy_dir: str | Path) -> tuple[SanaTransformer2DModel, PolicyConf
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{meta_file} is unreadable or invalid: {exc}") from None
     try:
-        transformer = SanaTransformer2DModel.from_pretrained(path / "transformer", local_files_only=True)
+        transformer = SanaTransformer2DModel.from_pretrained(
+            path / "transformer", local_files_only=True, use_safetensors=True
+        )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}/transformer: cannot load the DiT: {exc}") from None
     return transformer.to(resolve_dtype(config.dtype)), config

@@ -45,7 +45,7 @@ def hint_download(key: str, source: str) -> str:
     return (
         f"{key}: {source!r} was not found locally (neither a directory nor in the Hugging Face "
         f"cache at $HF_HOME). rlrestore never downloads at run time: on a machine with internet run "
-        f"`huggingface-cli download {source}` (with the same HF_HOME), or copy the model directory "
+        f"`hf download {source}` (with the same HF_HOME), or copy the model directory "
         f"here and set {key} to its path."
     )
 
@@ -71,7 +71,7 @@ def require_available(sources: list[tuple[str, str, str, str | None]]) -> None:
         raise CheckpointError(
             "weights are missing locally (rlrestore never downloads at run time):\n"
             + "\n".join(lines)
-            + "\nOn a machine with internet, `huggingface-cli download REPO` each repo (same HF_HOME), "
+            + "\nOn a machine with internet, `hf download REPO` each repo (same HF_HOME), "
             "or point these keys at local directories."
         )
 
@@ -86,7 +86,8 @@ def load_component(
     if spec.pretrained is None:
         return build(dict(spec.arch))
     source = spec.pretrained
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    # safetensors only: never fall back to unpickling a .bin file that sits next to (or instead of) it
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if spec.subfolder:
         kwargs["subfolder"] = spec.subfolder
     local = Path(source).expanduser()

@@ -1,0 +1,286 @@
+"""The reward actors of a Stage 2 run, and the run's record of reward failures.
+
+The config decides how rewards share actors: every reward belongs to a reward-actor group
+(``RewardSpec.actor``; ``default`` is sized by ``stage2.reward_workers``, other groups by
+``stage2.reward_actors``), and each group runs its own ``num_actors`` actors, each in its own
+bundle of the Stage 2 placement group, reserving the group's CPUs/GPUs. Several rewards in one
+group share its actors; a group per reward gives each its own resources::
+
+    stage2:
+      rewards:
+        - {name: sharpness, weight: 1.0}                  # default group
+        - {name: my_pkg:Aesthetic, weight: 0.5, actor: gpu}
+      reward_workers: {num_actors: 1, num_cpus: 0.25}    # the default group
+      reward_actors:
+        gpu: {num_actors: 2, num_cpus: 1, num_gpus: 0.5}
+
+:class:`RewardActorPool` sends every group all of a step's images, split evenly over the
+group's actors, and merges the per-group score dicts. :class:`RewardErrorLog` turns the failed
+calls the actors report into per-step metrics and skip decisions, and writes the end-of-run
+summary ``<run_dir>/reward_errors.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rewards.base import RewardBatch, RewardError, reward_name
+from rewards.worker import ErrorHandling, collect_scores, make_reward_actor, submit_scores
+from rlrestore.config import ActorGroupConfig, RewardSpec, Stage2Config
+
+__all__ = ["RewardActorPool", "RewardErrorLog", "RewardOutcome", "StepErrors", "reward_actor_count"]
+
+log = logging.getLogger(__name__)
+
+FIRST_ERRORS = 5
+"""Error messages kept per reward in the summary."""
+
+
+def reward_actor_count(stage: Stage2Config) -> int:
+    """Number of reward actors (placement bundles) of ``stage``: the sum over its used groups."""
+    return sum(resources.num_actors for resources, _ in stage.reward_actor_groups().values())
+
+
+@dataclass
+class RewardOutcome:
+    """Scores ``{name: float32 [N]}`` of one call, and the failed calls behind any NaN in them."""
+
+    scores: dict[str, Tensor]
+    errors: list[dict[str, Any]]
+
+
+@dataclass
+class _Group:
+    name: str
+    resources: ActorGroupConfig
+    specs: list[RewardSpec]
+    strategies: list[Any]
+    actors: list[Any] = field(default_factory=list)
+
+
+class RewardActorPool:
+    """One set of reward actors per reward-actor group of ``stage``.
+
+    ``scheduling_strategies`` places the actors, one per actor in group order (what
+    :func:`reward_actor_count` counts), e.g. bundles of the Stage 2 placement group; None lets
+    Ray place them.
+    """
+
+    def __init__(self, stage: Stage2Config, scheduling_strategies: Sequence[Any] | None = None) -> None:
+        self.stage = stage
+        count = reward_actor_count(stage)
+        strategies = list(scheduling_strategies) if scheduling_strategies is not None else [None] * count
+        if len(strategies) != count:
+            raise ValueError(
+                f"{count} reward actors need as many scheduling strategies, got {len(strategies)}"
+            )
+        self.groups: list[_Group] = []
+        for name, (resources, specs) in stage.reward_actor_groups().items():
+            group = _Group(name, resources, specs, strategies[: resources.num_actors])
+            del strategies[: resources.num_actors]
+            group.actors = [self._start(group, index) for index in range(resources.num_actors)]
+            self.groups.append(group)
+
+    def _start(self, group: _Group, index: int):
+        return make_reward_actor(
+            group.specs,
+            group.resources,
+            errors=self.stage.reward_errors,
+            scheduling_strategy=group.strategies[index],
+        )
+
+    @property
+    def actors(self) -> list[Any]:
+        """Every reward actor's handle, in group order."""
+        return [actor for group in self.groups for actor in group.actors]
+
+    def score(self, images: Tensor, batch: RewardBatch) -> RewardOutcome:
+        """Scores of ``images`` from every group, each splitting them evenly over its actors.
+
+        A reward whose policy is ``fail`` raises :class:`RewardError`. An actor that died (and
+        stayed dead through Ray's restarts and task retries) counts as a failed call of each of
+        its rewards; such actors, and actors that abandoned a timed-out call, are replaced.
+        """
+        import ray
+
+        count = images.shape[0]
+        calls = []
+        for group in self.groups:
+            bounds = np.linspace(0, count, len(group.actors) + 1).astype(int)
+            for index, (start, stop) in enumerate(pairwise(bounds.tolist())):
+                if stop > start:
+                    actor = group.actors[index]
+                    ref = submit_scores(actor, images[start:stop], batch.select(start, stop))
+                    calls.append((group, index, start, stop, ref, actor.take_errors.remote()))
+        parts: dict[str, list[Tensor]] = {}
+        errors: list[dict[str, Any]] = []
+        for group, index, start, stop, ref, errors_ref in calls:
+            try:
+                scores = collect_scores(ref)
+                found = [
+                    {**e, "start": e["start"] + start, "stop": e["stop"] + start} for e in ray.get(errors_ref)
+                ]
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, RewardError):  # a reward with on_error=fail
+                    raise RewardError(str(exc.cause)) from exc
+                raise
+            except ray.exceptions.RayActorError as exc:
+                scores, found = self._lost_call(group, start, stop, exc)
+            for name, values in scores.items():
+                parts.setdefault(name, []).append(values)
+            errors.extend(found)
+            if any(error["timed_out"] or error.get("actor_lost") for error in found):
+                self._replace(group, index)
+        return RewardOutcome({name: torch.cat(values) for name, values in parts.items()}, errors)
+
+    def _lost_call(
+        self, group: _Group, start: int, stop: int, exc: Exception
+    ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+        """NaN scores and one error per reward of ``group`` for a call its actor could not answer."""
+        message = f"reward actor of group {group.name!r} died: {type(exc).__name__}: {exc}"
+        scores, errors = {}, []
+        for spec in group.specs:
+            name = reward_name(spec)
+            policy = ErrorHandling.of(spec, self.stage.reward_errors).policy
+            if policy == "fail":
+                raise RewardError(
+                    f"reward {name!r} failed on samples {start}:{stop} (on_error=fail): {message}"
+                )
+            log.warning("reward %r: %s", name, message)
+            scores[name] = torch.full((stop - start,), torch.nan)
+            errors.append(
+                {
+                    "reward": name, "start": start, "stop": stop, "attempts": 1, "failed": 1,
+                    "recovered": False, "timed_out": False, "actor_lost": True, "policy": policy,
+                    "error": message, "traceback": "",
+                }
+            )  # fmt: skip
+        return scores, errors
+
+    def _replace(self, group: _Group, index: int) -> None:
+        """Kill actor ``index`` of ``group`` (ending any abandoned call) and start a fresh one in its place."""
+        import ray
+
+        log.warning(
+            "replacing reward actor %d of group %r (a call timed out or the actor died)", index, group.name
+        )
+        ray.kill(group.actors[index])
+        group.actors[index] = self._start(group, index)
+
+    def shutdown(self) -> None:
+        """Kill every reward actor."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+@dataclass
+class StepErrors:
+    """What the failures of one step mean: metrics to log, and the rewards that void its training."""
+
+    metrics: dict[str, float]
+    skipped_by: list[str]
+
+    @property
+    def skip(self) -> bool:
+        """True when the step must not train (a weighted reward failed for good)."""
+        return bool(self.skipped_by)
+
+
+class RewardErrorLog:
+    """Per-reward failure counts of a run: per-step metrics, skip decisions and a summary.
+
+    ``specs`` are the configured rewards (a failure of a weight-0 reward is counted but never
+    skips a step). The summary, per reward: ``failed_calls`` (chunks left unscored),
+    ``failed_attempts`` (every failed call, retried ones included), ``retried_calls``,
+    ``recovered_calls`` (a retry succeeded), ``timeouts``, ``skipped_steps`` and the first
+    ``FIRST_ERRORS`` messages with their step; ``skipped_steps`` lists the steps not trained.
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec]) -> None:
+        self.weights = {reward_name(spec): spec.weight for spec in specs}
+        self.counts = {name: self._empty() for name in self.weights}
+        self.skipped_steps: list[int] = []
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        keys = ("failed_calls", "failed_attempts", "retried_calls", "recovered_calls", "timeouts")
+        return {**dict.fromkeys(keys, 0), "skipped_steps": 0, "first_errors": []}
+
+    def record(self, step: int, errors: Sequence[dict[str, Any]]) -> StepErrors:
+        """Count the failed calls of ``step``; says whether the step trains."""
+        metrics = {f"reward/errors/{name}": 0.0 for name in self.weights}
+        lost: dict[str, dict[str, Any]] = {}
+        for error in errors:
+            name = error["reward"]
+            counts = self.counts.setdefault(name, self._empty())
+            metrics[f"reward/errors/{name}"] = metrics.get(f"reward/errors/{name}", 0.0) + error["failed"]
+            counts["failed_attempts"] += error["failed"]
+            counts["retried_calls"] += error["attempts"] > 1
+            counts["recovered_calls"] += error["recovered"]
+            counts["timeouts"] += error["timed_out"]
+            if len(counts["first_errors"]) < FIRST_ERRORS:
+                span = f"{error['start']}:{error['stop']}"
+                counts["first_errors"].append({"step": step, "samples": span, "error": error["error"]})
+            if not error["recovered"]:
+                counts["failed_calls"] += 1
+                lost.setdefault(name, error)
+        skipped_by = sorted(name for name in lost if self.weights.get(name, 0.0) != 0)
+        for name in skipped_by:
+            self.counts[name]["skipped_steps"] += 1
+        if skipped_by:
+            self.skipped_steps.append(step)
+            log.warning(
+                "step %d is not trained: %s",
+                step,
+                "; ".join(f"reward {name!r} failed on samples {lost[name]['start']}:{lost[name]['stop']}: "
+                          f"{lost[name]['error']}" for name in skipped_by),
+            )  # fmt: skip
+        metrics["reward/skipped_step"] = float(bool(skipped_by))
+        return StepErrors(metrics, skipped_by)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per reward and the skipped steps (JSON-serialisable)."""
+        return {"skipped_steps": list(self.skipped_steps), "rewards": self.counts}
+
+    def load(self, path: Path) -> None:
+        """Add the counts of an earlier session's summary at ``path`` (a resumed run), if there is one."""
+        if not path.is_file():
+            return
+        earlier = json.loads(path.read_text())
+        self.skipped_steps = [*earlier.get("skipped_steps", []), *self.skipped_steps]
+        for name, counts in earlier.get("rewards", {}).items():
+            mine = self.counts.setdefault(name, self._empty())
+            for key, value in counts.items():
+                mine[key] = (value + mine[key])[:FIRST_ERRORS] if key == "first_errors" else value + mine[key]
+
+    def write(self, path: Path) -> None:
+        """Write :meth:`summary` as JSON to ``path``."""
+        path.write_text(json.dumps(self.summary(), indent=2))
+
+    def format(self) -> str:
+        """The summary as a few lines of text."""
+        failing = {name: counts for name, counts in self.counts.items() if counts["failed_attempts"]}
+        if not failing:
+            return "reward errors: none"
+        lines = [f"reward errors ({len(self.skipped_steps)} steps not trained):"]
+        for name, counts in failing.items():
+            first = counts["first_errors"][0]
+            lines.append(
+                f"  {name}: {counts['failed_attempts']} failed attempts, {counts['failed_calls']} chunks "
+                f"unscored ({counts['retried_calls']} retried, {counts['recovered_calls']} recovered, "
+                f"{counts['timeouts']} timed out), {counts['skipped_steps']} steps not trained; first "
+                f"(step {first['step']}, samples {first['samples']}): {first['error']}"
+            )
+        return "\n".join(lines)
