@@ -168,7 +168,7 @@ class RewardActorPool:
         return scores, errors
 
     def _replace(self, group: _Group, index: int) -> None:
-        """Kill actor ``index`` of ``group`` (ending any abandoned call) and start a fresh one in its place."""
+        """Kill actor ``index`` of ``group`` (ending any abandoned call); start a fresh one in its bundle."""
         import ray
 
         log.warning(

@@ -131,11 +131,12 @@ def run_determinism(
     spread = seed_spread(evaluation.per_image, keys)
     medians = spread.groupby("model", sort=False)[keys].median().reindex(models).reset_index()
     by_model = medians.set_index("model")
+    # a metric that scored nothing (n/a in the table) gets no verdict
     verdicts = [
         verdict(metric, models[0], by_model.at[models[0], metric.key], other, by_model.at[other, metric.key])
         for other in models[1:]
         for metric in metrics
-        if by_model[metric.key].notna().any()  # a metric that scored nothing (n/a in the table) has no verdict
+        if by_model[metric.key].notna().any()
     ]
     out = Path(out)
     plot = plot_determinism(spread, [(m.key, m.label) for m in metrics], models, out / "determinism.png")

@@ -7,6 +7,9 @@
              with ``torch.optim.AdamW`` and the same NFT loss, micro-batches and forward/backward count
     stage2   seconds per Stage 2 step on Ray (rollout, reward and learner actors, weight sync) vs
              the same work done sequentially in one process with the plain classes
+    rewards  images/s of each reward scored as a reward actor scores it (``RewardWorker.score``,
+             batched) vs its model called directly one image at a time; model rewards get tiny
+             random weights (``rewards.tiny``)
 
 Every timing is the median of ``repeats`` runs after one warm-up run (``time.perf_counter``).
 The policy is random-initialised from the config, so everything runs offline.
@@ -27,12 +30,26 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from rlrestore.config import RunConfig, SamplerConfig, Stage2Config
+from rewards.base import Reward, RewardBatch
+from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
 from rlrestore.flow import shifted_timesteps
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
 
-PARTS = ("rollout", "learner", "stage2")
+FIGURE_PARTS = ("rollout", "learner", "stage2")
+"""The benchmarks that report one figure each (and need the policy)."""
+PARTS = (*FIGURE_PARTS, "rewards")
+REWARD_BENCH_DEFAULT = (
+    "sharpness",
+    "psnr",
+    "ssim",
+    "piqe",
+    "hpsv2",
+    "pickscore",
+    "clipscore",
+    "clipscore_image",
+    "identity",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -346,6 +363,142 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
     )
 
 
+# --------------------------------------------------------------------------------- rewards
+def reward_inputs(count: int, size: int, group: int, seed: int = 0) -> tuple[torch.Tensor, RewardBatch]:
+    """``count`` candidates of ``size`` px as a Stage 2 step scores them: groups of ``group`` noisy
+    copies of one embedded face, sharing its caption and (as ``clean``) the face itself."""
+    from rlrestore.data import embedded_faces_dir, iter_image_files, load_image, square_resize, to_tensor
+
+    files = iter_image_files(embedded_faces_dir())
+    inputs = math.ceil(count / group)
+    faces = [to_tensor(square_resize(load_image(files[i % len(files)]), size)) for i in range(inputs)]
+    clean = torch.stack(faces).repeat_interleave(group, dim=0)[:count]
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    captions = [f"a photo of face {index // group}" for index in range(count)]
+    return (clean + 0.1 * noise).clamp(-1.0, 1.0), RewardBatch(captions, clean=clean)
+
+
+def per_image_model_calls(reward: Reward) -> Callable[[torch.Tensor, RewardBatch], None]:
+    """The baseline of ``reward``: its underlying model called directly, one image at a time, with
+    the model's preprocessing (pyiqa ``metric(image)``; open_clip ``encode_image``/``encode_text``;
+    transformers ``get_image_features``/``get_text_features``; the ArcFace IResNet forward).
+
+    Raises TypeError for a reward of a kind without such a baseline.
+    """
+    from rewards import HPSv2, Identity, PyiqaReward, Sharpness, mean_gradient_magnitude, to_unit_range
+    from rewards.identity import arcface_input
+    from rewards.preference import TransformersCLIPReward, texts_for
+
+    if isinstance(reward, Sharpness):
+
+        def call(image: torch.Tensor, sample: RewardBatch) -> None:
+            mean_gradient_magnitude(image)
+
+    elif isinstance(reward, PyiqaReward):
+
+        def call(image: torch.Tensor, sample: RewardBatch) -> None:
+            pair = (image, sample.clean) if reward.needs_clean else (image,)
+            reward.metric(*(to_unit_range(x) for x in pair))
+
+    elif isinstance(reward, HPSv2):
+
+        def call(image: torch.Tensor, sample: RewardBatch) -> None:
+            reward.model.encode_image(reward.transform(image).to(reward.dtype), normalize=True)
+            tokens = reward.tokenizer(texts_for(sample, reward.prompt)).to(reward.device)
+            reward.model.encode_text(tokens, normalize=True)
+
+    elif isinstance(reward, TransformersCLIPReward):
+
+        def call(image: torch.Tensor, sample: RewardBatch) -> None:
+            reward.model.get_image_features(pixel_values=reward.transform(image).to(reward.dtype))
+            if reward.needs_clean:
+                reward.model.get_image_features(pixel_values=reward.transform(sample.clean).to(reward.dtype))
+                return
+            tokens = reward.tokenizer(
+                texts_for(sample, reward.prompt),
+                padding=True,
+                truncation=True,
+                max_length=reward.max_length,
+                return_tensors="pt",
+            ).to(reward.device)
+            reward.model.get_text_features(**tokens)
+
+    elif isinstance(reward, Identity):
+
+        def call(image: torch.Tensor, sample: RewardBatch) -> None:
+            reward.model(arcface_input(image, reward.crop))
+            reward.model(arcface_input(sample.clean, reward.crop))
+
+    else:
+        raise TypeError(f"no per-image baseline for reward {reward.name!r} ({type(reward).__name__})")
+
+    def run(images: torch.Tensor, batch: RewardBatch) -> None:
+        with torch.no_grad():
+            for index in range(images.shape[0]):
+                call(images[index : index + 1], batch.select(index, index + 1))
+
+    return run
+
+
+def bench_reward(
+    spec: RewardSpec, images: torch.Tensor, batch: RewardBatch, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """Images/s of ``RewardWorker.score`` (the reward actors' call, chunks of the worker's batch
+    size) vs :func:`per_image_model_calls` of the same reward on the same images."""
+    from rewards import RewardWorker
+
+    worker = RewardWorker([spec], device=device, errors=RewardErrorConfig(policy="fail"))
+    loop = per_image_model_calls(worker.rewards[0])
+    count = images.shape[0]
+    ours = count / median_seconds(lambda _: worker.score(images, batch), repeats, device)
+    base = count / median_seconds(lambda _: loop(images, batch), repeats, device)
+    return _figure(
+        "images/s",
+        ours,
+        base,
+        "batched reward / per-image model calls throughput (>1: the batched reward is faster)",
+        {"batch_size": worker.batch_size, "weights": "tiny random" if spec.args else "none"},
+    )
+
+
+def bench_rewards(
+    names: Sequence[str], count: int, size: int, group: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """:func:`bench_reward` for each reward of ``names`` (model rewards with ``rewards.tiny`` weights)
+    on the same :func:`reward_inputs`; a reward that cannot be built or scored is skipped, with why."""
+    from rewards.tiny import tiny_reward_args
+
+    images, batch = reward_inputs(count, size, group)
+    images, batch = images.to(device), batch.to(device)
+    figures: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="rlrestore-bench-rewards-") as tmp:
+        for name in names:
+            try:
+                spec = RewardSpec(name=name, args=tiny_reward_args(name, Path(tmp) / name))
+                figures[name] = bench_reward(spec, images, batch, repeats, device)
+            except Exception as exc:  # noqa: BLE001 - whatever stops one reward is reported, the rest run
+                skipped[name] = f"{type(exc).__name__}: {exc}"
+    return {
+        "settings": {"images": count, "size": size, "candidates_per_caption": group},
+        "figures": figures,
+        "skipped": skipped,
+    }
+
+
+def format_reward_table(section: dict[str, Any]) -> str:
+    """The rewards section as a table: reward, batched and per-image images/s, their ratio."""
+    header = f"{'reward':<16} {'batched img/s':>13} {'loop img/s':>11} {'ratio':>7}"
+    settings = ", ".join(f"{key}={value}" for key, value in section["settings"].items())
+    lines = [f"rewards ({settings}; ratio >1: the batched reward is faster)", header, "-" * len(header)]
+    for name, figure in section["figures"].items():
+        lines.append(
+            f"{name:<16} {figure['ours']:>13.4g} {figure['baseline']:>11.4g} {figure['ratio']:>7.3f}"
+        )
+    lines += [f"{name:<16} skipped: {reason}" for name, reason in section["skipped"].items()]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------- driver
 def run_bench(
     config: RunConfig,
@@ -353,8 +506,15 @@ def run_bench(
     repeats: int = 3,
     parts: Sequence[str] | None = None,
     threads: int = 1,
+    rewards: Sequence[str] = REWARD_BENCH_DEFAULT,
+    reward_images: int = 32,
+    reward_size: int = 64,
 ) -> dict[str, Any]:
-    """Run the chosen benchmarks with a random-init policy from ``config``; write and return the report."""
+    """Run the chosen benchmarks with a random-init policy from ``config``; write and return the report.
+
+    ``rewards``, ``reward_images`` and ``reward_size``: the rewards of the ``rewards`` part and the
+    images (count, side in px) each scores.
+    """
     from rlrestore.checkpoints import save_checkpoint
     from rlrestore.jobs import prepare_shards, ray_session
 
@@ -368,7 +528,7 @@ def run_bench(
     device = pick_device(config.device)
     stage = config.stage2
     torch.manual_seed(config.seed)
-    policy = PrefRestorePolicy.from_config(config.policy).eval()
+    policy = PrefRestorePolicy.from_config(config.policy).eval() if set(parts) & set(FIGURE_PARTS) else None
     report: dict[str, Any] = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -390,6 +550,10 @@ def run_bench(
             prepare_shards(run_config)
             with ray_session(config.ray):
                 report["stage2"] = bench_stage2(run_config, repeats)
+    if "rewards" in parts:
+        report["rewards"] = bench_rewards(
+            rewards, reward_images, reward_size, stage.candidates, repeats, device
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -403,12 +567,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"device {report['device']}, torch threads {report['torch_threads']}, "
         f"median of {report['repeats']} after one warm-up"
     )
-    lines = [
-        title,
-        header,
-        "-" * len(header),
-    ]
-    for name in PARTS:
+    lines = [title]
+    if any(name in report for name in FIGURE_PARTS):
+        lines += [header, "-" * len(header)]
+    for name in FIGURE_PARTS:
         if name in report:
             f = report[name]
             lines.append(
@@ -420,4 +582,6 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["settings"].items()
                 )
             )
+    if "rewards" in report:
+        lines.append(format_reward_table(report["rewards"]))
     return "\n".join(lines)

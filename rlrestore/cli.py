@@ -8,7 +8,7 @@
     rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
-    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N]
+    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--only PART] [--rewards A,B]
 """
 
 from __future__ import annotations
@@ -144,14 +144,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rlrestore.bench import format_report, run_bench
+    from rlrestore.bench import REWARD_BENCH_DEFAULT, format_report, run_bench
 
     # `rlrestore bench key=value` : the first override lands in the optional CONFIG slot.
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
         config_path, overrides = None, [config_path, *overrides]
     config = load_config(config_path or default_config_path(), overrides)
-    report = run_bench(config, args.out, repeats=args.repeats, parts=args.only or None, threads=args.threads)
+    report = run_bench(
+        config,
+        args.out,
+        repeats=args.repeats,
+        parts=args.only or None,
+        threads=args.threads,
+        rewards=args.rewards.split(",") if args.rewards else REWARD_BENCH_DEFAULT,
+        reward_images=args.reward_images,
+        reward_size=args.reward_size,
+    )
     print(format_report(report))
     print(f"report: {Path(args.out).resolve()}")
     return 0
@@ -258,17 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="Benchmark rollouts, the learner step and a Stage 2 step on Ray, each as a ratio against a "
-        "plain baseline measured in the same run (random-init policy, offline).",
+        help="Benchmark rollouts, the learner step, a Stage 2 step on Ray and reward throughput, each as a "
+        "ratio against a plain baseline measured in the same run (random-init policy, tiny reward models, "
+        "offline).",
     )
     bench.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny config).")
     bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage2.candidates=8.")
     bench.add_argument("--out", required=True, help="JSON file for the figures and their settings.")
     bench.add_argument("--repeats", type=int, default=3, help="Timed runs per figure after one warm-up (median).")
     bench.add_argument(
-        "--only", action="append", choices=["rollout", "learner", "stage2"], default=[],
+        "--only", action="append", choices=["rollout", "learner", "stage2", "rewards"], default=[],
         help="Run only this benchmark (repeatable; default all).",
     )
+    bench.add_argument(
+        "--rewards", default=None,
+        help="Comma-separated rewards of the 'rewards' benchmark (default: sharpness, psnr, ssim, piqe, "
+        "hpsv2, pickscore, clipscore, clipscore_image, identity).",
+    )
+    bench.add_argument("--reward-images", type=int, default=32, help="Images each reward scores (default 32).")
+    bench.add_argument("--reward-size", type=int, default=64, help="Side of those images in px (default 64).")
     bench.add_argument("--threads", type=int, default=1, help="Torch threads of this process (default 1).")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +62,10 @@ from rlrestore.data import (
     sample_seed,
     save_image,
     to_tensor,
-    to_uint8,
 )
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.plotting import captioned_grid
-from rlrestore.restore import resize, to_square
+from rlrestore.restore import restore_arrays
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,6 @@ class EvalInputs:
     captions: dict[str, str]
     lq_dir: Path
     gt_dir: Path | None
-    records: list[dict[str, Any]]
     skipped: list[dict[str, str]]
 
 
@@ -247,7 +245,7 @@ def prepare_inputs(data: Path, out: Path, real: bool, config: RunConfig, progres
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data} does not exist or is not a directory")
     lq_dir, gt_dir = out / "inputs" / "lq", None if real else out / "inputs" / "gt"
-    sources, skipped = _read_sources(data)
+    sources, skipped = _read_sources(data), []
     ids: list[str] = []
     captions: dict[str, str] = {}
     records: list[dict[str, Any]] = []
@@ -255,7 +253,7 @@ def prepare_inputs(data: Path, out: Path, real: bool, config: RunConfig, progres
         try:
             image = read()
         except ImageLoadError as exc:
-            skipped.append({"path": source, "reason": exc.reason})
+            skipped.append({"path": source, "reason": exc.reason})  # unreadable: reported, not fatal
             continue
         record: dict[str, Any] = {"id": sample_id, "source": source, "size": [image.shape[1], image.shape[0]]}
         lq = image
@@ -280,31 +278,35 @@ def prepare_inputs(data: Path, out: Path, real: bool, config: RunConfig, progres
         "skipped": skipped,
     }
     (out / "inputs.json").write_text(json.dumps(payload, indent=2) + "\n")
-    return EvalInputs(ids, captions, lq_dir, gt_dir, records, skipped)
+    return EvalInputs(ids, captions, lq_dir, gt_dir, skipped)
 
 
 Source = tuple[str, str, str, Callable[[], np.ndarray]]  # id, source, caption, reader
 
 
-def _read_sources(data: Path) -> tuple[list[Source], list[dict[str, str]]]:
-    """(id, source, caption, reader) of every input: the records of Parquet shards, or image files."""
+def _read_sources(data: Path) -> list[Source]:
+    """(id, source, caption, reader) of every input: the records of Parquet shards, or image files
+    (id: the path relative to ``data`` without suffix, or with it when two files share a stem)."""
     if any(data.glob("shard-*.parquet")):
         return [
             (record.id, f"{data}#{record.id}", record.caption or "", lambda image=record.image: image)
             for record in read_shards(data)
-        ], []
+        ]
     files = iter_image_files(data)
-    stems = [path.relative_to(data).with_suffix("").as_posix() for path in files]
-    sources = []
-    for path, stem in zip(files, stems, strict=True):
-        sample_id = stem if stems.count(stem) == 1 else path.relative_to(data).as_posix()  # a.png + a.jpg
+    stems = Counter(path.relative_to(data).with_suffix("").as_posix() for path in files)
+    sources: list[Source] = []
+    for path in files:
+        stem = path.relative_to(data).with_suffix("").as_posix()
+        sample_id = stem if stems[stem] == 1 else path.relative_to(data).as_posix()
         sources.append((sample_id, str(path), "", lambda path=path: load_image(path)))
-    return sources, []
+    return sources
 
 
 def _save_once(image: np.ndarray, path: Path) -> None:
+    """Write ``path`` unless it exists, through a temporary file (a kill leaves no half-written PNG)."""
     if not path.is_file():
-        save_image(image, path)
+        temporary = save_image(image, path.with_name(f".{path.stem}.tmp-{os.getpid()}.png"))
+        os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -365,36 +367,6 @@ def restored_stem(image_id: str, seed: int) -> str:
     return f"{image_id}_s{seed}"
 
 
-def restore_images(
-    policy: PrefRestorePolicy,
-    images: list[np.ndarray],
-    captions: list[str],
-    seeds: list[int],
-    sampler: SamplerConfig,
-) -> list[list[np.ndarray]]:
-    """``len(seeds)`` restorations of each image (any size) in one batched call, each at its input's size.
-
-    As ``rlrestore restore`` does: pad to a square (edge pixels), resize to the policy's
-    resolution, restore, resize back and crop.
-    """
-    squares = [to_square(image) for image in images]
-    resolution = policy.config.resolution
-    lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
-    result = policy.restore(lq, captions, torch.tensor([seeds] * len(images)), sampler)
-    restored = []
-    for row, (image, (square, (top, left))) in enumerate(zip(images, squares, strict=True)):
-        height, width = image.shape[:2]
-        restored.append(
-            [
-                resize(to_uint8(result.images[row, k].float().cpu()), square.shape[0])[
-                    top : top + height, left : left + width
-                ]
-                for k in range(len(seeds))
-            ]
-        )
-    return restored
-
-
 class EvalWorker:
     """Restores and scores chunks: a plain class (in-process path), wrapped as a Ray actor for the parallel one.
 
@@ -420,6 +392,7 @@ class EvalWorker:
         self._policy: tuple[str, PrefRestorePolicy] | None = None
 
     def policy(self, policy_dir: str) -> PrefRestorePolicy:
+        """The policy of ``policy_dir``, loaded when it differs from the one held."""
         if self._policy is None or self._policy[0] != policy_dir:
             self._policy = None  # free the previous checkpoint first
             self._policy = (policy_dir, PrefRestorePolicy.from_pretrained(policy_dir).to(self.device).eval())
@@ -434,8 +407,9 @@ class EvalWorker:
         restored: list[np.ndarray] = []  # input-major, seed-minor
         for start in range(0, len(task.ids), self.config.batch_size):
             stop = start + self.config.batch_size
-            batch = restore_images(
-                policy, task.lq[start:stop], task.captions[start:stop], noise, self.sampler
+            lq = task.lq[start:stop]
+            batch = restore_arrays(
+                policy, lq, task.captions[start:stop], torch.tensor([noise] * len(lq)), self.sampler
             )
             restored.extend(image for per_input in batch for image in per_input)
         count = len(self.seeds)
@@ -464,41 +438,54 @@ class EvalWorker:
         captions: list[str],
         notes: list[dict[str, Any]],
     ) -> np.ndarray:
-        """Raw values of ``metric`` per image (NaN where it could not score; each such case noted)."""
+        """Raw values of ``metric`` per image (NaN where it could not score; each such case noted).
+
+        Images are scored in batches of one size (inputs of a real set differ), at most as many
+        per call as one restore call makes.
+        """
         values = np.full(len(images), np.nan)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, image in enumerate(images):
             by_shape.setdefault(image.shape, []).append(index)
-        for shape, index in by_shape.items():
+        step = self.config.batch_size * len(self.seeds)
+
+        def note(reason: str, count: int) -> None:
+            notes.append({"metric": metric.key, "reason": reason, "images": count})
+
+        for shape, indices in by_shape.items():
             side = min(shape[:2])
             small = side < metric.min_size
             if small and not self.config.upscale_small:
-                reason = f"smaller than its minimum side of {metric.min_size} px; not scored (eval.upscale_small=false)"
-                notes.append({"metric": metric.key, "reason": reason, "images": len(index)})
-                continue
-            restored = torch.stack([to_tensor(images[i]) for i in index])
-            reference = None if clean is None else torch.stack([to_tensor(clean[i]) for i in index])
-            if small:
-                restored = _upscale(restored, metric.min_size)
-                reference = None if reference is None else _upscale(reference, metric.min_size)
-                reason = (
-                    f"upscaled (bicubic, GT alike) from {side} px to its minimum side of {metric.min_size} px"
+                note(
+                    f"smaller than its minimum side of {metric.min_size} px; not scored (eval.upscale_small=false)",
+                    len(indices),
                 )
-                notes.append({"metric": metric.key, "reason": reason, "images": len(index)})
-            batch = RewardBatch(
-                captions=[captions[i] for i in index], clean=reference if metric.needs_gt else None
-            )
-            try:
-                scores = self.rewards[metric.key](restored, batch)
-            except Exception as exc:  # noqa: BLE001 - a failing reward costs its values, not the evaluation
-                reason = f"scoring failed ({type(exc).__name__}: {exc})"
-                notes.append({"metric": metric.key, "reason": reason, "images": len(index)})
                 continue
-            scored = metric.values(scores).double().numpy()
-            non_finite = int((~np.isfinite(scored)).sum())
-            if non_finite:
-                notes.append({"metric": metric.key, "reason": "non-finite score", "images": non_finite})
-            values[index] = scored
+            if small:
+                note(
+                    f"upscaled (bicubic, GT alike) from {side} px to its minimum side of {metric.min_size} px",
+                    len(indices),
+                )
+            for start in range(0, len(indices), step):
+                part = indices[start : start + step]
+                restored = torch.stack([to_tensor(images[i]) for i in part])
+                reference = None
+                if metric.needs_gt:
+                    reference = torch.stack([to_tensor(clean[i]) for i in part])
+                if small:
+                    restored = _upscale(restored, metric.min_size)
+                    reference = None if reference is None else _upscale(reference, metric.min_size)
+                try:
+                    scores = self.rewards[metric.key](
+                        restored, RewardBatch([captions[i] for i in part], reference)
+                    )
+                except Exception as exc:  # noqa: BLE001 - a failing reward costs its values, not the evaluation
+                    note(f"scoring failed ({type(exc).__name__}: {exc})", len(part))
+                    continue
+                scored = metric.values(scores).double().numpy()
+                if not np.isfinite(scored).all():
+                    note("non-finite score", int((~np.isfinite(scored)).sum()))
+                values[part] = scored
         return values
 
 
@@ -615,7 +602,7 @@ def run_evaluation(
     chunks = [inputs.ids[start : start + ev.chunk_size] for start in range(0, len(inputs.ids), ev.chunk_size)]
     tasks = [(model, index, ids) for model in models for index, ids in enumerate(chunks)]
     reused = [(model, index) for model, index, ids in tasks if _chunk_done(out, model, index, ids, seeds)]
-    pending = [task for task in tasks if (task[0], task[1]) not in set(reused)]
+    pending = [task for task in tasks if (task[0], task[1]) not in reused]
     columns = [metric.key for metric in per_image_metrics]
 
     def load(task: tuple[str, int, list[str]]) -> ChunkTask:

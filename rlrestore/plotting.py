@@ -160,7 +160,9 @@ def plot_determinism(
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
     for ax, (key, label) in zip(axes, metrics):
         data = [spread.loc[spread["model"] == model, key].dropna().to_numpy() for model in models]
-        ax.boxplot(data, tick_labels=list(models), showmeans=False)
+        ax.boxplot(data, tick_labels=list(models))
+        if not any(len(values) for values in data):
+            ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"std of {label} across seeds", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3, axis="y")

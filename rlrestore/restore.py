@@ -68,6 +68,37 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
 
 
+def restore_arrays(
+    policy: PrefRestorePolicy,
+    images: list[np.ndarray],
+    captions: list[str],
+    seeds: torch.Tensor,
+    sampler: SamplerConfig,
+) -> list[list[np.ndarray]]:
+    """Restorations ``[image][k]`` (uint8, each at its input's size) of ``images`` of any size in
+    one batched call; ``seeds`` ``[len(images), K]`` seeds each candidate's noise.
+
+    Each image is padded to a square (edge pixels), resized to the policy's resolution,
+    restored, resized back and cropped to the original frame.
+    """
+    squares = [to_square(image) for image in images]
+    resolution = policy.config.resolution
+    lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
+    result = policy.restore(lq, captions, seeds, sampler)
+    restored = []
+    for row, (image, (square, (top, left))) in enumerate(zip(images, squares, strict=True)):
+        height, width = image.shape[:2]
+        restored.append(
+            [
+                resize(to_uint8(result.images[row, k].float().cpu()), square.shape[0])[
+                    top : top + height, left : left + width
+                ]
+                for k in range(seeds.shape[1])
+            ]
+        )
+    return restored
+
+
 def restore_files(
     checkpoint: str | Path,
     inputs: list[str | Path],
@@ -94,7 +125,6 @@ def restore_files(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     report = RestoreReport(checkpoint=str(policy_dir), skipped=skipped)
-    resolution = policy.config.resolution
     used_names: set[str] = set()
     done = 0  # readable inputs so far: the i-th gets seeds seed + i * samples + k
     for start in tqdm(range(0, len(files), batch_size), desc="restore", disable=not progress):
@@ -107,21 +137,17 @@ def restore_files(
                 report.skipped.append({"path": str(path), "reason": exc.reason})
         if not chunk:
             continue
-        squares = [to_square(image) for _, image in chunk]
-        lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
         index = torch.arange(done, done + len(chunk))[:, None] * samples + torch.arange(samples)[None, :]
         seeds = seed + index
         done += len(chunk)
-        result = policy.restore(lq, [""] * len(chunk), seeds, sampler)
-        for row, ((path, image), (square, (top, left))) in enumerate(zip(chunk, squares)):
+        restored = restore_arrays(policy, [image for _, image in chunk], [""] * len(chunk), seeds, sampler)
+        for row, ((path, image), candidates) in enumerate(zip(chunk, restored, strict=True)):
             stem = _unique_stem(path, used_names)
             h, w = image.shape[:2]
             written = []
-            for k in range(samples):
-                restored = resize(to_uint8(result.images[row, k].float().cpu()), square.shape[0])
-                restored = restored[top : top + h, left : left + w]
+            for k, candidate in enumerate(candidates):
                 name = f"{stem}.png" if k == 0 else f"{stem}_sample{k}.png"
-                save_image(restored, out_dir / name)
+                save_image(candidate, out_dir / name)
                 written.append({"file": name, "seed": int(seeds[row, k])})
             report.outputs.append({"input": str(path), "size": [w, h], "candidates": written})
     (out_dir / "restore_report.json").write_text(json.dumps(asdict(report), indent=2))

@@ -229,11 +229,17 @@ def split_commands(entrypoint: str) -> list[list[str]]:
     return [c[1:] for c in commands]
 
 
+def checkout_paths() -> list[str]:
+    """Where the launch paths put this checkout: the image's WORKDIR, the launcher's mount of '.'."""
+    launcher_copy = next(remote for remote, local in load_yaml(LAUNCHER)["file_mounts"].items() if local == ".")
+    return [dockerfile_workdir(), launcher_copy.rstrip("/") + "/"]
+
+
 def local_config_path(path: str) -> Path:
-    """Where a config an entrypoint names lives in this checkout (image paths are under WORKDIR)."""
-    workdir = dockerfile_workdir()
-    if path.startswith(workdir):
-        return REPO / path[len(workdir) :]
+    """Where a config an entrypoint names lives in this checkout."""
+    for prefix in checkout_paths():
+        if path.startswith(prefix):
+            return REPO / path[len(prefix) :]
     return Path(path) if Path(path).is_absolute() else REPO / path
 
 
@@ -567,6 +573,8 @@ def documented_commands(path: Path, section: str | None = None) -> list[list[str
     text = path.read_text()
     if section is not None:
         text = text[text.index(section) :]
+        following = text.find("\n## ", len(section))
+        text = text if following < 0 else text[:following]
     commands = []
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -588,6 +596,6 @@ def test_documented_cluster_commands_are_real(doc: Path, section: str | None) ->
 
 def test_cluster_readme_documents_every_file() -> None:
     readme = (CLUSTER / "README.md").read_text()
-    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != "README.md"):
         assert str(path.relative_to(CLUSTER)) in readme, path
     assert stat.S_IMODE(SLURM.stat().st_mode) & 0o100, "the sbatch script should be executable"

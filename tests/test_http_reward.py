@@ -147,7 +147,7 @@ class _Raw(BaseHTTPRequestHandler):
         (200, b"<html>oops</html>", r"answered with invalid JSON"),
         (200, b'{"score": [1, 2, 3, 4]}', r"answered without a 'scores' list"),
         (200, b'{"scores": [1, 2, 3]}', r"returned 3 scores for 4 images"),
-        (200, b'{"scores": [1, "2", true, 4]}', r"non-numeric or non-finite scores \(index, value\): \[\(1, '2'\), \(2, True\)\]"),
+        (200, b'{"scores": [1, "2", true, 4]}', r"non-finite scores \(index, value\): \[\(1, '2'\), \(2, True\)\]"),
         (200, b'{"scores": [1, 2, NaN, 4]}', r"invalid JSON \(NaN is not a number\)"),
         (200, b'{"scores": [1, 2, 1e999, 4]}', r"non-finite scores .*\(2, inf\)"),
         (422, b'{"error": "images must be 512 px"}', r"rejected the request \(HTTP 422 .*images must be 512 px"),

@@ -1,8 +1,8 @@
 """Identity reward (rewards.identity) and the arcface_torch IResNet (rlrestore.models.arcface).
 
 A tiny IResNet (one block per stage, 64-d embeddings) with random weights is saved as a plain
-state dict and loaded through the reward's own code (``torch.load(weights_only=True)``,
-``strict=True``), as a published ``backbone.pth`` would be. The full iresnet50 is only built on
+state dict (``rewards.tiny.write_tiny_arcface``) and loaded through the reward's own code
+(``torch.load(weights_only=True)``, ``strict=True``), as a published ``backbone.pth`` would be. The full iresnet50 is only built on
 the meta device, to check its parameter names and count against the published model.
 """
 
@@ -15,9 +15,10 @@ import torch
 
 from rewards import Identity, RewardBatch, RewardError, build_reward, check_reward_weights
 from rewards.identity import arcface_input, embedding_angle_degrees
+from rewards.tiny import write_tiny_arcface
 from rlrestore.config import RewardSpec
 from rlrestore.data import embedded_faces_dir, iter_image_files, load_image, square_resize, to_tensor
-from rlrestore.models.arcface import IRESNET_LAYERS, IResNet, iresnet, load_iresnet
+from rlrestore.models.arcface import IRESNET_LAYERS, iresnet, load_iresnet
 
 TINY = "iresnet_tiny"
 FACES = 4
@@ -32,16 +33,7 @@ def tiny_arch(monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def checkpoint(tiny_arch: str, tmp_path: Path) -> Path:
     """A random tiny IResNet state dict, with non-trivial BatchNorm statistics, saved like backbone.pth."""
-    torch.manual_seed(0)
-    model = IResNet(IRESNET_LAYERS[tiny_arch], num_features=64)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / "backbone.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return Path(write_tiny_arcface(tmp_path / "backbone.pth", arch=tiny_arch)["checkpoint"])
 
 
 @pytest.fixture(scope="module")

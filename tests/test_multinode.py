@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +68,15 @@ STAGE2 = (
 )
 STATE_SCRIPT = """
 import json, sys
+from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
 address = sys.argv[1]
+jobs = {job_id: str(JobSubmissionClient(address).get_job_status(job_id).value) for job_id in sys.argv[2:]}
 nodes = [{"node_id": n.node_id, "ip": n.node_ip, "head": n.is_head_node, "state": n.state,
           "resources": n.resources_total} for n in list_nodes(address=address, detail=True)]
 actors = [{"class_name": a.class_name, "node_id": a.node_id, "state": a.state}
           for a in list_actors(address=address, detail=True, limit=10000, raise_on_missing_output=False)]
-print(json.dumps({"nodes": nodes, "actors": actors}))
+print(json.dumps({"nodes": nodes, "actors": actors, "jobs": jobs}))
 """
 
 
@@ -83,33 +86,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def processes_under(marker: str) -> list[int]:
-    """Processes whose command line contains ``marker``, and all their descendants."""
-    parents, matching = {}, set()
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ..., starttime), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def processes_under(is_root: Callable[[str], bool]) -> dict[int, str]:
+    """Processes whose command line ``is_root`` accepts, and all their descendants, as
+    ``{pid: start time}`` (the start time tells a pid that was reused by another process)."""
+    parents, started, matching = {}, {}, set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
+        pid, fields = int(entry), proc_stat(int(entry))
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
             continue
-        if marker in cmdline:
-            matching.add(int(entry))
+        if fields is None:
+            continue
+        parents[pid], started[pid] = int(fields[1]), fields[19]
+        if is_root(cmdline):
+            matching.add(pid)
     tree, grew = set(matching), True
     while grew:
         children = {pid for pid, parent in parents.items() if parent in tree} - tree
         tree |= children
         grew = bool(children)
-    return sorted(tree)
+    return {pid: started[pid] for pid in sorted(tree)}
 
 
-def running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+def running(pid: int, started: str) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` and not a zombie."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
 
 
 @dataclass
@@ -118,6 +131,7 @@ class TwoNodeCluster:
     env: dict[str, str]
     gcs_address: str
     dashboard: str  # http://127.0.0.1:PORT, the job and state API
+    client_server_port: int
 
     def run(self, *args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -128,8 +142,9 @@ class TwoNodeCluster:
     def ray(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return self.run(VENV_BIN / "ray", *args, timeout=timeout, env=env)
 
-    def state(self) -> dict:
-        result = self.run(sys.executable, "-c", STATE_SCRIPT, self.dashboard, timeout=120)
+    def state(self, *job_ids: str) -> dict:
+        """Nodes and actors (finished ones included) from Ray's state API, and the jobs' status."""
+        result = self.run(sys.executable, "-c", STATE_SCRIPT, self.dashboard, *job_ids, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -143,17 +158,28 @@ class TwoNodeCluster:
         result = self.ray("start", *args, *common, timeout=180)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
+    def processes(self) -> dict[int, str]:
+        """This cluster's processes: those naming its private directory, their descendants, and
+        the Ray Client server, which `ray start --head` leaves orphaned with neither."""
+        client_server = ("ray.util.client.server", f"--port={self.client_server_port} ")
+        return processes_under(
+            lambda cmdline: str(self.root) in cmdline or all(part in cmdline for part in client_server)
+        )
+
     def stop(self) -> None:
-        pids = processes_under(str(self.root))
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 10
-            while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(running, pids)):
-                time.sleep(0.5)
+        """End this cluster's processes: SIGTERM, then SIGKILL what is left after a short grace
+        (the GCS and raylets take 10 s and more to stop gracefully; nothing here needs that)."""
+        processes = self.processes()
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            for pid, started in processes.items():
+                if running(pid, started):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(running(*p) for p in processes.items()):
+                time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +198,13 @@ def two_nodes():
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         DASHBOARD_METRIC_PORT=str(free_port()),  # the dashboard's own Prometheus port, 44227 by default
     )
-    gcs_port, dashboard_port = free_port(), free_port()
-    cluster = TwoNodeCluster(root, env, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
+    gcs_port, dashboard_port, client_port = free_port(), free_port(), free_port()
+    cluster = TwoNodeCluster(root, env, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", client_port)
     try:
         cluster.start_node(
             "--head", f"--port={gcs_port}", f"--temp-dir={root / 'head'}",
             "--include-dashboard=true",  # the job API lives in the dashboard process
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
         )  # fmt: skip
         cluster.start_node(f"--address={cluster.gcs_address}", f"--temp-dir={root / 'node2'}", '--resources={"node2": 1}')
         deadline = time.monotonic() + 90
@@ -211,8 +237,8 @@ def test_tiny_stage2_job_runs_every_role_on_both_nodes(two_nodes: TwoNodeCluster
         timeout=420,
     )  # fmt: skip
     log = (job.stdout + job.stderr)[-6000:]
-    status = two_nodes.ray("job", "status", f"--address={two_nodes.dashboard}", submission)
-    assert "SUCCEEDED" in status.stdout + status.stderr, log
+    state = two_nodes.state(submission)
+    assert state["jobs"][submission] == "SUCCEEDED", log
     assert job.returncode == 0, log
 
     # The run itself: two steps of metrics and the final checkpoint on the (shared) run directory.
@@ -220,7 +246,6 @@ def test_tiny_stage2_job_runs_every_role_on_both_nodes(two_nodes: TwoNodeCluster
     assert [step for step, _ in list_checkpoints(run_dir, "stage2")] == [2]
 
     # Every role had actors on both nodes (the state API keeps finished actors with their node).
-    state = two_nodes.state()
     nodes = {n["node_id"]: n for n in state["nodes"] if n["state"] == "ALIVE"}
     assert len(nodes) == 2 and sum("node2" in n["resources"] for n in nodes.values()) == 1
     for role in ROLES:
@@ -249,10 +274,15 @@ def test_tiny_stage2_job_runs_every_role_on_both_nodes(two_nodes: TwoNodeCluster
 
 
 def test_teardown_finds_only_this_clusters_processes(two_nodes: TwoNodeCluster) -> None:
-    """The processes teardown will end are this cluster's: its GCS, raylets and dashboard, by name."""
-    pids = processes_under(str(two_nodes.root))
-    names = {Path(f"/proc/{p}/comm").read_text().strip() for p in pids if Path(f"/proc/{p}/comm").exists()}
-    assert {"gcs_server", "raylet"} <= names, names
-    raylets = [p for p in pids if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "raylet"]
-    assert len(raylets) == 2
-    assert os.getpid() not in pids and os.getppid() not in pids
+    """What teardown will end is this cluster: its GCS, both raylets and its Ray Client server."""
+    commands = {}
+    for pid in two_nodes.processes():
+        try:
+            commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    assert sum("/gcs_server " in c for c in commands.values()) == 1
+    raylets = [c for c in commands.values() if "/raylet " in c]
+    assert len(raylets) == 2 and all(str(two_nodes.root) in c for c in raylets)
+    assert sum("ray.util.client.server" in c for c in commands.values()) == 1
+    assert os.getpid() not in commands and os.getppid() not in commands

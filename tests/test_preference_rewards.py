@@ -1,7 +1,7 @@
 """Preference rewards (HPSv2, PickScore, CLIP score, ClipScore-I) on tiny random models.
 
-Each model is the real library class built from a tiny config, saved in the real checkpoint
-format (open_clip ``{'state_dict': ...}`` named like the HPS files; transformers
+Each model is the real library class built from a tiny config and saved in the real checkpoint
+format by ``rewards.tiny`` (open_clip ``{'state_dict': ...}`` named like the HPS files; transformers
 ``save_pretrained``), and loaded through the same code path as real weights: from a faked
 Hugging Face cache (``models--org--name/snapshots/<40-hex>``) and from plain local paths.
 Scores are compared with the references' own pipelines (PIL preprocessing) on real faces.
@@ -30,6 +30,7 @@ from rewards.preference import (
     PickScore,
     texts_for,
 )
+from rewards.tiny import TINY_OPEN_CLIP, tiny_clip, write_tiny_clip, write_tiny_hpsv2
 from rlrestore.config import RewardSpec, load_config
 from rlrestore.data import embedded_faces_dir, iter_image_files, load_image, square_resize, to_tensor
 from rlrestore.data.images import to_uint8
@@ -38,13 +39,6 @@ FULL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "prefrestore.yam
 COMMIT = "0123456789abcdef" * 2 + "01234567"  # refs/main holds a full 40-hex commit id
 CLIP_REPO = "rlrestore-test/tiny-pickscore"  # the model repo (like yuvalkirstain/PickScore_v1)
 PROCESSOR_REPO = "rlrestore-test/tiny-clip-processor"  # the processor repo (like laion/CLIP-ViT-H-14-...)
-# open_clip architecture: a tiny ViT and text tower; the text keeps CLIP's BPE vocabulary
-# (49408) and context (77) so that open_clip's shipped tokenizer fits it.
-TINY_OPEN_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 CAPTIONS = ["smiling woman with red hair", "", "old man with a grey beard"]
 
 
@@ -80,70 +74,25 @@ def _snapshot(hub: Path, repo: str) -> Path:
     return snapshot
 
 
-def _tiny_tokenizer():
-    """A CLIPTokenizer with a tiny valid BPE vocabulary: the letters, word-final letters, a few merges."""
-    from transformers import CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>")]
-    tokens = [*letters, *(f"{c}</w>" for c in letters), *("".join(pair) for pair in merges)]
-    vocab = {token: index for index, token in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny weights in a faked HF cache (``hub``) and as plain local files and directories."""
-    import open_clip
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
     root = tmp_path_factory.mktemp("preference")
     hub = root / "hub"
-    torch.manual_seed(0)
-    hps = {"v2": root / "HPS_v2_compressed.pt", "v2.1": root / "HPS_v2.1_compressed.pt"}
     cached_hps = _snapshot(hub, HPS_REPO)
-    for version, path in hps.items():
-        model = open_clip.create_model("ViT-H-14", pretrained=None, **TINY_OPEN_CLIP)
-        torch.save({"state_dict": model.state_dict()}, path)
-        (cached_hps / HPS_CHECKPOINTS[version]).write_bytes(path.read_bytes())
-
-    tokenizer = _tiny_tokenizer()
-    special = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            **special,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    clip = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    hps: dict[str, Path] = {}
+    for seed, (version, filename) in enumerate(HPS_CHECKPOINTS.items()):  # other weights per version
+        hps[version] = Path(write_tiny_hpsv2(root / filename, seed=seed)["checkpoint"])
+        (cached_hps / filename).write_bytes(hps[version].read_bytes())
+    clip, processor = tiny_clip()
     # The hub layout of the real repos: model files in one repo, preprocessor_config.json and the
     # tokenizer files in the processor repo.
     clip.save_pretrained(_snapshot(hub, CLIP_REPO))
     processor_snapshot = _snapshot(hub, PROCESSOR_REPO)
-    image_processor.save_pretrained(processor_snapshot)
-    tokenizer.save_pretrained(processor_snapshot)
-    # A plain directory holding model and processor (transformers 5's processor_config.json).
-    clip.save_pretrained(root / "clip")
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    processor.image_processor.save_pretrained(processor_snapshot)
+    processor.tokenizer.save_pretrained(processor_snapshot)
+    # A plain directory holding the same model and its processor (transformers 5's processor_config.json).
+    write_tiny_clip(root / "clip")
     return {"hub": hub, "clip": root / "clip", **{f"hps-{v}": path for v, path in hps.items()}}
 
 

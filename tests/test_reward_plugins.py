@@ -4,9 +4,11 @@ clear errors for broken entry points, and the README's "Write your own reward" e
 from __future__ import annotations
 
 import re
+import runpy
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from rlrestore.config import RewardSpec, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE = ROOT / "examples" / "reward_plugin"
+TEST_MODULES = ("rlrestore_colourfulness", "my_rewards")  # the plugin's and the README example's
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,12 @@ def installed_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rewards registered by a test (plugins on first use) are forgotten after it."""
+def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Forget what a test registered (plugins on first use) and the reward modules it imported."""
     monkeypatch.setattr(rewards.base, "_REGISTRY", dict(rewards.base._REGISTRY))
+    yield
+    for name in TEST_MODULES:
+        sys.modules.pop(name, None)
 
 
 def _dist(site: Path, name: str, entry_points: str) -> None:
@@ -52,14 +58,11 @@ def test_an_installed_plugin_is_found_by_its_entry_point_name(
 ) -> None:
     assert "colourfulness" not in plugin_rewards()
     monkeypatch.syspath_prepend(str(installed_plugin))  # also invalidates the import caches
-    monkeypatch.delitem(sys.modules, "rlrestore_colourfulness", raising=False)
     assert "colourfulness" in plugin_rewards()
 
     spec = RewardSpec(name="colourfulness")
-    cls = reward_class("colourfulness")
-    assert cls.__module__ == "rlrestore_colourfulness" and Path(sys.modules[cls.__module__].__file__).is_relative_to(
-        installed_plugin
-    )
+    module = sys.modules[reward_class("colourfulness").__module__]
+    assert Path(module.__file__) == installed_plugin / "rlrestore_colourfulness.py"
     assert reward_name(spec) == "colourfulness" and "colourfulness" in rewards.base.registered_rewards()
 
     grey = torch.zeros(1, 3, 16, 16)
@@ -69,30 +72,34 @@ def test_an_installed_plugin_is_found_by_its_entry_point_name(
     torch.testing.assert_close(scores, torch.tensor([0.0, 0.3 * (255.0**2 + 127.5**2) ** 0.5]))
     prior = build_reward(RewardSpec(name="colourfulness", args={"target": 42.0}))(grey, RewardBatch([""]))
     torch.testing.assert_close(prior, torch.tensor([-42.0]))
-    sys.modules.pop("rlrestore_colourfulness")
 
 
 def test_broken_entry_points_fail_clearly(
     tmp_path: Path, isolated_registry: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _dist(tmp_path, "fake-plugins", "broken = no_such_module_xyz:Reward\nnot_a_reward = json:dumps\n"
-          "sharpness = json:dumps\ntwice = json:dumps")  # fmt: skip
+    entry_points = [
+        "broken = no_such_module_xyz:Reward",
+        "not_a_reward = json:dumps",
+        "sharpness = json:dumps",
+    ]
+    _dist(tmp_path, "fake-plugins", "\n".join([*entry_points, "twice = json:dumps"]))
     _dist(tmp_path, "other-plugins", "twice = json:loads")
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    with pytest.raises(RewardError, match=r"unknown reward 'nope'; registered rewards: .*sharpness.*; installed "
-                       r"plugins \(entry points 'rlrestore.rewards'\): broken, not_a_reward, sharpness, twice"):  # fmt: skip
-        reward_class("nope")
+    listed = r"installed plugins \(entry points 'rlrestore.rewards'\): broken, not_a_reward, sharpness, twice"
     with pytest.raises(
-        RewardError,
-        match=r"plugin reward 'broken' \(entry point 'no_such_module_xyz:Reward' of distribution 'fake-plugins'\) "
-        r"failed to load: ModuleNotFoundError: No module named 'no_such_module_xyz'",
+        RewardError, match=rf"unknown reward 'nope'; registered rewards: .*sharpness.*; {listed}"
     ):
+        reward_class("nope")
+    broken = (
+        r"plugin reward 'broken' \(entry point 'no_such_module_xyz:Reward' of distribution 'fake-plugins'\)"
+    )
+    with pytest.raises(RewardError, match=rf"{broken} failed to load: ModuleNotFoundError: No module named"):
         reward_class("broken")
-    with pytest.raises(RewardError, match=r"plugin reward 'not_a_reward' .* is not a concrete subclass of rewards.Reward"):
+    with pytest.raises(RewardError, match=r"plugin reward 'not_a_reward' .* is not a concrete subclass of"):
         reward_class("not_a_reward")
-    with pytest.raises(RewardError, match=r"'twice' is declared by several installed plugins: fake-plugins \(json:dumps\), "
-                       r"other-plugins \(json:loads\); uninstall all but one"):  # fmt: skip
+    twice = r"fake-plugins \(json:dumps\), other-plugins \(json:loads\); uninstall all but one"
+    with pytest.raises(RewardError, match=rf"'twice' is declared by several installed plugins: {twice}"):
         reward_class("twice")
     assert reward_class("sharpness").__module__ == "rewards.quality"  # built-ins come first
 
@@ -104,17 +111,22 @@ def _readme_section() -> str:
     return text[start : end if end != -1 else len(text)]
 
 
-def test_the_readme_example_runs(isolated_registry: None, tmp_path: Path) -> None:
+def test_the_readme_example_runs(
+    isolated_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     section = _readme_section()
-    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    config = next(block for block in re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL) if "stage2:" in block)
-    namespace: dict = {"__name__": "readme_example"}
-    exec(compile(code, "README.md", "exec"), namespace)  # defines and registers the example reward
+    module, usage = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    config = next(
+        block for block in re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL) if "stage2:" in block
+    )
+    (tmp_path / "my_rewards.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "try_it.py").write_text(usage)
+    runpy.run_path(str(tmp_path / "try_it.py"), run_name="__main__")
 
     (tmp_path / "config.yaml").write_text(config)
     stage = load_config(tmp_path / "config.yaml").stage2
-    spec = next(spec for spec in stage.rewards if spec.name == "skin_saturation")
-    assert spec.actor in stage.reward_actors
-    reward = build_reward(spec)
-    scores = reward(torch.rand(2, 3, 16, 16) * 2 - 1, RewardBatch(["", ""]))
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    [spec] = [spec for spec in stage.rewards if spec.name == "my_rewards:SkinSaturation"]
+    assert spec.actor in stage.reward_actors and reward_name(spec) == "skin_saturation"
+    scores = build_reward(spec)(torch.rand(2, 3, 16, 16) * 2 - 1, RewardBatch(["", ""]))
+    assert scores.shape == (2,) and (scores <= 0).all()
