@@ -68,6 +68,7 @@ __all__ = [
     "RewardBatch",
     "RewardError",
     "build_reward",
+    "check_reward_args",
     "check_reward_weights",
     "plugin_rewards",
     "register_reward",
@@ -339,8 +340,9 @@ def check_reward_weights(specs: list[RewardSpec]) -> None:
         )
 
 
-def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward:
-    """Instantiate the reward of ``spec`` on ``device`` with ``spec.args`` as keyword arguments."""
+def check_reward_args(spec: RewardSpec) -> type[Reward]:
+    """The reward class of ``spec``, after checking that ``spec.args`` fit its constructor
+    (nothing is built: cheap enough to run before any actor starts)."""
     cls = reward_class(spec.name)
     if "device" in spec.args:
         raise RewardError(
@@ -348,12 +350,18 @@ def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward
         )
     signature = inspect.signature(cls.__init__)
     try:
-        signature.bind(None, device=device, **spec.args)
+        signature.bind(None, device="cpu", **spec.args)
     except TypeError as exc:
         accepted = [p for p in signature.parameters if p not in ("self", "device")]
         raise RewardError(
             f"reward {spec.name!r}: bad args {spec.args} ({exc}); it accepts {accepted or 'no arguments'}"
         ) from exc
+    return cls
+
+
+def build_reward(spec: RewardSpec, device: torch.device | str = "cpu") -> Reward:
+    """Instantiate the reward of ``spec`` on ``device`` with ``spec.args`` as keyword arguments."""
+    cls = check_reward_args(spec)
     try:
         return cls(device=device, **spec.args)
     except (TypeError, ValueError) as exc:

@@ -45,6 +45,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _config(args)
     stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0] if args.stage == "stage1" else [args.stage]
+    if stages == ["stage2"]:
+        from rlrestore.stage2 import check_stage2_inputs
+
+        check_stage2_inputs(config)  # before Ray starts: missing checkpoint, rewards, weight files
     with ray_session(config.ray):
         for stage in stages:
             if stage == "stage2":

@@ -384,6 +384,13 @@ class Stage2Config(_Section):
     placement_timeout_s: float = Field(
         120.0, gt=0, description="Seconds to wait for the cluster to fit the placement group before failing."
     )
+    max_actor_failures: int = Field(
+        10,
+        ge=0,
+        description="Rollout-actor deaths and learner-group losses a run survives before it stops (each "
+        "dead rollout actor is replaced and its chunk redone; a lost learner rank rebuilds the learner "
+        "group from the newest checkpoint and redoes the steps after it).",
+    )
     async_rollouts: bool = Field(False, description="Roll out step i+1 while the learners train on step i.")
     max_policy_lag: int = Field(1, ge=0, description="Most policy versions a rollout may lag (async mode).")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")

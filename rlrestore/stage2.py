@@ -14,13 +14,23 @@ One readable loop per step:
 
 With ``stage2.async_rollouts`` the rollouts of step i+1 run while the learners train on step i
 (policy lag 1, recorded per step). Resume: the same command continues from the newest
-checkpoint (policy, learner state with v_old and optimizer, step). Reward failures are counted per
+checkpoint (policy, learner state with v_old and optimizer, step).
+
+Faults: a rollout actor that dies is replaced in its bundle, given the current weights, and its
+chunk is rolled out again (same seeds, same result). A reward actor that dies is restarted by Ray
+and its call retried (scoring is a pure function of its inputs). A learner rank that dies breaks
+the group's collectives, so the group is rebuilt from the newest checkpoint and the steps after
+it are redone (their metrics rows are replaced). Each fault is logged, counted
+(``faults/*``) and listed in ``<run_dir>/faults.json``; ``stage2.max_actor_failures`` bounds them. Reward failures are counted per
 step (``reward/errors/<name>``) and summarised at the end in ``<run_dir>/reward_errors.json``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +40,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from rewards import AggregateResult, RewardAggregator, RewardBatch
+from rewards import AggregateResult, RewardAggregator, RewardBatch, check_reward_args, check_reward_weights
 from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, reward_actor_count
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
@@ -39,11 +49,14 @@ from rlrestore.jobs import prepare_shards
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.tracking import MetricsWriter, WandbRun
 from rollouts import RolloutBatch, make_rollout_actor
-from trainers.nft_learner import LearnerGroup
+from trainers.nft_learner import LearnerGroup, LearnerLost, gather
 from trainers.stage1 import EpochBatches, derived_seed
 
 STAGE = "stage2"
 REWARD_ERRORS_FILE = "reward_errors.json"
+FAULTS_FILE = "faults.json"
+
+log = logging.getLogger(__name__)
 
 
 def starting_point(config: RunConfig) -> tuple[Path, Path | None]:
@@ -58,6 +71,28 @@ def starting_point(config: RunConfig) -> tuple[Path, Path | None]:
             "run `rlrestore train stage1 CONFIG` first"
         )
     return handoff / "policy", None
+
+
+def check_stage2_inputs(config: RunConfig) -> None:
+    """Everything Stage 2 can check before Ray starts: the Stage 1 checkpoint it starts from,
+    that every reward resolves and accepts its args, that no reward weight file is missing, and
+    the reward weights. Raises with a message naming what is wrong."""
+    starting_point(config)
+    for spec in config.stage2.rewards:
+        check_reward_args(spec)
+    check_reward_weights(config.stage2.rewards)
+    RewardAggregator.from_config(config.stage2)
+
+
+@dataclass
+class RolloutCall:
+    """One chunk of a step's inputs sent to one rollout actor (kept so it can be redone)."""
+
+    actor: int
+    chunk: list[int]
+    epoch: int
+    seeds: torch.Tensor
+    ref: ray.ObjectRef
 
 
 def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -> torch.Tensor:
@@ -99,7 +134,7 @@ class Stage2Run:
         policy_dir, self.resume = starting_point(config)
         self.policy_dir = policy_dir
         shards = prepare_shards(config)
-        worker_args = {
+        self.worker_args = {
             "policy_dir": str(policy_dir),
             "shards": str(shards),
             "degradation": config.degradation.model_dump(mode="json"),
@@ -108,13 +143,8 @@ class Stage2Run:
         }
         self.placement = reserve_placement_group(self.stage)
         bundles = iter(range(len(self.placement.bundle_specs)))
-        group = self.stage.rollout_workers
-        self.rollouts = [
-            make_rollout_actor(
-                group.num_cpus, group.num_gpus, scheduling_strategy=self.bundle(next(bundles)), **worker_args
-            )
-            for _ in range(group.num_actors)
-        ]
+        self.rollout_bundles = [next(bundles) for _ in range(self.stage.rollout_workers.num_actors)]
+        self.rollouts = [self.start_rollout_actor(index) for index in range(len(self.rollout_bundles))]
         self.rewards = RewardActorPool(
             self.stage, [self.bundle(next(bundles)) for _ in range(reward_actor_count(self.stage))]
         )
@@ -122,13 +152,13 @@ class Stage2Run:
         self.reward_errors = RewardErrorLog(self.stage.rewards)
         if self.resume is not None:
             self.reward_errors.load(self.run_dir / REWARD_ERRORS_FILE)
-        self.learners = LearnerGroup(
-            policy_dir,
-            self.stage,
-            seed=config.seed,
-            device=config.device,
-            scheduling_strategies=[self.bundle(next(bundles)) for _ in range(self.stage.learners.num_actors)],
+        self.learner_bundles = [next(bundles) for _ in range(self.stage.learners.num_actors)]
+        faults_file = self.run_dir / FAULTS_FILE
+        self.faults: list[dict] = (
+            json.loads(faults_file.read_text()) if self.resume is not None and faults_file.is_file() else []
         )
+        self.step = 0  # the step being worked on
+        self.learners = self.start_learners()
         self.start = self.learners.load(self.resume / "learner") if self.resume is not None else 0
         self.version = self.start
         if self.resume is not None:
@@ -145,6 +175,70 @@ class Stage2Run:
             placement_group=self.placement, placement_group_bundle_index=index
         )
 
+    def start_rollout_actor(self, index: int) -> ray.actor.ActorHandle:
+        """Rollout actor ``index`` in its bundle. Ray does not restart it: the driver replaces a
+        dead one itself (:meth:`replace_rollout_actor`), so it knows which weights it holds."""
+        group = self.stage.rollout_workers
+        return make_rollout_actor(
+            group.num_cpus,
+            group.num_gpus,
+            max_restarts=0,
+            scheduling_strategy=self.bundle(self.rollout_bundles[index]),
+            **self.worker_args,
+        )
+
+    def start_learners(self) -> LearnerGroup:
+        return LearnerGroup(
+            self.policy_dir,
+            self.stage,
+            seed=self.config.seed,
+            device=self.config.device,
+            scheduling_strategies=[self.bundle(index) for index in self.learner_bundles],
+        )
+
+    # ----------------------------------------------------------------------------- faults
+    def record_fault(self, step: int, role: str, error: BaseException, action: str) -> None:
+        """Log a fault, add it to ``faults.json``, and stop the run once there are too many."""
+        entry = {
+            "step": step,
+            "role": role,
+            "error": f"{type(error).__name__}: {error}"[:500],
+            "action": action,
+        }
+        self.faults.append(entry)
+        log.warning("stage2 step %d: %s failed (%s); %s", step, role, entry["error"].splitlines()[0], action)
+        (self.run_dir / FAULTS_FILE).write_text(json.dumps(self.faults, indent=2))
+        if len(self.faults) > self.stage.max_actor_failures:
+            raise RuntimeError(
+                f"Stage 2 stopped after {len(self.faults)} actor failures (stage2.max_actor_failures="
+                f"{self.stage.max_actor_failures}); see {self.run_dir / FAULTS_FILE}"
+            ) from error
+
+    def replace_rollout_actor(self, index: int, step: int, error: BaseException) -> None:
+        """Start a fresh rollout actor ``index`` holding the current rollout weights."""
+        self.record_fault(step, f"rollout actor {index}", error, "replaced; its chunk is redone")
+        ray.kill(self.rollouts[index], no_restart=True)
+        self.rollouts[index] = self.start_rollout_actor(index)
+        weights = self.learners.rollout_weights_ref()
+        gather([weights])  # a learner failure surfaces here as LearnerLost
+        ray.get(self.rollouts[index].load_weights.remote(self.version, weights, True))
+
+    def rebuild_learners(self, step: int, error: LearnerLost) -> None:
+        """Replace the learner group, restored from the newest checkpoint (or the starting policy
+        when there is none yet), and rewind the run and the rollout weights to that step."""
+        latest = latest_checkpoint(self.run_dir, STAGE)
+        self.record_fault(
+            step,
+            "learner group",
+            error,
+            f"rebuilt from {latest.name if latest else 'the starting policy'}; later steps are redone",
+        )
+        self.learners.shutdown()
+        self.learners = self.start_learners()
+        self.start = self.learners.load(latest / "learner") if latest is not None else 0
+        self.version = self.start
+        self.sync_weights(rewind=True)
+
     # ----------------------------------------------------------------------------- phases
     def rollout_chunks(self, step: int) -> tuple[int, list[list[int]]]:
         """(epoch, sample indices per rollout call) of ``step``."""
@@ -152,32 +246,52 @@ class Stage2Run:
         size = self.stage.rollout_batch
         return epoch, [indices[i : i + size] for i in range(0, len(indices), size)]
 
-    def launch_rollouts(self, step: int) -> list[ray.ObjectRef]:
+    def launch_rollouts(self, step: int) -> list[RolloutCall]:
         """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors."""
         epoch, chunks = self.rollout_chunks(step)
-        return [
-            self.rollouts[n % len(self.rollouts)].rollout.remote(
-                chunk,
-                epoch,
-                candidate_seeds(self.config.seed, step, chunk, self.stage.candidates),
-                self.sampler,
-            )
-            for n, chunk in enumerate(chunks)
-        ]
+        calls = []
+        for n, chunk in enumerate(chunks):
+            actor = n % len(self.rollouts)
+            seeds = candidate_seeds(self.config.seed, step, chunk, self.stage.candidates)
+            calls.append(RolloutCall(actor, chunk, epoch, seeds, self.submit(actor, chunk, epoch, seeds)))
+        return calls
+
+    def submit(self, actor: int, chunk: list[int], epoch: int, seeds: torch.Tensor) -> ray.ObjectRef:
+        return self.rollouts[actor].rollout.remote(chunk, epoch, seeds, self.sampler)
+
+    def collect_rollouts(self, calls: list[RolloutCall], step: int) -> list[RolloutBatch]:
+        """The chunks of ``calls``; a chunk whose actor died is redone on its replacement."""
+        parts = []
+        for call in calls:
+            while True:
+                try:
+                    parts.append(ray.get(call.ref))
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    self.replace_rollout_actor(call.actor, step, exc)
+                    call.ref = self.submit(call.actor, call.chunk, call.epoch, call.seeds)
+        return parts
 
     def score(self, batch: RolloutBatch) -> RewardOutcome:
         """Scores of every candidate (flattened [G*K]) from the reward actors, and their failed calls."""
         return self.rewards.score(batch.images.flatten(0, 1), candidate_reward_batch(batch))
 
-    def sync_weights(self) -> None:
-        """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``."""
+    def sync_weights(self, rewind: bool = False) -> None:
+        """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``
+        (``rewind``: the run went back to a checkpoint). A rollout actor that died is replaced."""
         weights = self.learners.rollout_weights_ref()
-        ray.get([actor.load_weights.remote(self.version, weights) for actor in self.rollouts])
+        loads = [actor.load_weights.remote(self.version, weights, rewind) for actor in self.rollouts]
+        for index, ref in enumerate(loads):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                gather([weights])  # the weights never came: a learner died (LearnerLost)
+                self.replace_rollout_actor(index, self.version, exc)
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> None:
-        stage, config = self.stage, self.config
-        writer = MetricsWriter(self.run_dir, STAGE)
+        """Train until ``stage2.steps``, rebuilding the learner group after a lost rank."""
+        config = self.config
         wandb_run = WandbRun(
             run_dir=self.run_dir / "logs" / STAGE,
             mode=config.logging.wandb_mode,
@@ -186,12 +300,29 @@ class Stage2Run:
             name=f"{self.run_dir.name}-{STAGE}",
             config=config.model_dump(mode="json"),
         )
+        try:
+            while True:
+                # A new writer session per attempt: rows of redone steps replace the earlier ones.
+                writer = MetricsWriter(self.run_dir, STAGE)
+                try:
+                    self.train(writer, wandb_run)
+                    return
+                except LearnerLost as exc:
+                    self.rebuild_learners(self.step, exc)
+                finally:
+                    writer.close()
+        finally:
+            wandb_run.finish()
+
+    def train(self, writer: MetricsWriter, wandb_run: WandbRun) -> None:
+        """The steps from ``self.start`` to the end: rollout -> reward -> learn -> sync -> log."""
+        stage, config = self.stage, self.config
         bar = tqdm(total=stage.steps, initial=self.start, desc=STAGE, disable=not config.logging.progress)
         pending = self.launch_rollouts(self.start) if self.start < stage.steps else []
         for step in range(self.start, stage.steps):
+            self.step = step
             began = time.perf_counter()
-            parts: list[RolloutBatch] = ray.get(pending)
-            batch = concat_rollouts(parts)
+            batch = concat_rollouts(self.collect_rollouts(pending, step))
             rollout_time = time.perf_counter() - began
             if stage.async_rollouts and step + 1 < stage.steps:
                 pending = self.launch_rollouts(step + 1)  # runs while this step scores and learns
@@ -224,6 +355,7 @@ class Stage2Run:
                 "timing/learn": learn_time,
                 "timing/sync": sync_time,
                 "throughput/candidates_per_s": batch.x0.shape[0] * batch.x0.shape[1] / max(total_time, 1e-9),
+                "faults/total": float(len(self.faults)),
             }
             writer.log(metrics, step=step)
             wandb_run.log(metrics, step=step)
@@ -237,8 +369,6 @@ class Stage2Run:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.4f}")
         bar.close()
-        writer.close()
-        wandb_run.finish()
 
     def sample_grid(self, batch: RolloutBatch, step: int) -> np.ndarray:
         """LQ | up to 4 candidates | GT for up to 4 inputs, saved to <run_dir>/samples/."""

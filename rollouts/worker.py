@@ -59,9 +59,13 @@ class RolloutWorker:
     def num_samples(self) -> int:
         return len(self.dataset)
 
-    def load_weights(self, version: int, transformer_state: dict[str, torch.Tensor]) -> int:
-        """Adopt new DiT weights (from the learners) as policy ``version``; returns it."""
-        if version < self.version:
+    def load_weights(
+        self, version: int, transformer_state: dict[str, torch.Tensor], rewind: bool = False
+    ) -> int:
+        """Adopt new DiT weights (from the learners) as policy ``version``; returns it.
+
+        Versions only move forward, unless ``rewind`` (the driver went back to a checkpoint)."""
+        if version < self.version and not rewind:
             raise ValueError(f"weights version {version} is older than the worker's {self.version}")
         self.policy.transformer.load_state_dict(transformer_state)
         self.version = version

@@ -28,7 +28,10 @@ def record(area: str, case: str, outcome: str, detail: str) -> Outcome:
 
 def table() -> str:
     """The ledger as a fixed-width text table."""
-    rows = [("area", "case", "outcome", "what the user sees"), *((o.area, o.case, o.outcome, o.detail) for o in OUTCOMES)]
+    rows = [
+        ("area", "case", "outcome", "what the user sees"),
+        *((o.area, o.case, o.outcome, o.detail) for o in OUTCOMES),
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [" | ".join(row[i].ljust(widths[i]) for i in range(3)) + " | " + row[3] for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths) + "-+-" + "-" * 20)

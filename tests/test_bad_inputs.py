@@ -126,7 +126,9 @@ def error_message(err: str) -> str:
     return message.strip() if found else ""
 
 
-def per_file_outcomes(area: str, expected: dict[str, str], skipped: dict[str, str], processed: set[str]) -> None:
+def per_file_outcomes(
+    area: str, expected: dict[str, str], skipped: dict[str, str], processed: set[str]
+) -> None:
     for name, want in sorted(expected.items()):
         if name in skipped:
             entry = record(area, name, "skipped + reported", skipped[name])
@@ -140,7 +142,9 @@ def per_file_outcomes(area: str, expected: dict[str, str], skipped: dict[str, st
 def test_data_build_on_bad_files(bad_folder, tmp_path, capsys) -> None:
     folder, expected = bad_folder
     out = tmp_path / "shards"
-    code, err = run_cli(["data", "build", "--src", str(folder), "--out", str(out), "--size", "32", "--quiet"], capsys)
+    code, err = run_cli(
+        ["data", "build", "--src", str(folder), "--out", str(out), "--size", "32", "--quiet"], capsys
+    )
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     skipped = {Path(item["path"]).name: item["reason"] for item in report["skipped"]}
@@ -153,7 +157,8 @@ def test_restore_on_bad_files(bad_folder, policy_dir, tmp_path, capsys) -> None:
     folder, expected = bad_folder
     out = tmp_path / "out"
     code, err = run_cli(
-        ["restore", "--ckpt", str(policy_dir), "--out", str(out), "--steps", "1", "--quiet", str(folder)], capsys
+        ["restore", "--ckpt", str(policy_dir), "--out", str(out), "--steps", "1", "--quiet", str(folder)],
+        capsys,
     )
     assert code == 0, err
     report = json.loads((out / "restore_report.json").read_text())
@@ -221,10 +226,20 @@ def test_missing_or_partial_checkpoints(policy_dir, tmp_path, capsys) -> None:
     Image.fromarray(_noise(20, 20)).save(face)
     for case, ckpt in _partial_checkpoints(tmp_path / "ckpts", policy_dir).items():
         code, err = run_cli(
-            ["restore", "--ckpt", str(ckpt), "--out", str(tmp_path / "out" / ckpt.name), "--quiet", str(face)],
+            [
+                "restore",
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "out" / ckpt.name),
+                "--quiet",
+                str(face),
+            ],
             capsys,
         )
-        entry = record("checkpoint", f"restore --ckpt: {case}", classify(code, err), error_message(err) or err)
+        entry = record(
+            "checkpoint", f"restore --ckpt: {case}", classify(code, err), error_message(err) or err
+        )
         assert entry.outcome == "clear error" and str(ckpt) in err, (case, err)
 
 
@@ -257,7 +272,9 @@ def test_nan_and_inf_rewards_never_reach_training() -> None:
     psnr = torch.tensor([20.0, 21.0, 22.0, 23.0, -math.inf, 25.0, 26.0, 27.0])
     result = aggregator.combine({"sharpness": sharp, "psnr": psnr}, groups=2, candidates=4)
     masked = (~result.valid).flatten().tolist()
-    ok = masked == [False, False, True, False, True, False, True, False] and bool(torch.isfinite(result.r).all())
+    ok = masked == [False, False, True, False, True, False, True, False] and bool(
+        torch.isfinite(result.r).all()
+    )
     entry = record(
         "rewards",
         "NaN / +inf / -inf reward scores",
@@ -273,7 +290,9 @@ def test_a_reward_that_raises_scores_nan_and_is_recorded() -> None:
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     scores = worker.score(images, RewardBatch([""] * 4))
     errors = worker.take_errors()
-    ok = bool(scores["Exploding"].isnan().all()) and bool(torch.isfinite(scores["sharpness"]).all()) and errors
+    ok = (
+        bool(scores["Exploding"].isnan().all()) and bool(torch.isfinite(scores["sharpness"]).all()) and errors
+    )
     entry = record(
         "rewards",
         "exception inside a reward",
@@ -281,4 +300,3 @@ def test_a_reward_that_raises_scores_nan_and_is_recorded() -> None:
         errors[0]["error"] if errors else "no error recorded",
     )
     assert entry.outcome in ACCEPTED
-

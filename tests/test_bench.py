@@ -51,6 +51,26 @@ def test_cli_rejects_an_unknown_part(tmp_path: Path, capsys) -> None:
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_reward_throughput_through_the_cli(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    rewards = "sharpness,clipscore,no_such_reward"  # weight-free, tiny CLIP model, a typo
+    sizes = ["--reward-images", "4", "--reward-size", "32", "--repeats", "1"]
+    assert main(["bench", "--only", "rewards", "--rewards", rewards, *sizes, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"rollout", "learner", "stage2"}.isdisjoint(report)
+    section = report["rewards"]
+    assert section["settings"] == {"images": 4, "size": 32, "candidates_per_caption": 4}
+    assert list(section["figures"]) == ["sharpness", "clipscore"]
+    for figure in section["figures"].values():
+        check_figure(figure)
+        assert figure["unit"] == "images/s" and figure["settings"]["batch_size"] == 32
+    assert section["figures"]["clipscore"]["settings"]["weights"] == "tiny random"
+    assert section["skipped"].keys() == {"no_such_reward"}
+    assert "unknown reward 'no_such_reward'" in section["skipped"]["no_such_reward"]
+    table = capsys.readouterr().out
+    assert "batched img/s" in table and "clipscore" in table and "no_such_reward   skipped" in table
+
+
 @pytest.mark.slow
 def test_stage2_figure_on_ray(tmp_path: Path, ray_cluster) -> None:
     overrides = (

@@ -57,7 +57,11 @@ def schema_errors(value, type_expr: str, types: dict, path: str) -> list[str]:
     if type_expr.startswith("[]"):
         if not isinstance(value, list):
             return [f"{path}: expected a list ({type_expr}), got {value!r}"]
-        return [e for i, item in enumerate(value) for e in schema_errors(item, type_expr[2:], types, f"{path}[{i}]")]
+        return [
+            e
+            for i, item in enumerate(value)
+            for e in schema_errors(item, type_expr[2:], types, f"{path}[{i}]")
+        ]
     if type_expr.startswith("map["):
         if not isinstance(value, dict):
             return [f"{path}: expected a mapping ({type_expr}), got {value!r}"]
@@ -192,7 +196,10 @@ def test_kuberay_secrets_auth_and_private_dashboard() -> None:
         for template in pod_templates(spec):
             for container in template["spec"]["containers"]:
                 env = {e["name"]: e for e in container.get("env", [])}
-                assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "rlrestore-wandb", "key": "api-key"}
+                assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+                    "name": "rlrestore-wandb",
+                    "key": "api-key",
+                }
                 for name, entry in env.items():  # no credential is ever written into a manifest
                     if re.search(r"KEY|TOKEN|SECRET|PASSWORD", name):
                         assert "value" not in entry, (path, name)
@@ -201,7 +208,9 @@ def test_kuberay_secrets_auth_and_private_dashboard() -> None:
     for path in CLUSTER.rglob("*"):
         if path.is_file():
             text = path.read_text()
-            assert not re.search(r"(api[-_]?key|token)\s*[:=]\s*['\"]?[0-9a-f]{32,}", text, re.I), path
+            assert not re.search(r"(api[-_]?key|token)\s*[:=]\s*['\"]?[0-9a-f]{32,}", text, re.IGNORECASE), (
+                path
+            )
 
 
 def test_rayjob_runtime_env_and_lifecycle() -> None:
@@ -217,7 +226,7 @@ def test_rayjob_runtime_env_and_lifecycle() -> None:
 
 # ----------------------------------------------------------------------------- entrypoints
 def dockerfile_workdir() -> str:
-    workdirs = re.findall(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), re.M)
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
     assert workdirs, "cluster/Dockerfile sets no WORKDIR"
     return workdirs[-1].rstrip("/") + "/"
 
@@ -231,7 +240,9 @@ def split_commands(entrypoint: str) -> list[list[str]]:
 
 def checkout_paths() -> list[str]:
     """Where the launch paths put this checkout: the image's WORKDIR, the launcher's mount of '.'."""
-    launcher_copy = next(remote for remote, local in load_yaml(LAUNCHER)["file_mounts"].items() if local == ".")
+    launcher_copy = next(
+        remote for remote, local in load_yaml(LAUNCHER)["file_mounts"].items() if local == "."
+    )
     return [dockerfile_workdir(), launcher_copy.rstrip("/") + "/"]
 
 
@@ -269,7 +280,9 @@ def test_rayjob_entrypoint_runs_the_pipeline_on_shared_storage() -> None:
     commands = rayjob_commands()
     assert [c.stage for c in commands] == ["stage1", "stage2"]
     for command in commands:
-        assert command.config.run_dir.startswith("/shared/") and command.config.data.shards.startswith("/shared/")
+        assert command.config.run_dir.startswith("/shared/") and command.config.data.shards.startswith(
+            "/shared/"
+        )
         assert command.config.ray.address == "auto"
         assert command.config.logging.wandb_mode == "online"
     assert commands[0].config.run_dir == commands[1].config.run_dir
@@ -279,7 +292,9 @@ def test_entrypoint_check_rejects_unknown_commands_and_keys() -> None:
     with pytest.raises(SystemExit):
         parse_train_command(["train", "stage3", "configs/prefrestore.yaml"])
     with pytest.raises(ValueError, match="stage2.rollout_worker"):
-        parse_train_command(["train", "stage2", "configs/prefrestore.yaml", "stage2.rollout_worker.num_gpus=1"])
+        parse_train_command(
+            ["train", "stage2", "configs/prefrestore.yaml", "stage2.rollout_worker.num_gpus=1"]
+        )
 
 
 # ----------------------------------------------------------------------------- resources
@@ -298,7 +313,9 @@ def bundles(command: Command) -> tuple[list[Bundle], str]:
     if command.stage == "stage2":
         stage = config.stage2
         groups = (stage.rollout_workers, stage.reward_workers, stage.learners)
-        return [(g.num_cpus, g.num_gpus) for g in groups for _ in range(g.num_actors)], stage.placement_strategy
+        return [
+            (g.num_cpus, g.num_gpus) for g in groups for _ in range(g.num_actors)
+        ], stage.placement_strategy
     ray = config.ray
     return [(ray.cpus_per_worker, ray.gpus_per_worker)] * ray.num_workers, "PACK"  # Ray Train's default
 
@@ -307,7 +324,9 @@ def fits(wanted: list[Bundle], nodes: list[Node], strategy: str) -> bool:
     """Whether Ray can place every bundle (each bundle on one node), first-fit decreasing."""
     free = [[n.cpu, n.gpu] for n in nodes]
     if strategy == "STRICT_PACK":
-        return any(sum(b[0] for b in wanted) <= c + 1e-9 and sum(b[1] for b in wanted) <= g + 1e-9 for c, g in free)
+        return any(
+            sum(b[0] for b in wanted) <= c + 1e-9 and sum(b[1] for b in wanted) <= g + 1e-9 for c, g in free
+        )
     used: set[int] = set()
     for cpu, gpu in sorted(wanted, key=lambda b: (b[1], b[0]), reverse=True):
         for index, slot in enumerate(free):
@@ -358,7 +377,7 @@ def launcher_nodes(config: dict) -> list[Node]:
 
 
 def sbatch_options() -> dict[str, str]:
-    return dict(re.findall(r"^#SBATCH\s+--([a-z-]+)=(\S+)", SLURM.read_text(), re.M))
+    return dict(re.findall(r"^#SBATCH\s+--([a-z-]+)=(\S+)", SLURM.read_text(), re.MULTILINE))
 
 
 def slurm_nodes() -> list[Node]:
@@ -388,8 +407,14 @@ def test_pipeline_fits_the_launcher_node_types() -> None:
 def test_resource_check_rejects_a_pipeline_too_big_for_the_groups() -> None:
     nodes = kuberay_nodes(load_yaml(RAYJOB)["spec"]["rayClusterSpec"])
     stage2 = next(c for c in rayjob_commands() if c.stage == "stage2")
-    for override in ("stage2.learners.num_gpus=2", "stage2.rollout_workers.num_cpus=20", "stage2.rollout_workers.num_actors=5"):
-        wanted, strategy = bundles(parse_train_command(["train", "stage2", stage2.config_file, *stage2.overrides, override]))
+    for override in (
+        "stage2.learners.num_gpus=2",
+        "stage2.rollout_workers.num_cpus=20",
+        "stage2.rollout_workers.num_actors=5",
+    ):
+        wanted, strategy = bundles(
+            parse_train_command(["train", "stage2", stage2.config_file, *stage2.overrides, override])
+        )
         assert not fits(wanted, nodes, strategy), override
     assert not fits([(1, 1)] * 2, [Node(4, 4)], "STRICT_SPREAD")
     assert not fits([(3, 0)] * 2, [Node(4, 0), Node(4, 0)], "STRICT_PACK")
@@ -454,7 +479,11 @@ def slurm_run(tmp_path_factory) -> dict:
     for stub in ("bin/srun", "bin/scontrol", "venv/bin/ray", "venv/bin/python"):
         (root / stub).write_text(STUB.format(python=sys.executable))
         (root / stub).chmod(0o755)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "SLURM_", "RLRESTORE_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RAY_", "SLURM_", "RLRESTORE_"))
+    }
     env.update(
         PATH=f"{root / 'bin'}:/usr/bin:/bin",
         STUB_LOG=str(root / "calls.jsonl"),
@@ -468,13 +497,15 @@ def slurm_run(tmp_path_factory) -> dict:
         RLRESTORE_SHARED=str(root / "shared"),
         RLRESTORE_VENV=str(root / "venv"),
     )
-    result = subprocess.run(["bash", str(SLURM)], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SLURM)], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
     calls = [json.loads(line) for line in (root / "calls.jsonl").read_text().splitlines()]
     return {"result": result, "calls": calls, "root": root}
 
 
 def test_slurm_script_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", str(SLURM)], capture_output=True, text=True)
+    result = subprocess.run(["bash", "-n", str(SLURM)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     text = SLURM.read_text()
     for needed in ("srun", "ray start --head", "ray start --block --address", "ray job submit"):
@@ -508,7 +539,9 @@ def test_slurm_script_starts_head_then_workers_then_submits(slurm_run: dict) -> 
 
 
 def slurm_commands(slurm_run: dict) -> list[Command]:
-    submits = [c["argv"] for c in slurm_run["calls"] if c["cmd"] == "ray" and c["argv"][:2] == ["job", "submit"]]
+    submits = [
+        c["argv"] for c in slurm_run["calls"] if c["cmd"] == "ray" and c["argv"][:2] == ["job", "submit"]
+    ]
     return [parse_train_command(argv[argv.index("--") + 2 :]) for argv in submits]
 
 
@@ -531,7 +564,7 @@ def test_slurm_pipeline_uses_real_keys_shared_storage_and_fits(slurm_run: dict) 
 # ----------------------------------------------------------------------------- container image
 def test_dockerfile_pins_what_pyproject_pins() -> None:
     text = DOCKERFILE.read_text()
-    base = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.M).group(1)
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)", text, re.MULTILINE).group(1)
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-[a-z-]*runtime-ubuntu\d+\.\d+", base), base
     # the Python the image installs satisfies requires-python (">=3.11,<3.12")
     assert "python3.11 -m venv" in text and PYPROJECT["project"]["requires-python"] == ">=3.11,<3.12"
@@ -541,27 +574,44 @@ def test_dockerfile_pins_what_pyproject_pins() -> None:
     assert "pip install --no-deps /app" in text
     assert "check_pins.py pyproject.toml" in text
     # any version the Dockerfile names itself for a pyproject dependency is the pinned one
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)$", "\n".join(PYPROJECT["project"]["dependencies"]), re.M))
+    pins = dict(
+        re.findall(
+            r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)$",
+            "\n".join(PYPROJECT["project"]["dependencies"]),
+            re.MULTILINE,
+        )
+    )
     for name, version in re.findall(r"\b([A-Za-z][A-Za-z0-9_.-]*)==([0-9][^\s\"']*)", text):
         if name in pins:
             assert version == pins[name], (name, version)
     # what the image copies is what the build context (Dockerfile.dockerignore) lets through
-    allowed = {line[1:] for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")}
-    copied = {src for line in re.findall(r"^COPY\s+(.+)$", text, re.M) for src in line.split()[:-1]}
+    allowed = {
+        line[1:]
+        for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copied = {src for line in re.findall(r"^COPY\s+(.+)$", text, re.MULTILINE) for src in line.split()[:-1]}
     assert copied <= allowed, copied - allowed
     assert dockerfile_workdir() == "/app/" and "COPY configs configs" in text
 
 
 def test_check_pins_passes_here_and_names_a_wrong_pin(tmp_path: Path) -> None:
     script = CLUSTER / "check_pins.py"
-    ok = subprocess.run([sys.executable, str(script), str(REPO / "pyproject.toml")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, str(script), str(REPO / "pyproject.toml")],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     wrong = tmp_path / "pyproject.toml"
     wrong.write_text(
         '[project]\nname = "rlrestore"\nversion = "' + PYPROJECT["project"]["version"] + '"\n'
         'dependencies = ["pyyaml==0.0.1", "numpy>=1", "not-a-real-dist-xyz==1.0"]\n'
     )
-    bad = subprocess.run([sys.executable, str(script), str(wrong)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(script), str(wrong)], check=False, capture_output=True, text=True
+    )
     assert bad.returncode == 1
     assert "pyyaml:" in bad.stderr and "pins 0.0.1" in bad.stderr
     assert "not-a-real-dist-xyz: not installed" in bad.stderr and "numpy" not in bad.stderr
@@ -576,7 +626,7 @@ def documented_commands(path: Path, section: str | None = None) -> list[list[str
         following = text.find("\n## ", len(section))
         text = text if following < 0 else text[:following]
     commands = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if "rlrestore train" in line:
@@ -585,7 +635,9 @@ def documented_commands(path: Path, section: str | None = None) -> list[list[str
 
 
 @pytest.mark.parametrize(
-    ("doc", "section"), [(CLUSTER / "README.md", None), (REPO / "README.md", "## Running on a cluster")], ids=["cluster", "main"]
+    ("doc", "section"),
+    [(CLUSTER / "README.md", None), (REPO / "README.md", "## Running on a cluster")],
+    ids=["cluster", "main"],
 )
 def test_documented_cluster_commands_are_real(doc: Path, section: str | None) -> None:
     commands = documented_commands(doc, section)
@@ -596,6 +648,10 @@ def test_documented_cluster_commands_are_real(doc: Path, section: str | None) ->
 
 def test_cluster_readme_documents_every_file() -> None:
     readme = (CLUSTER / "README.md").read_text()
-    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != "README.md"):
+    for path in sorted(
+        p
+        for p in CLUSTER.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.name != "README.md"
+    ):
         assert str(path.relative_to(CLUSTER)) in readme, path
     assert stat.S_IMODE(SLURM.stat().st_mode) & 0o100, "the sbatch script should be executable"

@@ -8,12 +8,13 @@ How the nodes are kept apart from everything else on the machine:
   other), and every port is picked free;
 - the auth token is a fresh random file passed with RAY_AUTH_TOKEN_PATH, so ~/.ray is never read
   or written;
-- teardown ends exactly the processes whose command line names that private directory, and their
-  descendants (never `ray stop`, which would stop every Ray on the machine).
+- teardown ends exactly the processes whose command line names that private directory, their
+  descendants, and this cluster's Ray Client server (never `ray stop`, which would stop every Ray
+  on the machine).
 
 The job's driver and workers use this venv's interpreter: the nodes are started with its bin/ first
 on PATH, so `rlrestore` and `python` resolve to it on both nodes, and the working dir (the
-checkpoint sources, 3 MB after .gitignore and the excludes below) is what they import.
+checkout's sources, 3 MB after .gitignore and the excludes below) is what they import.
 """
 
 from __future__ import annotations
@@ -133,13 +134,17 @@ class TwoNodeCluster:
     dashboard: str  # http://127.0.0.1:PORT, the job and state API
     client_server_port: int
 
-    def run(self, *args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, timeout: float, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(a) for a in args], env={**self.env, **(env or {})}, cwd=self.root,
+            [str(a) for a in args], check=False, env={**self.env, **(env or {})}, cwd=self.root,
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
-    def ray(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def ray(
+        self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         return self.run(VENV_BIN / "ray", *args, timeout=timeout, env=env)
 
     def state(self, *job_ids: str) -> dict:
@@ -151,7 +156,8 @@ class TwoNodeCluster:
     def start_node(self, *args: str) -> None:
         common = (
             "--num-cpus=1", "--object-store-memory=200000000", "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            "--disable-usage-stats",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
         )  # fmt: skip
@@ -199,14 +205,19 @@ def two_nodes():
         DASHBOARD_METRIC_PORT=str(free_port()),  # the dashboard's own Prometheus port, 44227 by default
     )
     gcs_port, dashboard_port, client_port = free_port(), free_port(), free_port()
-    cluster = TwoNodeCluster(root, env, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", client_port)
+    cluster = TwoNodeCluster(
+        root, env, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", client_port
+    )
     try:
         cluster.start_node(
             "--head", f"--port={gcs_port}", f"--temp-dir={root / 'head'}",
             "--include-dashboard=true",  # the job API lives in the dashboard process
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={client_port}",
         )  # fmt: skip
-        cluster.start_node(f"--address={cluster.gcs_address}", f"--temp-dir={root / 'node2'}", '--resources={"node2": 1}')
+        cluster.start_node(
+            f"--address={cluster.gcs_address}", f"--temp-dir={root / 'node2'}", '--resources={"node2": 1}'
+        )
         deadline = time.monotonic() + 90
         while sum(n["state"] == "ALIVE" for n in cluster.state()["nodes"]) < 2:
             assert time.monotonic() < deadline, "the second Ray node did not join"
@@ -219,7 +230,9 @@ def two_nodes():
 
 def test_tiny_stage2_job_runs_every_role_on_both_nodes(two_nodes: TwoNodeCluster) -> None:
     # Token authentication is on: a wrong token is turned away by the job API.
-    refused = two_nodes.ray("job", "list", f"--address={two_nodes.dashboard}", env={"RAY_AUTH_TOKEN": "0" * 64})
+    refused = two_nodes.ray(
+        "job", "list", f"--address={two_nodes.dashboard}", env={"RAY_AUTH_TOKEN": "0" * 64}
+    )
     assert refused.returncode != 0
     assert "Invalid authentication token" in refused.stdout + refused.stderr, (
         refused.stdout[-2000:] + refused.stderr[-2000:]
@@ -233,7 +246,8 @@ def test_tiny_stage2_job_runs_every_role_on_both_nodes(two_nodes: TwoNodeCluster
     job = two_nodes.ray(
         "job", "submit", f"--address={two_nodes.dashboard}", f"--submission-id={submission}",
         f"--working-dir={REPO}", f"--runtime-env-json={json.dumps({'excludes': EXCLUDES})}",
-        "--", "rlrestore", "train", "stage2", str(TINY_CONFIG.relative_to(REPO)), f"run_dir={run_dir}", *STAGE2,
+        "--", "rlrestore", "train", "stage2", str(TINY_CONFIG.relative_to(REPO)),
+        f"run_dir={run_dir}", *STAGE2,
         timeout=420,
     )  # fmt: skip
     log = (job.stdout + job.stderr)[-6000:]
@@ -254,10 +268,10 @@ def test_tiny_stage2_job_runs_every_role_on_both_nodes(two_nodes: TwoNodeCluster
 
     # The working dir reached both nodes, small and without the venv, runs or git history.
     for node_dir in ("head", "node2"):
-        packages = [
-            p for p in (two_nodes.root / node_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
-            if p.is_dir()
-        ]  # fmt: skip
+        unpacked = (two_nodes.root / node_dir).glob(
+            "session_*/runtime_resources/working_dir_files/_ray_pkg_*"
+        )
+        packages = [p for p in unpacked if p.is_dir()]
         assert packages, f"no working dir unpacked on {node_dir}"
         for package in packages:
             assert {".venv", ".git", "runs", "wandb"}.isdisjoint(p.name for p in package.iterdir())
@@ -278,7 +292,9 @@ def test_teardown_finds_only_this_clusters_processes(two_nodes: TwoNodeCluster) 
     commands = {}
     for pid in two_nodes.processes():
         try:
-            commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            commands[pid] = (
+                Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
         except OSError:
             continue
     assert sum("/gcs_server " in c for c in commands.values()) == 1

@@ -541,7 +541,9 @@ class NFTLearner:
     def _layout(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this learner (state shapes and partitions)."""
         layout: dict[str, Any] = {
-            "world_size": self.world_size, "zero_stage": self.zero_stage, "finetune": self.finetune
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+            "finetune": self.finetune,
         }
         if self.finetune == "lora":
             layout["lora_rank"] = self.lora_rank
@@ -596,14 +598,21 @@ class LearnerActor:
         return self.learner.step
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died (its process or node was lost): the group cannot go on and must be rebuilt."""
+
+
 def gather(refs: list[ray.ObjectRef]) -> list[Any]:
     """``ray.get`` that raises as soon as any rank fails, instead of waiting on ranks that are
-    blocked in a collective with the failed one."""
+    blocked in a collective with the failed one. A dead rank raises :class:`LearnerLost`."""
     pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        ray.get(done)
-    return ray.get(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as exc:
+        raise LearnerLost(f"a learner rank died: {type(exc).__name__}: {exc}") from exc
 
 
 def split_samples(samples: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:
@@ -623,6 +632,8 @@ class LearnerGroup:
     that dies breaks the group's collectives, so learners are not restarted: resume the run from a
     checkpoint (:meth:`save` / :meth:`load`; the directory must be visible to every rank's node).
     When a call raises, the other ranks may be stuck in a collective: :meth:`shutdown` the group.
+    A dead rank raises :class:`LearnerLost` from any call; the Stage 2 driver then rebuilds the
+    group from the newest checkpoint.
     On GPUs each actor sees its own device (Ray sets CUDA_VISIBLE_DEVICES), so LOCAL_RANK is 0.
     """
 
@@ -695,19 +706,20 @@ class LearnerGroup:
         return metrics
 
     def rollout_weights_ref(self) -> ray.ObjectRef:
-        """Object ref of rank 0's v_old DiT weights: pass it to rollout actors without a copy here."""
+        """Object ref of rank 0's v_old DiT weights: pass it to rollout actors without a copy here
+        (a dead rank 0 surfaces as :class:`LearnerLost` where the ref is waited on)."""
         return self.actors[0].state_dict_for_rollout.remote()
 
     def rollout_weights(self) -> dict[str, Tensor]:
         """Rank 0's v_old DiT weights (see :meth:`NFTLearner.state_dict_for_rollout`)."""
-        return ray.get(self.rollout_weights_ref())
+        return gather([self.rollout_weights_ref()])[0]
 
     def trained_weights(self) -> dict[str, Tensor]:
-        return ray.get(self.actors[0].trained_state_dict.remote())
+        return gather([self.actors[0].trained_state_dict.remote()])[0]
 
     def check_in_sync(self) -> dict[str, float]:
         """Rank 0's checksums, after checking that every rank holds the same v_theta and v_old."""
-        sums = ray.get([actor.checksums.remote() for actor in self.actors])
+        sums = gather([actor.checksums.remote() for actor in self.actors])
         differing = [rank for rank, value in enumerate(sums) if value != sums[0]]
         if differing:
             raise RuntimeError(f"learner ranks {differing} differ from rank 0: {sums}")
