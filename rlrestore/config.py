@@ -509,6 +509,13 @@ class EvalConfig(_Section):
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per eval actor (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per eval actor (fractions allowed).")
+    resolution: int | None = Field(
+        512,
+        gt=0,
+        description="Side of the square every test image is brought to before degradation / restoration "
+        "(centre crop, Lanczos resize, as `data build` does; the paper evaluates at 512). null keeps each "
+        "image's own size (then a huge input costs memory and time in every metric).",
+    )
     upscale_small: bool = Field(
         False,
         description="Metrics with a minimum image side (ms_ssim 161 px, niqe 96 px): true upscales smaller images "

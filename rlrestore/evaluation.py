@@ -61,6 +61,7 @@ from rlrestore.data import (
     read_shards,
     sample_seed,
     save_image,
+    square_resize,
     to_tensor,
 )
 from rlrestore.models.policy import PrefRestorePolicy
@@ -237,6 +238,7 @@ class EvalInputs:
 def prepare_inputs(data: Path, out: Path, real: bool, config: RunConfig, progress: bool = True) -> EvalInputs:
     """Read the test set once and write what is restored to ``OUT/inputs`` (existing files are kept).
 
+    Each image is first centre-cropped and resized to ``eval.resolution`` (unless null).
     Synthetic: each clean face is degraded with Eq. 16 (``config.degradation``), seeded by
     ``sample_seed(eval.seed, id, 0)``. Real: the images are the inputs. Unreadable files are
     skipped and listed; an empty or missing ``data`` is an error.
@@ -256,6 +258,9 @@ def prepare_inputs(data: Path, out: Path, real: bool, config: RunConfig, progres
             skipped.append({"path": source, "reason": exc.reason})  # unreadable: reported, not fatal
             continue
         record: dict[str, Any] = {"id": sample_id, "source": source, "size": [image.shape[1], image.shape[0]]}
+        if config.eval.resolution is not None:
+            image = square_resize(image, config.eval.resolution)
+            record["resized_to"] = config.eval.resolution
         lq = image
         if gt_dir is not None:
             seed = sample_seed(config.eval.seed, sample_id, 0)

@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 # Never reach for a hub from a worker: weights come from local paths or the HF cache only.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
-PASSED_ENV = ("HF_HOME", "TORCH_HOME", "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "CUDA_VISIBLE_DEVICES")
+# Not WANDB_API_KEY: a runtime env is shown by the dashboard and the state API. Workers of a local
+# cluster inherit it from the driver's environment; on a shared cluster the operator sets it on
+# the nodes (a Kubernetes Secret, the Slurm job's environment).
+PASSED_ENV = ("HF_HOME", "TORCH_HOME", "WANDB_MODE", "WANDB_DIR", "CUDA_VISIBLE_DEVICES")
 
 
 def worker_env() -> dict[str, str]:

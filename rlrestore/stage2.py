@@ -77,11 +77,11 @@ def check_stage2_inputs(config: RunConfig) -> None:
     """Everything Stage 2 can check before Ray starts: the Stage 1 checkpoint it starts from,
     that every reward resolves and accepts its args, that no reward weight file is missing, and
     the reward weights. Raises with a message naming what is wrong."""
-    starting_point(config)
     for spec in config.stage2.rewards:
         check_reward_args(spec)
-    check_reward_weights(config.stage2.rewards)
     RewardAggregator.from_config(config.stage2)
+    check_reward_weights(config.stage2.rewards)
+    starting_point(config)
 
 
 @dataclass

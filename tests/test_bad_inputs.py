@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -169,6 +170,25 @@ def test_restore_on_bad_files(bad_folder, policy_dir, tmp_path, capsys) -> None:
     assert Image.open(out / huge["candidates"][0]["file"]).size == (HUGE, HUGE)  # back at the input size
 
 
+def test_eval_on_bad_files(bad_folder, policy_dir, tmp_path, capsys) -> None:
+    folder, expected = bad_folder
+    out = tmp_path / "eval"
+    code, err = run_cli(
+        [
+            "eval", "configs/tiny.yaml", "--ckpt", str(policy_dir), "--data", str(folder), "--out", str(out),
+            "--quiet", "eval.metrics=[psnr,ssim,piqe]", "eval.batch_size=8",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    inputs = json.loads((out / "inputs.json").read_text())
+    skipped = {Path(item["path"]).name: item["reason"] for item in inputs["skipped"]}
+    scored = pd.read_parquet(out / "per_image.parquet")
+    processed = {Path(item["source"]).name for item in inputs["inputs"] if item["id"] in set(scored["image"])}
+    per_file_outcomes("eval", expected, skipped, processed)
+    assert scored[["psnr", "ssim", "piqe"]].notna().all().all()
+
+
 @pytest.mark.parametrize(
     ("case", "argv_tail", "named"),
     [
@@ -247,6 +267,16 @@ def test_training_without_a_stage1_checkpoint(tmp_path, capsys) -> None:
     code, err = run_cli(["train", "stage2", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}"], capsys)
     entry = record("training", "stage2 before Stage 1", classify(code, err), error_message(err) or err)
     assert entry.outcome == "clear error" and "stage1" in err, err
+
+
+def test_full_size_config_without_reward_weights_fails_before_ray(tmp_path, capsys) -> None:
+    code, err = run_cli(["train", "stage2", "configs/prefrestore.yaml", f"run_dir={tmp_path}"], capsys)
+    entry = record("training", "full-size rewards, no weight files", classify(code, err), error_message(err) or err)
+    assert entry.outcome == "clear error", err
+    message = error_message(err)
+    for expected in ("'hpsv2'", "HPS_v2.1_compressed.pt", "'clipscore'", "openai/clip-vit-large-patch14", "'pickscore'"):
+        assert expected in message, (expected, message)
+    assert "Started a local Ray instance" not in err  # failed before any actor or cluster started
 
 
 def test_an_interrupted_checkpoint_write_is_ignored(policy_dir, tmp_path) -> None:

@@ -49,6 +49,7 @@ STAGE2 = (
     "stage2.zero_stage=2",
 )
 REPO = Path(__file__).resolve().parents[1]
+SECRET = "wandb-key-3f9c2e71-never-logged-8d4b"
 
 
 def actor_pids(class_name: str) -> list[int]:
@@ -160,6 +161,7 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(stage1_run: Path, refe
     # killed driver's run would stay open there and the rerun could not resume it.
     env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
     env["PYTHONPATH"] = str(REPO)
+    env["WANDB_API_KEY"] = SECRET  # must never reach a log, metrics or config file
     proc = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -178,6 +180,11 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(stage1_run: Path, refe
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_every_step_once(run_dir)
     assert_same_weights(run_dir, reference)
+    assert SECRET not in rerun.stdout + rerun.stderr
+    ray_logs = Path("/tmp/ray/session_latest/logs")  # the rerun's own local cluster
+    for root in (run_dir, ray_logs):
+        leaks = [path for path in root.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+        assert not leaks, f"the W&B key leaked into {leaks}"
 
 
 _WRITER = """
