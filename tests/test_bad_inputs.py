@@ -66,7 +66,7 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     Image.fromarray(_noise(24, 24, 4), mode="RGBA").save(folder / "alpha.png")
     Image.fromarray(_noise(24, 24)).convert("P").save(folder / "palette.png")
     Image.fromarray(_noise(24, 24, 1)).convert("LA").save(folder / "gray_alpha.png")
-    Image.fromarray((_noise(24, 24, 1).astype(np.uint16) * 257)).save(folder / "sixteen_bit.png")
+    Image.fromarray(_noise(24, 24, 1).astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
     Image.fromarray(np.random.default_rng(1).random((24, 24), dtype=np.float32)).save(folder / "float.tiff")
     return {
         "truncated.png": "skip",

@@ -11,7 +11,6 @@ into each adapted weight, so the rest of the system treats LoRA and full fine-tu
 from __future__ import annotations
 
 import re
-
 from collections.abc import Sequence
 
 from torch import Tensor, nn
