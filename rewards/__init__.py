@@ -39,6 +39,7 @@ from rewards.iqa import (
     TOPIQFace,
     WeightFile,
 )
+from rewards.landmarks import LandmarkDistance
 from rewards.pool import RewardActorPool, RewardErrorLog
 from rewards.preference import CLIPScore, CLIPScoreImage, HPSv2, PickScore
 from rewards.quality import PIQE, Sharpness, luminance, mean_gradient_magnitude
@@ -69,6 +70,7 @@ __all__ = [
     "HTTPReward",
     "Identity",
     "IqaReward",
+    "LandmarkDistance",
     "PickScore",
     "PyiqaReward",
     "Reward",

@@ -474,7 +474,7 @@ class EvalConfig(_Section):
         min_length=1,
         description="Metrics, in table order: registered reward names, plus 'deg' (ArcFace angle in degrees, "
         "args of the 'identity' reward), 'fid' (set-level, against the clean set or --reference) and 'lmd' "
-        "(landmark distance; needs a reward registered as 'lmd').",
+        "(landmark distance of AWing FAN landmarks, `rewards.landmarks`).",
     )
     metric_args: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

@@ -10,8 +10,8 @@ Every per-image metric is a reward of the reward registry (``rewards``), reporte
 value (a lower-is-better reward's negation is undone); ``deg`` is the angle in degrees between the
 ArcFace embeddings of the ``identity`` reward, ``fid`` is set-level (pyiqa's Inception FID of each
 checkpoint's restorations against the clean set or ``--reference``). A metric is skipped, with the
-reason in every summary, when its weights are missing, when it needs ground truth on a real set,
-or when no model for it is available (``lmd``: no landmark model ships with rlrestore).
+reason in every summary, when its weights are missing (e.g. ``lmd``: facexlib's AWing FAN landmark
+weights, ``rewards.landmarks``) or when it needs ground truth on a real set.
 
 Work is split into chunks of ``eval.chunk_size`` inputs per checkpoint, run in this process or on
 ``eval.num_actors`` Ray actors; a chunk's rows are saved when it completes, so a rerun of the same
@@ -92,15 +92,11 @@ _KNOWN = {
     "brisque": ("BRISQUE", ""),
     "piqe": ("PIQE", ""),
     "deg": ("Deg", "°"),
-    "lmd": ("LMD", ""),
+    "lmd": ("LMD", "px"),
     "hpsv2": ("HPSv2", ""),
     "pickscore": ("PickScore", ""),
     "clipscore": ("CLIP score", ""),
 }
-_LMD_UNAVAILABLE = (
-    "no face-landmark model ships with rlrestore: LMD needs a reward registered as 'lmd' "
-    "(e.g. a plugin wrapping a landmark detector such as facexlib's AWing FAN)"
-)
 
 
 @dataclass(frozen=True)
@@ -164,7 +160,7 @@ def plan_metrics(
         except RewardError as exc:
             if key not in _KNOWN:
                 raise ConfigError(f"eval.metrics: {exc}") from None
-            skipped[key] = _LMD_UNAVAILABLE if key == "lmd" else f"not available here: {exc}"
+            skipped[key] = f"not available here: {exc}"
             continue
         if cls.needs_clean and not has_gt:
             skipped[key] = (

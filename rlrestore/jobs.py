@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
+from rlrestore.data.shards import check_shards
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def prepare_shards(config: RunConfig) -> Path:
                 f"data.shards={config.data.shards!r} holds no shard-*.parquet; build them with "
                 f"`rlrestore data build --src FACES --out {config.data.shards}`"
             )
+        check_shards(shards)  # a damaged shard fails here, not inside a worker
         return shards
     shards = Path(config.run_dir).resolve() / "data"
     manifest = shards / "manifest.json"

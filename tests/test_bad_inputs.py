@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from rewards import Reward, RewardAggregator, RewardBatch, RewardWorker
 from rlrestore.checkpoints import list_checkpoints
 from rlrestore.cli import main
 from rlrestore.config import RewardSpec
+from rlrestore.data import embedded_faces_dir
 from tests.campaign import ACCEPTED, record
 from tests.conftest import build_tiny_policy
 
@@ -103,9 +105,14 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """Exit code and stderr of ``rlrestore ARGV`` run in-process; an escaping exception is a crash."""
     capsys.readouterr()
-    # main() configures logging once per process; drop handlers bound to an earlier test's stderr.
+    # main() configures logging once per process and Ray adds its own handlers: point handlers
+    # left on an earlier test's (closed) captured stderr at this test's.
     for handler in logging.root.handlers[:]:
         logging.root.removeHandler(handler)
+    for logger in [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # setStream would flush the closed one
     try:
         code = main(argv)
     except BaseException as exc:  # noqa: BLE001 - the campaign reports crashes instead of stopping
@@ -261,6 +268,27 @@ def test_missing_or_partial_checkpoints(policy_dir, tmp_path, capsys) -> None:
             "checkpoint", f"restore --ckpt: {case}", classify(code, err), error_message(err) or err
         )
         assert entry.outcome == "clear error" and str(ckpt) in err, (case, err)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not Parquet", "no shards"])
+def test_training_on_damaged_shards(tmp_path, capsys, damage) -> None:
+    shards = tmp_path / "shards"
+    code, err = run_cli(["data", "build", "--src", str(embedded_faces_dir()), "--out", str(shards), "--size", "32", "--quiet"], capsys)
+    assert code == 0, err
+    shard = sorted(shards.glob("shard-*.parquet"))[0]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    elif damage == "not Parquet":
+        shard.write_text("id,image\n1,abc\n")
+    else:
+        shard.unlink()
+    code, err = run_cli(
+        ["train", "stage1.1", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", f"data.shards={shards}",
+         "stage1_1.steps=1", "logging.progress=false"],
+        capsys,
+    )  # fmt: skip
+    entry = record("training", f"stage1.1 on shards: {damage}", classify(code, err), error_message(err) or err)
+    assert entry.outcome == "clear error" and str(shards) in err, err
 
 
 def test_training_without_a_stage1_checkpoint(tmp_path, capsys) -> None:

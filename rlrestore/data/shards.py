@@ -270,6 +270,28 @@ def _write_json(path: Path, payload: dict[str, object]) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def check_shards(directory: Path) -> int:
+    """Number of records in the shards of ``directory``, after checking that each one is a
+    readable Parquet file with the expected columns (footers only: cheap enough for the driver
+    to run before any worker starts). Raises :class:`ShardError` naming the bad shard."""
+    paths = sorted(Path(directory).glob(SHARD_GLOB)) if Path(directory).is_dir() else []
+    if not paths:
+        raise ShardError(
+            f"no shards ({SHARD_GLOB}) in {directory}; build them with `rlrestore data build SRC {directory}`"
+        )
+    count = 0
+    for path in paths:
+        try:
+            metadata = pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ShardError(f"shard {path} is not a readable Parquet file: {exc}") from None
+        missing = [name for name in SCHEMA.names if name not in metadata.schema.names]
+        if missing:
+            raise ShardError(f"shard {path} lacks column(s) {missing}; rebuild the shards")
+        count += metadata.num_rows
+    return count
+
+
 def read_shards(directory: Path) -> list[FaceRecord]:
     """Read every ``shard-*.parquet`` in ``directory`` (sorted) into records with decoded images."""
     directory = Path(directory)
