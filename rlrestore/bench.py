@@ -278,7 +278,6 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
 
     Needs a connected Ray session, and a run directory with a Stage 1.2 checkpoint and the shards.
     """
-    import ray
 
     from rewards import RewardWorker
     from rewards.pool import reward_actor_count
@@ -296,7 +295,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
     run = Stage2Run(config)
 
     def ray_step(step: int) -> None:
-        batch = concat_rollouts(ray.get(run.launch_rollouts(step)))
+        batch = concat_rollouts(run.collect_rollouts(run.launch_rollouts(step), step))
         result = run.aggregator.combine(run.score(batch).scores, *batch.images.shape[:2])
         run.learners.train_step(learner_samples(batch, result), step)
         run.version = step + 1

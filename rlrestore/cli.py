@@ -321,10 +321,26 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
+_LOG_HANDLER: logging.Handler | None = None
+
+
+def _log_to_stderr() -> None:
+    """INFO logs to the current ``sys.stderr``; a later call (notebooks, tests) replaces the
+    handler of an earlier one instead of adding another, or writing to a stream that is gone."""
+    global _LOG_HANDLER
+    root = logging.getLogger()
+    if _LOG_HANDLER is not None:
+        root.removeHandler(_LOG_HANDLER)
+    _LOG_HANDLER = logging.StreamHandler(sys.stderr)
+    _LOG_HANDLER.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(_LOG_HANDLER)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_stderr()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling `overrides` at the first option: key=value items after options land here.

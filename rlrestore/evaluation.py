@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rewards import Reward, RewardBatch, RewardError, build_reward, reward_class
+from rewards import Reward, RewardBatch, RewardError, build_reward, check_reward_args, reward_class
 from rlrestore.bench import pick_device
 from rlrestore.checkpoints import resolve_policy_dir
 from rlrestore.config import ConfigError, EvalConfig, RewardSpec, RunConfig, SamplerConfig
@@ -177,6 +177,10 @@ def plan_metrics(
         if missing:
             skipped[key] = "weights missing: " + "; ".join(missing)
             continue
+        try:
+            check_reward_args(RewardSpec(name=reward_name, args=args))
+        except RewardError as exc:
+            raise ConfigError(f"eval.metric_args.{key}: {exc}") from None
         metrics.append(
             Metric(
                 key,

@@ -42,11 +42,10 @@ from tqdm import tqdm
 
 from rewards import AggregateResult, RewardAggregator, RewardBatch, check_reward_args, check_reward_weights
 from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, reward_actor_count
-from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
+from rlrestore.checkpoints import latest_checkpoint, save_checkpoint, write_policy_with_dit
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
 from rlrestore.jobs import prepare_shards
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.tracking import MetricsWriter, WandbRun
 from rollouts import RolloutBatch, make_rollout_actor
 from trainers.nft_learner import LearnerGroup, LearnerLost, gather
@@ -60,17 +59,22 @@ log = logging.getLogger(__name__)
 
 
 def starting_point(config: RunConfig) -> tuple[Path, Path | None]:
-    """(policy dir the actors start from, stage-2 checkpoint to resume or None)."""
+    """(policy dir the actors are built from, stage-2 checkpoint to resume or None).
+
+    Actors are built from the end of Stage 1 (a stable directory: Stage 2 rotates only its own
+    checkpoints) and a resumed run then loads its learner state and syncs the rollout weights.
+    Stage 2 trains only the DiT, so its checkpoints copy every other component from there.
+    """
     resume = latest_checkpoint(config.run_dir, STAGE)
-    if resume is not None:
-        return resume / "policy", resume
     handoff = latest_checkpoint(config.run_dir, "stage1.2")
-    if handoff is None:
-        raise FileNotFoundError(
-            f"stage2 starts from the end of Stage 1, but {config.run_dir}/checkpoints/stage1.2 has no checkpoint: "
-            "run `rlrestore train stage1 CONFIG` first"
-        )
-    return handoff / "policy", None
+    if handoff is not None:
+        return handoff / "policy", resume
+    if resume is not None:  # Stage 1 checkpoints were removed: the resume point is the only base
+        return resume / "policy", resume
+    raise FileNotFoundError(
+        f"stage2 starts from the end of Stage 1, but {config.run_dir}/checkpoints/stage1.2 has no checkpoint: "
+        "run `rlrestore train stage1 CONFIG` first"
+    )
 
 
 def check_stage2_inputs(config: RunConfig) -> None:
@@ -382,13 +386,12 @@ class Stage2Run:
 
     def checkpoint(self, step: int) -> None:
         """Policy (trained DiT), learner state (v_theta, v_old, optimizer) and step, atomically."""
-        policy = PrefRestorePolicy.from_pretrained(self.policy_dir)
-        policy.transformer.load_state_dict(self.learners.trained_weights())
+        weights = self.learners.trained_weights()
         save_checkpoint(
             self.run_dir,
             STAGE,
             step,
-            policy,
+            lambda directory: write_policy_with_dit(self.policy_dir, weights, directory),
             {"step": step},
             self.stage.keep_checkpoints,
             extra=lambda directory: self.learners.save(directory / "learner"),

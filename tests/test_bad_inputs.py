@@ -105,10 +105,8 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """Exit code and stderr of ``rlrestore ARGV`` run in-process; an escaping exception is a crash."""
     capsys.readouterr()
-    # main() configures logging once per process and Ray adds its own handlers: point handlers
+    # Ray adds logging handlers bound to the stderr of the test that started it: point handlers
     # left on an earlier test's (closed) captured stderr at this test's.
-    for handler in logging.root.handlers[:]:
-        logging.root.removeHandler(handler)
     for logger in [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
@@ -275,7 +273,7 @@ def test_training_on_damaged_shards(tmp_path, capsys, damage) -> None:
     shards = tmp_path / "shards"
     code, err = run_cli(["data", "build", "--src", str(embedded_faces_dir()), "--out", str(shards), "--size", "32", "--quiet"], capsys)
     assert code == 0, err
-    shard = sorted(shards.glob("shard-*.parquet"))[0]
+    shard = min(shards.glob("shard-*.parquet"))
     if damage == "truncated":
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     elif damage == "not Parquet":

@@ -491,3 +491,21 @@ def test_full_size_policy_on_the_meta_device() -> None:
     with torch.device("meta"), torch.no_grad():
         v = policy.velocity(torch.empty(1, 32, 16, 16), torch.ones(1), torch.empty(1, 730 + 256, 2304))
     assert v.shape == (1, 32, 16, 16) and v.device.type == "meta"
+
+
+def test_a_policy_with_new_dit_weights_is_written_without_building_a_model(tmp_path: Path) -> None:
+    from rlrestore.checkpoints import write_policy_with_dit
+
+    policy = build_tiny_policy(0)
+    policy.save_pretrained(tmp_path / "base")
+    trained = {key: value + 0.5 for key, value in policy.transformer.state_dict().items()}
+    write_policy_with_dit(tmp_path / "base", trained, tmp_path / "out")
+
+    loaded = PrefRestorePolicy.from_pretrained(tmp_path / "out")
+    for key, value in loaded.transformer.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    for name in ("vae", "integrator", "diffusion_connector", "vae_connector"):
+        ours, base = getattr(loaded, name).state_dict(), getattr(policy, name).state_dict()
+        assert all(torch.equal(ours[key], base[key]) for key in base), name
+    with pytest.raises(CheckpointError, match="not a policy directory"):
+        write_policy_with_dit(tmp_path / "missing", trained, tmp_path / "out2")
