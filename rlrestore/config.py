@@ -10,6 +10,7 @@ with a message naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,7 +82,19 @@ class PolicyConfig(_Section):
     connector_norm_init: float = Field(
         5.5**0.5, gt=0, description="Initial RMSNorm weight of the diffusion connector (sqrt(5.5))."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    checkpoint: str | None = Field(
+        None,
+        description="A policy directory to start from instead of building the networks from the component "
+        "specs: one written by `rlrestore convert` (e.g. the released Pref-Restore model) or the `policy/` of "
+        "any rlrestore checkpoint. Stage 1.1 starts from it (unless the run has its own checkpoints), and "
+        "Stage 1.2 / Stage 2 start from it when the run directory holds no earlier stage.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Deprecated, kept so older configs and checkpoints load: weights are always held in "
+        "float32 where they train and in the compute dtype where they only infer; set the top-level "
+        "`precision` instead (bfloat16 here means precision=bf16-mixed).",
+    )
 
     @field_validator("caption_prompt")
     @classmethod
@@ -543,7 +556,21 @@ class RunConfig(_Section):
 
     run_dir: str = Field("runs/default", description="Directory of checkpoints, metrics, logs and reports.")
     seed: int = Field(0, description="Global seed (weights init, noise, data order).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device of workers.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Device of every role: 'auto' puts a role on CUDA when its Ray resources reserve GPUs "
+        "(ray.gpus_per_worker, stage2.*.num_gpus, eval.num_gpus; for in-process commands when CUDA is "
+        "available) and on the CPU otherwise; 'cuda' refuses any role without GPUs; 'cpu' refuses GPU "
+        "reservations (they would sit idle).",
+    )
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "fp32",
+        description="Numerics of every role. 'fp32': everything in float32. 'bf16-mixed' / 'fp16-mixed': "
+        "trained weights stay float32 masters (Stage 1 under torch.autocast, the learners with DeepSpeed's "
+        "bf16/fp16 mode, fp16 with loss scaling), EMAs (v_old) accumulate in float32, and inference copies "
+        "(rollouts, eval, restore, frozen components) hold weights in bf16/fp16 while the sampler state x "
+        "and the time t stay float32.",
+    )
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy networks.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration sampler.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
@@ -563,6 +590,25 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and resources.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="W&B and progress.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and determinism analysis.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_policy_dtype(cls, data: Any) -> Any:
+        """``policy.dtype: bfloat16|float16`` (before ``precision`` existed) means the mixed mode."""
+        if not isinstance(data, dict):
+            return data
+        policy = data.get("policy")
+        dtype = policy.get("dtype") if isinstance(policy, dict) else None
+        if dtype in ("bfloat16", "float16") and "precision" not in data:
+            mapped = "bf16-mixed" if dtype == "bfloat16" else "fp16-mixed"
+            warnings.warn(
+                f"policy.dtype={dtype} is deprecated: it now means precision={mapped} (float32 master "
+                "weights); set `precision` instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data = {**data, "precision": mapped}
+        return data
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunConfig:

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from rlrestore.config import NFTConfig, OptimConfig, PolicyConfig, Stage2Config
 from rlrestore.flow import interpolate, shifted_timesteps
-from rlrestore.models.loading import CheckpointError, resolve_dtype
+from rlrestore.models.loading import CheckpointError
 from rlrestore.models.lora import add_lora, merged_state_dict
 from rlrestore.models.policy import POLICY_CONFIG, PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, nft_loss
@@ -106,7 +106,7 @@ def load_dit(policy_dir: str | Path) -> tuple[SanaTransformer2DModel, PolicyConf
         )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}/transformer: cannot load the DiT: {exc}") from None
-    return transformer.to(resolve_dtype(config.dtype)), config
+    return transformer.float(), config
 
 
 def skip_shm_comm_build() -> None:

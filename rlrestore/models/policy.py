@@ -36,7 +36,6 @@ from rlrestore.models.loading import (
     init_signature_keys,
     load_component,
     require_available,
-    resolve_dtype,
 )
 from rlrestore.models.text_tokenizer import Vocabulary, load_text_tokenizer
 from rlrestore.models.visual_tokenizer import VisualTokenizer
@@ -155,8 +154,8 @@ class PrefRestorePolicy(nn.Module):
                 f"policy.vae latent_channels={vae.config.latent_channels} must equal "
                 f"policy.transformer in_channels={transformer.config.in_channels}"
             )
-        policy = cls(config, vocabulary, visual, integrator, transformer, vae)
-        return policy.to(resolve_dtype(config.dtype))
+        # float32 whatever the files hold: roles cast inference copies to their compute dtype
+        return cls(config, vocabulary, visual, integrator, transformer, vae).float()
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the policy as a directory of component subfolders plus ``policy_config.json``."""
