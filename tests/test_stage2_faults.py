@@ -34,7 +34,7 @@ from tests.conftest import TINY_CONFIG, tiny_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 4
+STEPS = 6
 STAGE2 = (
     "stage1_1.steps=2",
     "stage1_2.steps=2",
@@ -83,7 +83,7 @@ def assert_every_step_once(run_dir: Path) -> None:
     frame = read_metrics(run_dir, "stage2")
     assert frame["step"].tolist() == list(range(STEPS))
     assert (frame["reward/skipped_step"] == 0).all() and (frame["learn/samples"] > 0).all()
-    assert [step for step, _ in list_checkpoints(run_dir, "stage2")] == [2, 4]
+    assert [step for step, _ in list_checkpoints(run_dir, "stage2")] == [2, 4, 6]
 
 
 @pytest.fixture(scope="module")
@@ -130,19 +130,23 @@ def test_killed_rollout_reward_and_learner_actors(stage1_run: Path, reference: P
     thread = threading.Thread(target=train)
     thread.start()
     injected = []
-    # Step 1 is under way: kill a rollout actor, then the reward actor.
-    wait_for(lambda: run.step >= 1, "step 1", thread, errors)
-    for role in ("RolloutWorker", "RewardActor"):
-        pids = actor_pids(role)
-        assert pids, f"no live {role} process"
-        os.kill(pids[0], signal.SIGKILL)
-        injected.append(role)
-    # After the checkpoint of step 2, kill a learner rank: the group is rebuilt from it.
+    # After the checkpoint of step 2, kill a learner rank: the group is rebuilt from it and, as the
+    # run is async, step 2 is rolled out again with the lagged weights stored in that checkpoint.
     wait_for(lambda: run.step >= 3 and list_checkpoints(run_dir, "stage2"), "the step-2 checkpoint", thread, errors)
     pids = actor_pids("LearnerActor")
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
     injected.append("LearnerActor")
+    # Step 4 of the rebuilt run is under way (step 5 is rolling out with the weights of step 4):
+    # kill a rollout actor, then the reward actor. The rollout actor's chunk must be redone with
+    # the weights it was launched with, not the newer ones the replacement got at the next sync.
+    rebuilt = lambda: any(fault["role"] == "learner group" for fault in run.faults)  # noqa: E731
+    wait_for(lambda: rebuilt() and run.step >= 4, "step 4 after the rebuild", thread, errors)
+    for role in ("RolloutWorker", "RewardActor"):
+        pids = actor_pids(role)
+        assert pids, f"no live {role} process"
+        os.kill(pids[0], signal.SIGKILL)
+        injected.append(role)
     thread.join(timeout=600)
     assert not thread.is_alive() and not errors, errors
 
