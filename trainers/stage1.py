@@ -39,7 +39,13 @@ from rlrestore.checkpoints import (
     load_trainer_state,
     save_checkpoint,
 )
-from rlrestore.config import AutoencoderConfig, RunConfig, SemanticAlignmentConfig, TextureAlignmentConfig
+from rlrestore.config import (
+    AutoencoderConfig,
+    RunConfig,
+    SemanticAlignmentConfig,
+    Stage1Config,
+    TextureAlignmentConfig,
+)
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
 from rlrestore.devices import DeviceRecord, train_worker_device, write_devices
 from rlrestore.losses import stage1_losses
@@ -174,7 +180,7 @@ def gather_device_records(record: DeviceRecord, world: int) -> list[DeviceRecord
 
 
 def _build_optimizer(
-    config: RunConfig, stage: Any, params: list[nn.Parameter], resume: Path | None, scaler: torch.amp.GradScaler | None
+    stage: Stage1Config, params: list[nn.Parameter], resume: Path | None, scaler: torch.amp.GradScaler | None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
     """AdamW and its schedule, restored (with the loss scale) from ``resume``; the first step."""
     optim = stage.optim
@@ -194,8 +200,20 @@ def _build_optimizer(
     return optimizer, scheduler, int(state["step"])
 
 
+def _info_logs_to_stderr() -> None:
+    """A Ray worker has no log handler (only WARNING and up reach the driver, through Python's
+    last-resort handler): send rlrestore's INFO lines (the devices.json summary) to its stderr."""
+    package = logging.getLogger("rlrestore")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def train_stage1_worker(payload: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the Stage 1 TorchTrainer."""
+    _info_logs_to_stderr()
     config = RunConfig.model_validate(payload["config"])
     stage_name: str = payload["stage"]
     stage = config.stage(stage_name)
@@ -217,15 +235,15 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
     dataset = FaceDataset(train, config.policy.resolution, config.degradation, config.data.seed)
     policy, resume = initial_policy(config, stage_name, dataset)
     batches = EpochBatches(len(dataset), stage.batch_size // world, rank, world, derived_seed(config.seed, stage_name))
-    params = policy.set_trainable(list(stage.trainable))
     policy.float().to(device)  # float32 master weights whatever the checkpoint held
+    params = policy.set_trainable(list(stage.trainable))
     objective = Stage1Objective(policy, stage)
     model = objective
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
     scaler = precision.grad_scaler(device)
-    optimizer, scheduler, start = _build_optimizer(config, stage, params, resume, scaler)
+    optimizer, scheduler, start = _build_optimizer(stage, params, resume, scaler)
     progress = _Progress(config, stage_name, stage.steps, start) if rank == 0 else None
 
     model.train()
