@@ -239,18 +239,19 @@ def _gpus_at_once(config: RunConfig, stage: str) -> tuple[float, str]:
 
 
 def check_cluster_gpus(config: RunConfig, stages: list[str]) -> None:
-    """Once connected to Ray: refuse (local cluster) or warn about (``ray.address`` set: an
-    autoscaler may add GPU nodes) stages that reserve more GPUs than the cluster has, instead of
-    waiting for them forever."""
+    """Once connected to Ray: refuse (a local cluster) or warn about (a cluster named by
+    ``ray.address`` or ``RAY_ADDRESS``: an autoscaler may add GPU nodes) stages that reserve more
+    GPUs than the cluster has, instead of waiting for them forever."""
     import ray
 
     have = float(ray.cluster_resources().get("GPU", 0.0))
+    local = config.ray.address is None and not os.environ.get("RAY_ADDRESS")
     for stage in stages:
         needed, keys = _gpus_at_once(config, stage)
         if needed <= have + 1e-9:
             continue
         message = f"{stage} reserves {needed:g} GPUs at once ({keys}), but the Ray cluster has {have:g}"
-        if config.ray.address is None:
+        if local:
             raise DeviceError(
                 f"{message}: the local cluster started here cannot run it. Lower those keys (0 GPUs runs on "
                 "the CPU), or connect to a cluster with GPUs (ray.address)"

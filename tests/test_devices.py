@@ -293,12 +293,15 @@ def test_cluster_without_the_gpus_asked_for(monkeypatch, tmp_path: Path, caplog)
     import ray
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = tiny_config(tmp_path, "ray.gpus_per_worker=1")
     with pytest.raises(DeviceError, match=r"stage1\.1 reserves 2 GPUs at once.*the Ray cluster has 0"):
         check_cluster_gpus(config, ["stage1.1"])
     remote = config.model_copy(update={"ray": config.ray.model_copy(update={"address": "auto"})})
     check_cluster_gpus(remote, ["stage1.1"])  # an autoscaler may add GPU nodes: a warning only
-    assert "waits until nodes with GPUs join" in caplog.text
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # under `ray job submit`
+    check_cluster_gpus(config, ["stage1.1"])
+    assert caplog.text.count("waits until nodes with GPUs join") == 2
     check_cluster_gpus(tiny_config(tmp_path), ["stage1.1", "stage2", "eval"])  # no GPUs asked for
 
 
