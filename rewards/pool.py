@@ -114,13 +114,13 @@ class RewardActorPool:
         )
 
     def device_records(self, stage: str = "stage2") -> list[DeviceRecord]:
-        """Every reward actor's :class:`DeviceRecord` (actors named ``<group>-<index>``), for
+        """Every reward actor's :class:`DeviceRecord` (actors named ``<group> <index>``), for
         ``write_devices(run_dir, stage, ...)``."""
         import ray
 
         return ray.get(
             [
-                actor.device_record.remote(f"{group.name}-{index}", stage)
+                actor.device_record.remote(f"{group.name} {index}", stage)
                 for group in self.groups
                 for index, actor in enumerate(group.actors)
             ]

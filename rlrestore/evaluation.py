@@ -785,7 +785,7 @@ def _run_on_ray(
                 running[actor.run.remote(load(queue.popleft()))] = actor
 
         try:
-            records = ray.get([actor.device_record.remote(f"actor{i}") for i, actor in enumerate(actors)])
+            records = ray.get([actor.device_record.remote(f"actor {i}") for i, actor in enumerate(actors)])
             write_devices(out, "eval", records)
             for actor in actors:
                 submit(actor)

@@ -132,8 +132,8 @@ def test_eval_actor_and_in_process_eval_devices(cuda, moves, tmp_path: Path) -> 
     policy = bf16.policy(str(policy_dir))
     assert moves == [CUDA0]
     assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}  # inference copy in bf16
-    record = bf16.device_record("actor0")
-    assert (record.stage, record.role, record.actor, record.device) == ("eval", "eval", "actor0", "cuda:0")
+    record = bf16.device_record("actor 0")
+    assert (record.stage, record.role, record.actor, record.device) == ("eval", "eval", "actor 0", "cuda:0")
     assert (record.precision, record.dtype, record.gpu_name) == ("bf16-mixed", "bfloat16", "Fake GPU")
 
 
@@ -196,9 +196,9 @@ def test_reward_actor_device_and_record(cuda) -> None:
     specs = [RewardSpec(name="sharpness")]
     on_gpu = RewardActor(specs, "auto", 1.0, 4, None, "bf16-mixed", group="gpu")
     assert on_gpu.worker.device == CUDA0
-    record = on_gpu.device_record("gpu-0")
+    record = on_gpu.device_record("gpu 0")
     assert isinstance(record, DeviceRecord)
-    assert (record.stage, record.role, record.actor, record.device) == ("stage2", "reward", "gpu-0", "cuda:0")
+    assert (record.stage, record.role, record.actor, record.device) == ("stage2", "reward", "gpu 0", "cuda:0")
     assert (record.precision, record.dtype, record.autocast) == ("bf16-mixed", "float32", None)  # sharpness: fp32
     assert RewardActor(specs, "auto", 0.0, 4, None).worker.device == CPU
     with pytest.raises(DeviceError, match=r"device=cpu, but reward actors \(gpu\) reserve 0\.5 GPU each "
@@ -308,15 +308,15 @@ def test_cluster_without_the_gpus_asked_for(monkeypatch, tmp_path: Path, caplog)
 # ----------------------------------------------------------------------------- devices.json
 def test_write_devices_keeps_other_stages(tmp_path: Path, caplog) -> None:
     caplog.set_level("INFO")
-    first = DeviceRecord.here("stage1.1", "worker", "rank0", CPU, "bf16-mixed", torch.float32, autocast=torch.bfloat16)
+    first = DeviceRecord.here("stage1.1", "worker", "rank 0", CPU, "bf16-mixed", torch.float32, autocast=torch.bfloat16)
     write_devices(tmp_path, "stage1.1", [first])
-    write_devices(tmp_path, "stage2", [DeviceRecord.here("stage2", "reward", "gpu-0", CPU, "fp32", "float32")])
-    again = DeviceRecord.here("stage1.1", "worker", "rank1", CPU, "fp32", torch.float32)
+    write_devices(tmp_path, "stage2", [DeviceRecord.here("stage2", "reward", "gpu 0", CPU, "fp32", "float32")])
+    again = DeviceRecord.here("stage1.1", "worker", "rank 1", CPU, "fp32", torch.float32)
     write_devices(tmp_path, "stage1.1", [again])  # a rerun replaces its stage's records only
     entries = _read_devices(tmp_path)
-    assert [(e["stage"], e["actor"]) for e in entries] == [("stage2", "gpu-0"), ("stage1.1", "rank1")]
+    assert [(e["stage"], e["actor"]) for e in entries] == [("stage2", "gpu 0"), ("stage1.1", "rank 1")]
     assert set(entries[0]) >= {"stage", "role", "actor", "node", "device", "dtype", "precision", "gpu_ids"}
-    assert "stage1.1 worker rank0: cpu on" in caplog.text and "autocast bfloat16" in caplog.text
+    assert "stage1.1 worker rank 0: cpu on" in caplog.text and "autocast bfloat16" in caplog.text
 
 
 def test_policy_checkpoint_is_checked_before_ray(tmp_path: Path, capsys) -> None:

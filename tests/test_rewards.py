@@ -339,11 +339,11 @@ def test_ray_actor_scores_like_the_plain_worker(faces: torch.Tensor, ray_cluster
     try:
         remote = collect_scores(submit_scores(actor, images, batch))
         remote_errors = ray.get(actor.take_errors.remote())
-        record = ray.get(actor.device_record.remote("cpu-0"))
+        record = ray.get(actor.device_record.remote("cpu 0"))
     finally:
         ray.kill(actor)
     # No GPU reserved: the CPU; none of these rewards runs under autocast.
-    assert (record.role, record.actor, record.device, record.precision) == ("reward", "cpu-0", "cpu", "bf16-mixed")
+    assert (record.role, record.actor, record.device, record.precision) == ("reward", "cpu 0", "cpu", "bf16-mixed")
     assert (record.dtype, record.autocast, record.gpu_ids) == ("float32", None, [])
     local_worker = RewardWorker(specs, batch_size=4)
     local = local_worker.score(images, batch)
@@ -366,9 +366,9 @@ def test_only_autocast_rewards_score_under_mixed_precision_autocast() -> None:
     assert mixed["probe_autocast"].tolist() == [1.0] * 3 and mixed["probe_float32"].tolist() == [0.0] * 3
     plain = RewardWorker(specs).score(images, RewardBatch(_captions(3)))
     assert plain["probe_autocast"].tolist() == [0.0] * 3
-    record = RewardActor(specs, "cpu", 0.0, 4, None, "bf16-mixed").device_record("default-0")
+    record = RewardActor(specs, "cpu", 0.0, 4, None, "bf16-mixed").device_record("default 0")
     assert (record.device, record.dtype, record.autocast) == ("cpu", "float32", "bfloat16")
-    assert RewardActor(specs, "cpu", 0.0, 4, None).device_record("default-0").autocast is None
+    assert RewardActor(specs, "cpu", 0.0, 4, None).device_record("default 0").autocast is None
 
 
 def test_which_built_in_rewards_autocast() -> None:

@@ -53,7 +53,7 @@ def test_stage1_on_two_workers_lowers_the_loss(tmp_path: Path, ray_cluster) -> N
     # Rank 0 wrote every worker's device record, per stage.
     records = json.loads((tmp_path / "run" / "devices.json").read_text())
     assert [(r["stage"], r["actor"]) for r in records] == [
-        ("stage1.1", "rank0"), ("stage1.1", "rank1"), ("stage1.2", "rank0"), ("stage1.2", "rank1"),
+        ("stage1.1", "rank 0"), ("stage1.1", "rank 1"), ("stage1.2", "rank 0"), ("stage1.2", "rank 1"),
     ]  # fmt: skip
     assert {(r["role"], r["device"], r["dtype"]) for r in records} == {("worker", "cpu", "float32")}
     assert [(r["precision"], r["autocast"]) for r in records] == [("fp32", None)] * 2 + [("bf16-mixed", "bfloat16")] * 2

@@ -224,7 +224,7 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     precision = Precision(config.precision)
     record = DeviceRecord.here(
-        stage_name, "worker", f"rank{rank}", device, precision.name, torch.float32,
+        stage_name, "worker", f"rank {rank}", device, precision.name, torch.float32,
         autocast=precision.compute_dtype if precision.mixed else None,
     )  # fmt: skip
     records = gather_device_records(record, world)
