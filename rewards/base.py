@@ -43,7 +43,9 @@ Conventions every reward follows:
   ``stage2.reward_errors``, ``rewards.worker``);
 - ``resources`` says what one instance needs where it runs (``num_cpus``, ``num_gpus``,
   ``memory`` in bytes); a reward actor reserves the sum over the rewards it hosts unless the
-  config sets its resources (``rewards.worker.make_reward_actor``).
+  config sets its resources (``rewards.worker.make_reward_actor``);
+- ``autocast = True`` lets the reward actor score it under ``torch.autocast`` when the run's
+  ``precision`` is mixed (big networks whose score tolerates bf16 matmuls); the default is float32.
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ class Reward(ABC):
     """False for a lower-is-better metric; ``__call__`` then negates what ``score`` returns."""
     resources: ClassVar[dict[str, float]] = {"num_cpus": 0.25, "num_gpus": 0.0}
     """What one instance needs where it runs (keys from ``RESOURCE_KEYS``; ``memory`` in bytes)."""
+    autocast: ClassVar[bool] = False
+    """True: under a mixed ``precision`` the reward actor scores it inside ``torch.autocast`` to the
+    compute dtype (its weights stay as built). False (the default): always float32."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -37,6 +37,8 @@ from torch import Tensor
 from rewards.base import RewardBatch, RewardError, reward_name
 from rewards.worker import ErrorHandling, collect_scores, make_reward_actor, submit_scores
 from rlrestore.config import ActorGroupConfig, RewardSpec, Stage2Config
+from rlrestore.devices import DeviceName, DeviceRecord
+from rlrestore.precision import PrecisionName
 
 __all__ = ["RewardActorPool", "RewardErrorLog", "RewardOutcome", "StepErrors", "reward_actor_count"]
 
@@ -73,11 +75,20 @@ class RewardActorPool:
 
     ``scheduling_strategies`` places the actors, one per actor in group order (what
     :func:`reward_actor_count` counts), e.g. bundles of the Stage 2 placement group; None lets
-    Ray place them.
+    Ray place them. ``device`` (the config's request, auto | cpu | cuda) and ``precision`` (the
+    run's) decide where and in what numerics each actor scores (``rewards.worker``).
     """
 
-    def __init__(self, stage: Stage2Config, scheduling_strategies: Sequence[Any] | None = None) -> None:
+    def __init__(
+        self,
+        stage: Stage2Config,
+        scheduling_strategies: Sequence[Any] | None = None,
+        device: DeviceName = "auto",
+        precision: PrecisionName = "fp32",
+    ) -> None:
         self.stage = stage
+        self.device = device
+        self.precision = precision
         count = reward_actor_count(stage)
         strategies = list(scheduling_strategies) if scheduling_strategies is not None else [None] * count
         if len(strategies) != count:
@@ -95,17 +106,21 @@ class RewardActorPool:
         return make_reward_actor(
             group.specs,
             group.resources,
+            device=self.device,
+            precision=self.precision,
+            group=group.name,
             errors=self.stage.reward_errors,
             scheduling_strategy=group.strategies[index],
         )
 
-    def device_records(self) -> list[Any]:
-        """Every reward actor's :class:`rlrestore.devices.DeviceRecord`, named ``<group> <index>``."""
+    def device_records(self, stage: str = "stage2") -> list[DeviceRecord]:
+        """Every reward actor's :class:`DeviceRecord` (actors named ``<group> <index>``), for
+        ``write_devices(run_dir, stage, ...)``."""
         import ray
 
         return ray.get(
             [
-                actor.device_record.remote(f"{group.name} {index}")
+                actor.device_record.remote(f"{group.name} {index}", stage)
                 for group in self.groups
                 for index, actor in enumerate(group.actors)
             ]

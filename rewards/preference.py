@@ -14,6 +14,13 @@ open_clip and transformers are imported on construction, so importing this modul
 Score scales differ (weight them accordingly in ``stage2.rewards``): HPSv2 and cosine CLIP
 scores are cosines (about 0.2-0.35 for matching image-text pairs), PickScore is
 ``logit_scale.exp()`` (100) times a cosine (about 18-23).
+
+Precision: all four set ``autocast = True``. Under ``precision: bf16-mixed`` (or fp16-mixed) the
+reward actor runs them inside ``torch.autocast``: the ViT-H/L towers' matmuls in bf16 (most of a
+Stage 2 step's reward time), weights, layer norms and softmax in float32 (their ``dtype`` arg,
+float32 by default, still sets the weights), and the cosine of the L2-normalised features in
+float32. The HPSv2 reference itself scores under (fp16) autocast. As evaluation metrics (``rlrestore
+eval``) they always run in float32.
 """
 
 from __future__ import annotations
@@ -210,6 +217,7 @@ class HPSv2(Reward):
     """
 
     resources: ClassVar[dict[str, float]] = {"num_cpus": 1.0, "num_gpus": 0.25, "memory": 8 * _GIB}
+    autocast: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -298,6 +306,7 @@ class TransformersCLIPReward(Reward):
 
     default_model: ClassVar[str]
     default_processor: ClassVar[str | None] = None
+    autocast: ClassVar[bool] = True
 
     def __init__(
         self,

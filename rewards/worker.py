@@ -23,10 +23,17 @@ the configured ones) and restarts. Images cross the object store as numpy arrays
     actor = make_reward_actor(stage2.rewards, stage2.reward_workers, errors=stage2.reward_errors)
     ref = submit_scores(actor, images, RewardBatch(captions, clean=clean_faces))
     scores = collect_scores(ref)  # {"sharpness": Tensor[N], "psnr": Tensor[N]}
+
+Devices and numerics: the actor runs its rewards on the GPU Ray assigned it when it reserves GPUs
+(``num_gpus``), else on the CPU (``rlrestore.devices.actor_device``; ``device`` is the config's
+request, auto | cpu | cuda). Under a mixed ``precision`` a reward whose class sets ``autocast``
+(the CLIP-based preference rewards) is scored inside ``torch.autocast``; every other reward in
+float32. ``RewardActor.device_record`` reports both for ``devices.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import traceback
@@ -39,8 +46,16 @@ import torch
 from torch import Tensor
 
 from rewards.base import RESOURCE_KEYS, Reward, RewardBatch, RewardError, build_reward, reward_class
-from rlrestore.config import ActorGroupConfig, ErrorPolicy, RewardErrorConfig, RewardSpec
-from rlrestore.devices import DeviceRecord
+from rlrestore.config import (
+    DEFAULT_REWARD_ACTOR,
+    ActorGroupConfig,
+    ErrorPolicy,
+    RewardErrorConfig,
+    RewardSpec,
+    reward_group_key,
+)
+from rlrestore.devices import DeviceName, DeviceRecord, actor_device
+from rlrestore.precision import Precision, PrecisionName
 
 __all__ = [
     "ErrorHandling",
@@ -110,6 +125,7 @@ class RewardWorker:
 
     ``errors`` (the run-wide policy, retries and timeout; each spec's ``on_error`` and
     ``timeout_s`` override it) says how failures are handled; see the module docstring.
+    ``precision``: rewards with ``autocast`` run under its autocast (a no-op under fp32).
 
     ``errors`` after a call lists each chunk whose calls failed at least once, as a dict:
     ``reward``; ``start``, ``stop`` (its samples); ``attempts`` (calls made) and ``failed`` (of
@@ -124,9 +140,11 @@ class RewardWorker:
         device: torch.device | str = "cpu",
         batch_size: int = 32,
         errors: RewardErrorConfig | None = None,
+        precision: PrecisionName = "fp32",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.precision = Precision(precision)
         errors = errors or RewardErrorConfig()
         self.rewards = [build_reward(spec, device) for spec in specs]
         names = [reward.name for reward in self.rewards]
@@ -185,6 +203,16 @@ class RewardWorker:
         errors, self.errors = self.errors, []
         return errors
 
+    def autocast_dtype(self, reward: Reward) -> torch.dtype | None:
+        """The dtype ``reward`` is scored under autocast in, or None (float32)."""
+        return self.precision.compute_dtype if reward.autocast and self.precision.mixed else None
+
+    def _call(self, reward: Reward, images: Tensor, batch: RewardBatch) -> Tensor:
+        # Autocast state is per thread: entered here, inside the thread that scores.
+        context = self.precision.autocast(self.device) if self.autocast_dtype(reward) else contextlib.nullcontext()
+        with context:
+            return reward(images, batch)
+
     def _score_chunk(
         self, reward: Reward, images: Tensor, batch: RewardBatch, start: int
     ) -> tuple[Tensor | None, dict[str, Any] | None]:
@@ -196,7 +224,7 @@ class RewardWorker:
         for _ in range(1 + handling.retries):
             try:
                 scores = call_with_timeout(
-                    lambda: reward(images, batch), handling.timeout_s, name=f"reward {reward.name}"
+                    lambda: self._call(reward, images, batch), handling.timeout_s, name=f"reward {reward.name}"
                 )
                 break
             except Exception as exc:  # any reward failure is handled by its policy
@@ -228,15 +256,41 @@ class RewardWorker:
 
 
 class RewardActor:
-    """What runs inside the Ray actor: a :class:`RewardWorker` taking and returning numpy arrays."""
+    """What runs inside the Ray actor: a :class:`RewardWorker` taking and returning numpy arrays.
+
+    ``device`` is the config's request (auto | cpu | cuda) and ``num_gpus`` what the actor
+    reserved: the worker runs on the GPU Ray assigned it, or on the CPU (``actor_device``).
+    ``group``: its reward-actor group (for messages).
+    """
 
     def __init__(
-        self, specs: Sequence[RewardSpec], device: str, batch_size: int, errors: RewardErrorConfig | None
+        self,
+        specs: Sequence[RewardSpec],
+        device: DeviceName,
+        num_gpus: float,
+        batch_size: int,
+        errors: RewardErrorConfig | None,
+        precision: PrecisionName = "fp32",
+        group: str = DEFAULT_REWARD_ACTOR,
     ) -> None:
-        self.worker = RewardWorker(specs, device=device, batch_size=batch_size, errors=errors)
+        key = f"{reward_group_key(group)}.num_gpus"
+        resolved = actor_device(device, num_gpus, f"reward actors ({group})", key)
+        self.worker = RewardWorker(
+            specs, device=resolved, batch_size=batch_size, errors=errors, precision=precision
+        )
 
     def names(self) -> list[str]:
         return self.worker.names
+
+    def device_record(self, actor: str, stage: str = "stage2") -> DeviceRecord:
+        """Where this actor scores (role ``reward``, named ``actor``): its device, the run's
+        precision, its rewards' weight dtype(s) and, if any reward runs under autocast, its dtype."""
+        worker = self.worker
+        weights = sorted({str(getattr(reward, "dtype", torch.float32)).removeprefix("torch.") for reward in worker.rewards})
+        autocast = next((d for d in map(worker.autocast_dtype, worker.rewards) if d is not None), None)
+        return DeviceRecord.here(
+            stage, "reward", actor, worker.device, worker.precision.name, ",".join(weights), autocast=autocast
+        )
 
     def score(
         self,
@@ -253,10 +307,6 @@ class RewardActor:
     def take_errors(self) -> list[dict[str, Any]]:
         return self.worker.take_errors()
 
-    def device_record(self, actor: str) -> DeviceRecord:
-        """Where this actor's rewards compute (for ``devices.json``); reward models keep float32 weights."""
-        return DeviceRecord.here("stage2", "reward", actor, self.worker.device, "fp32", torch.float32)
-
 
 def reward_resources(specs: Sequence[RewardSpec]) -> dict[str, float]:
     """Sum of the ``resources`` the rewards of ``specs`` declare (their classes; none is built)."""
@@ -271,7 +321,9 @@ def make_reward_actor(
     specs: Sequence[RewardSpec],
     resources: ActorGroupConfig | Mapping[str, float] | None = None,
     *,
-    device: str | None = None,
+    device: DeviceName = "auto",
+    precision: PrecisionName = "fp32",
+    group: str = DEFAULT_REWARD_ACTOR,
     batch_size: int = 32,
     errors: RewardErrorConfig | None = None,
     max_restarts: int = 3,
@@ -286,9 +338,12 @@ def make_reward_actor(
     ``resources`` (an ``ActorGroupConfig`` or a dict with ``num_cpus``/``num_gpus``/``memory``)
     is what the actor reserves; None reserves what the rewards declare
     (:func:`reward_resources`). Reserving less than they declare is allowed (a CPU-only test
-    of a GPU reward) and logged. ``device`` defaults to "cuda" when the actor reserves a GPU,
-    else "cpu". Scoring is a pure function of its inputs, so a call interrupted by an actor
-    restart is retried ``max_task_retries`` times.
+    of a GPU reward) and logged. ``device`` is the config's request (auto | cpu | cuda): the
+    actor runs on its assigned GPU when it reserves one, else on the CPU (``device=cuda`` without
+    GPUs or ``device=cpu`` with GPUs is refused when the actor starts). ``precision`` is the
+    run's (autocast for rewards that allow it); ``group`` names the actor's reward-actor group
+    in messages. Scoring is a pure function of its inputs, so a
+    call interrupted by an actor restart is retried ``max_task_retries`` times.
     """
     import ray
 
@@ -305,7 +360,6 @@ def make_reward_actor(
     short = {key: value for key, value in declared.items() if reserved.get(key, 0.0) < value}
     if short:
         log.warning("reward actor reserves %s, less than its rewards declare (%s)", reserved, short)
-    device = device or ("cuda" if reserved.get("num_gpus", 0) > 0 else "cpu")
     options = {key: value for key, value in reserved.items() if key != "memory" or value}
     return (
         ray.remote(RewardActor)
@@ -315,7 +369,7 @@ def make_reward_actor(
             scheduling_strategy=scheduling_strategy,
             **options,
         )
-        .remote(list(specs), device, batch_size, errors)
+        .remote(list(specs), device, float(reserved.get("num_gpus", 0.0)), batch_size, errors, precision, group)
     )
 
 

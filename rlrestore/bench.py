@@ -12,7 +12,10 @@
              random weights (``rewards.tiny``)
 
 Every timing is the median of ``repeats`` runs after one warm-up run (``time.perf_counter``).
-The policy is random-initialised from the config, so everything runs offline.
+The policy is random-initialised from the config, so everything runs offline. The benchmarks run
+in this process on ``device`` (``auto``: CUDA when there is a GPU); the rollout figure samples with
+an inference copy in ``precision``'s compute dtype. The report and ``devices.json`` next to it
+record both.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rewards.base import Reward, RewardBatch
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
+from rlrestore.devices import DeviceRecord, local_device, write_devices
 from rlrestore.flow import shifted_timesteps
 from rlrestore.models.policy import Condition, PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
+from rlrestore.precision import Precision
 from trainers.nft_learner import NFTSamples
 
 FIGURE_PARTS = ("rollout", "learner", "stage2")
@@ -82,13 +87,6 @@ def _figure(
         "ratio_means": ratio_means,
         "settings": settings,
     }
-
-
-def pick_device(name: str) -> torch.device:
-    """The config's ``device`` for in-process benchmarks ("auto": CUDA when there is one)."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------- rollout
@@ -319,7 +317,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
         stage.optim,
         micro_batch=stage.micro_batch,
         zero_stage=stage.zero_stage,
-        device=pick_device(config.device),
+        device=local_device(config.device),
         sampler_steps=stage.sampler_steps,
         total_steps=stage.steps,
         seed=config.seed,
@@ -522,19 +520,24 @@ def run_bench(
             f"parts must be among {PARTS} (got unknown {unknown}) and repeats >= 1 (got {repeats})"
         )
     torch.set_num_threads(threads)
-    device = pick_device(config.device)
+    device = local_device(config.device)
+    precision = Precision(config.precision)
+    record = DeviceRecord.here("bench", "bench", "local", device, precision.name, precision.compute_dtype)
     stage = config.stage2
     torch.manual_seed(config.seed)
     policy = PrefRestorePolicy.from_config(config.policy).eval() if set(parts) & set(FIGURE_PARTS) else None
     report: dict[str, Any] = {
         "device": str(device),
+        "precision": precision.name,
         "torch_threads": torch.get_num_threads(),
         "repeats": repeats,
         "statistic": "median after one warm-up",
     }
     if "rollout" in parts:
+        # Rollouts sample with an inference copy in the compute dtype; the policy stays float32.
+        rollout_policy = precision.for_inference(copy.deepcopy(policy)) if precision.mixed else policy
         report["rollout"] = bench_rollout(
-            policy.to(device), stage.rollout_batch, stage.candidates, stage.sampler_steps, repeats
+            rollout_policy.to(device), stage.rollout_batch, stage.candidates, stage.sampler_steps, repeats
         )
     if "learner" in parts:
         report["learner"] = bench_learner(
@@ -554,6 +557,7 @@ def run_bench(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    write_devices(out.parent, "bench", [record])
     return report
 
 

@@ -126,3 +126,14 @@ def resolve_policy_dir(path: str | Path) -> Path:
         f"{path} holds no policy: expected a policy directory ({POLICY_CONFIG}), a checkpoint "
         f"(policy/{POLICY_CONFIG}) or a run directory with checkpoints/<stage>/step_*"
     )
+
+
+def configured_policy_dir(checkpoint: str | None) -> Path | None:
+    """``policy.checkpoint`` as a policy directory (None when unset); a path that holds no policy
+    raises ``CheckpointError`` naming the key."""
+    if checkpoint is None:
+        return None
+    try:
+        return resolve_policy_dir(checkpoint)
+    except CheckpointError as exc:
+        raise CheckpointError(f"policy.checkpoint={checkpoint!r}: {exc}") from None

@@ -2,7 +2,7 @@
 
     rlrestore data build --src FACES --out SHARDS
     rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
-    rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR INPUT [INPUT ...]
+    rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] INPUT [INPUT ...]
     rlrestore demo [key=value ...]
     rlrestore eval CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--real] [key=value ...]
     rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
@@ -41,15 +41,20 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from rlrestore.checkpoints import configured_policy_dir
+    from rlrestore.devices import check_cluster_gpus, check_run_devices
     from rlrestore.jobs import ray_session, run_stage1
 
     config = _config(args)
     stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0] if args.stage == "stage1" else [args.stage]
+    check_run_devices(config, stages)  # before Ray starts: each role's device request can be met
+    configured_policy_dir(config.policy.checkpoint)
     if stages == ["stage2"]:
         from rlrestore.stage2 import check_stage2_inputs
 
         check_stage2_inputs(config)  # before Ray starts: missing checkpoint, rewards, weight files
     with ray_session(config.ray):
+        check_cluster_gpus(config, stages)
         for stage in stages:
             if stage == "stage2":
                 from rlrestore.stage2 import run_stage2
@@ -70,7 +75,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
         overrides.append(f"sampler.steps={args.steps}")
     sampler = load_config(None, overrides).sampler
     report = restore_files(
-        args.ckpt, args.inputs, args.out, sampler, samples=args.samples, seed=args.seed, progress=not args.quiet
+        args.ckpt,
+        args.inputs,
+        args.out,
+        sampler,
+        samples=args.samples,
+        seed=args.seed,
+        progress=not args.quiet,
+        device=args.device,
+        precision=args.precision,
     )
     print(report.summary())
     for item in report.skipped:
@@ -216,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--sampler", action="append", default=[], metavar="KEY=VALUE",
         help="Sampler override (repeatable), e.g. --sampler guidance_scale=2 --sampler sde_eta=0.5.",
+    )
+    restore.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="Where the policy runs (default auto: the first GPU when there is one, else the CPU).",
+    )
+    restore.add_argument(
+        "--precision", choices=["fp32", "bf16-mixed", "fp16-mixed"], default="fp32",
+        help="Numerics (default fp32). bf16-mixed / fp16-mixed restore with bf16 / fp16 weights, the sampler "
+        "state and t in float32: faster and half the memory on a GPU, outputs differ slightly.",
     )
     restore.add_argument("--quiet", action="store_true", help="No progress bar.")
     restore.set_defaults(func=cmd_restore)

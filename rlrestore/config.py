@@ -252,6 +252,11 @@ DEFAULT_REWARD_ACTOR = "default"
 ErrorPolicy = Literal["retry", "skip_step", "fail"]
 
 
+def reward_group_key(group: str) -> str:
+    """The config section that sizes reward-actor group ``group``."""
+    return "stage2.reward_workers" if group == DEFAULT_REWARD_ACTOR else f"stage2.reward_actors.{group}"
+
+
 class RewardSpec(_Section):
     """One reward model: a registered name (or ``module:Class``), its weight and constructor args."""
 

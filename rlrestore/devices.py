@@ -4,14 +4,16 @@ The rule is one for every role: a role runs on CUDA exactly when its Ray resourc
 (``ray.gpus_per_worker`` for Stage 1 workers; ``num_gpus`` of ``stage2.rollout_workers``,
 ``stage2.reward_workers`` / ``stage2.reward_actors.*``, ``stage2.learners`` and ``eval``), on the
 GPU Ray assigned to it (Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so that GPU is ``cuda:0``
-inside the actor; Ray Train names its worker's device, fractional GPUs included). ``device: cuda``
-refuses a role without GPUs, ``device: cpu`` refuses GPU reservations, and NCCL groups (Stage 1
-workers, learner ranks) refuse fractional GPUs: NCCL needs one rank per physical GPU. In-process
-commands (``restore``, ``eval`` without actors, ``bench``) use CUDA when ``device`` is ``cuda`` or
-``auto`` with a GPU present.
+inside the actor; Ray Train names its worker's device, fractional GPUs included:
+:func:`train_worker_device`). ``device: cuda`` refuses a role without GPUs, ``device: cpu``
+refuses GPU reservations, and NCCL groups (Stage 1 workers, learner ranks) refuse fractional
+GPUs: NCCL needs one rank per physical GPU. A role that reserved GPUs but finds no CUDA in its
+process is refused too. In-process commands (``restore``, ``eval`` without actors, ``bench``) use
+CUDA when ``device`` is ``cuda`` or ``auto`` with a GPU present (:func:`local_device`).
 
-Every run writes ``<run_dir>/devices.json``: one record per actor (stage, role, actor, node,
-device, GPU ids, precision, weight dtype) and logs it.
+Every run writes ``devices.json`` (into ``<run_dir>``, or the output folder of ``eval`` and
+``restore``): one record per actor (stage, role, actor, node, device, GPU ids, precision, weight
+dtype, autocast dtype) and logs it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from rlrestore.config import DEFAULT_REWARD_ACTOR, RunConfig
+from rlrestore.config import RunConfig, reward_group_key
 
 DEVICES_FILE = "devices.json"
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -61,17 +63,43 @@ def check_role(requested: DeviceName, role: str, key: str, num_gpus: float, nccl
         )
 
 
-def actor_device(requested: DeviceName, num_gpus: float, role: str) -> torch.device:
-    """The device of a Ray actor that reserved ``num_gpus``: the GPU Ray assigned it, or the CPU."""
-    if num_gpus <= 0 and requested != "cuda":
-        return torch.device("cpu")
+def _require_cuda(role: str, num_gpus: float, key: str) -> None:
+    """Refuse a role that reserved GPUs but sees no CUDA in its own process."""
     if not torch.cuda.is_available():
         raise DeviceError(
-            f"{role} reserved {num_gpus} GPU but CUDA is not available in its process on "
+            f"{role} reserved {num_gpus:g} GPU ({key}) but CUDA is not available in its process on "
             f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
-            "check the node's driver and the torch build, or reserve no GPUs"
+            f"check the node's driver and the torch build, or set {key}=0"
         )
+
+
+def actor_device(requested: DeviceName, num_gpus: float, role: str, key: str = "num_gpus") -> torch.device:
+    """The device of a Ray actor that reserved ``num_gpus``: the GPU Ray assigned it, or the CPU.
+
+    ``key`` names the config entry of ``num_gpus`` in the messages of a refusal.
+    """
+    check_role(requested, role, key, num_gpus)
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    _require_cuda(role, num_gpus, key)
     return torch.device("cuda", 0)  # Ray narrowed CUDA_VISIBLE_DEVICES to this actor's GPU
+
+
+def train_worker_device(requested: DeviceName, gpus_per_worker: float, nccl: bool) -> torch.device:
+    """The device of a Ray Train worker (Stage 1): ``ray.train.torch.get_device()`` when the workers
+    reserve GPUs (right with fractional GPUs and whatever ``CUDA_VISIBLE_DEVICES`` Ray Train set),
+    else the CPU. ``nccl``: the workers form an NCCL group (more than one)."""
+    key = "ray.gpus_per_worker"
+    check_role(requested, "Stage 1 workers", key, gpus_per_worker, nccl=nccl)
+    if gpus_per_worker <= 0:
+        return torch.device("cpu")
+    _require_cuda("a Stage 1 worker", gpus_per_worker, key)
+    from ray.train.torch import get_device
+
+    device = get_device()
+    if device.type != "cuda":
+        raise DeviceError(f"a Stage 1 worker reserved {gpus_per_worker:g} GPU ({key}) but Ray Train gave it {device}")
+    return device
 
 
 def local_device(requested: DeviceName) -> torch.device:
@@ -110,12 +138,29 @@ class DeviceRecord:
     node: str = field(default_factory=_node)
     gpu_ids: list[str] = field(default_factory=_gpu_ids)
     gpu_name: str | None = None
+    autocast: str | None = None  # dtype of torch.autocast around its forward passes, if any
 
     @classmethod
-    def here(cls, stage: str, role: str, actor: str, device: torch.device, precision: str, dtype: torch.dtype) -> DeviceRecord:
+    def here(
+        cls,
+        stage: str,
+        role: str,
+        actor: str,
+        device: torch.device,
+        precision: str,
+        dtype: torch.dtype | str,
+        autocast: torch.dtype | None = None,
+    ) -> DeviceRecord:
         """The record of the calling process (node, GPU ids and GPU name read from it)."""
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        return cls(stage, role, actor, str(device), precision, str(dtype).removeprefix("torch."), gpu_name=name)
+        return cls(
+            stage, role, actor, str(device), precision, _dtype_name(dtype), gpu_name=name,
+            autocast=None if autocast is None else _dtype_name(autocast),
+        )  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def write_devices(run_dir: str | Path, stage: str, records: list[DeviceRecord]) -> Path:
@@ -135,10 +180,12 @@ def write_devices(run_dir: str | Path, stage: str, records: list[DeviceRecord]) 
     partial.replace(path)
     for record in records:
         gpus = f" gpus {','.join(record.gpu_ids)}" if record.gpu_ids else ""
+        autocast = f", autocast {record.autocast}" if record.autocast else ""
         log.info(
-            "%s %s %s: %s%s on %s, %s (%s)",
-            stage, record.role, record.actor, record.device, gpus, record.node, record.precision, record.dtype,
-        )
+            "%s %s %s: %s%s on %s, %s (weights %s%s)",
+            stage, record.role, record.actor, record.device, gpus, record.node, record.precision,
+            record.dtype, autocast,
+        )  # fmt: skip
     return path
 
 
@@ -158,11 +205,7 @@ def check_run_devices(config: RunConfig, stages: list[str]) -> None:
             s2 = config.stage2
             check_role(device, "Stage 2 rollout actors", "stage2.rollout_workers.num_gpus", s2.rollout_workers.num_gpus)
             for group, (resources, _) in s2.reward_actor_groups().items():
-                key = (
-                    "stage2.reward_workers.num_gpus"
-                    if group == DEFAULT_REWARD_ACTOR
-                    else f"stage2.reward_actors.{group}.num_gpus"
-                )
+                key = f"{reward_group_key(group)}.num_gpus"
                 check_role(device, f"Stage 2 reward actors ({group})", key, resources.num_gpus)
             check_role(
                 device, "Stage 2 learner ranks", "stage2.learners.num_gpus", s2.learners.num_gpus,
@@ -170,3 +213,39 @@ def check_run_devices(config: RunConfig, stages: list[str]) -> None:
             )
         elif stage == "eval" and config.eval.num_actors > 0:
             check_role(device, "eval actors", "eval.num_gpus", config.eval.num_gpus)
+        elif stage == "eval":
+            local_device(device)  # eval.num_actors=0: restores and scores in this process
+
+
+def _gpus_at_once(config: RunConfig, stage: str) -> tuple[float, str]:
+    """GPUs ``stage`` must hold at the same time to start, and the keys that set them."""
+    if stage in ("autoencoder", "stage1.1", "stage1.2"):
+        return config.ray.num_workers * config.ray.gpus_per_worker, "ray.num_workers x ray.gpus_per_worker"
+    if stage == "stage2":
+        s2 = config.stage2
+        groups = [s2.rollout_workers, s2.learners, *(r for r, _ in s2.reward_actor_groups().values())]
+        return sum(g.num_actors * g.num_gpus for g in groups), "stage2.*.num_actors x num_gpus"
+    if stage == "eval" and config.eval.num_actors > 0:
+        return config.eval.num_gpus, "eval.num_gpus"
+    return 0.0, ""
+
+
+def check_cluster_gpus(config: RunConfig, stages: list[str]) -> None:
+    """Once connected to Ray: refuse (a local cluster) or warn about (a cluster named by
+    ``ray.address`` or ``RAY_ADDRESS``: an autoscaler may add GPU nodes) stages that reserve more
+    GPUs than the cluster has, instead of waiting for them forever."""
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    local = config.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    for stage in stages:
+        needed, keys = _gpus_at_once(config, stage)
+        if needed <= have + 1e-9:
+            continue
+        message = f"{stage} reserves {needed:g} GPUs at once ({keys}), but the Ray cluster has {have:g}"
+        if local:
+            raise DeviceError(
+                f"{message}: the local cluster started here cannot run it. Lower those keys (0 GPUs runs on "
+                "the CPU), or connect to a cluster with GPUs (ray.address)"
+            )
+        log.warning("%s; the job waits until nodes with GPUs join", message)

@@ -15,9 +15,16 @@ weights, ``rewards.landmarks``) or when it needs ground truth on a real set.
 
 Work is split into chunks of ``eval.chunk_size`` inputs per checkpoint, run in this process or on
 ``eval.num_actors`` Ray actors; a chunk's rows are saved when it completes, so a rerun of the same
-command skips finished chunks. Layout of ``OUT``::
+command skips finished chunks.
+
+Devices and numerics: an eval actor runs on the GPU Ray assigned it when ``eval.num_gpus`` > 0,
+else on the CPU; in-process evaluation uses CUDA when ``device`` is ``cuda`` or ``auto`` with a
+GPU present (``rlrestore.devices``). The policy is loaded in float32 and cast to the compute dtype
+of ``precision`` (bf16 under bf16-mixed; the sampler state and t stay float32); the metrics always
+compute in float32, so numbers stay comparable across precisions. Layout of ``OUT``::
 
     eval_manifest.json                  settings and checkpoints; a rerun with other settings is refused
+    devices.json                        device, node and dtype of each eval worker (rlrestore.devices)
     inputs.json                         every input (id, source, Eq. 16 parameters) and skipped files
     inputs/lq/<id>.png, inputs/gt/<id>.png   what the policy restored, and the ground truth
     restored/<model>/<id>_s<seed>.png   every restoration
@@ -50,7 +57,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rewards import Reward, RewardBatch, RewardError, build_reward, check_reward_args, reward_class
-from rlrestore.bench import pick_device
 from rlrestore.checkpoints import resolve_policy_dir
 from rlrestore.config import ConfigError, EvalConfig, RewardSpec, RunConfig, SamplerConfig
 from rlrestore.data import (
@@ -64,8 +70,18 @@ from rlrestore.data import (
     square_resize,
     to_tensor,
 )
+from rlrestore.devices import (
+    DeviceName,
+    DeviceRecord,
+    actor_device,
+    check_cluster_gpus,
+    check_run_devices,
+    local_device,
+    write_devices,
+)
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.plotting import captioned_grid
+from rlrestore.precision import Precision, PrecisionName
 from rlrestore.restore import restore_arrays
 
 log = logging.getLogger(__name__)
@@ -376,6 +392,9 @@ class EvalWorker:
     """Restores and scores chunks: a plain class (in-process path), wrapped as a Ray actor for the parallel one.
 
     Holds the per-image rewards (built once) and one policy at a time (chunks come model by model).
+    ``device`` is the config's request (auto | cpu | cuda); ``num_gpus`` what the Ray actor
+    reserved (``eval.num_gpus``), None in this process. ``precision``: the policy's inference
+    dtype (the metrics stay float32).
     """
 
     def __init__(
@@ -383,12 +402,18 @@ class EvalWorker:
         metrics: list[Metric],
         sampler: SamplerConfig,
         config: EvalConfig,
-        device: str,
+        device: DeviceName,
+        precision: PrecisionName = "fp32",
+        num_gpus: float | None = None,
         threads: int | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
-        self.device = pick_device(device)
+        if num_gpus is None:
+            self.device = local_device(device)
+        else:
+            self.device = actor_device(device, num_gpus, "eval actors", "eval.num_gpus")
+        self.precision = Precision(precision)
         self.metrics = [metric for metric in metrics if metric.reward is not None]
         self.rewards = {metric.key: build_reward(metric.reward, self.device) for metric in self.metrics}
         self.sampler = sampler
@@ -400,8 +425,13 @@ class EvalWorker:
         """The policy of ``policy_dir``, loaded when it differs from the one held."""
         if self._policy is None or self._policy[0] != policy_dir:
             self._policy = None  # free the previous checkpoint first
-            self._policy = (policy_dir, PrefRestorePolicy.from_pretrained(policy_dir).to(self.device).eval())
+            policy = self.precision.for_inference(PrefRestorePolicy.from_pretrained(policy_dir))
+            self._policy = (policy_dir, policy.to(self.device).eval())
         return self._policy[1]
+
+    def device_record(self, actor: str) -> DeviceRecord:
+        """Where this worker restores and scores, and in what dtype (for ``devices.json``)."""
+        return DeviceRecord.here("eval", "eval", actor, self.device, self.precision.name, self.precision.compute_dtype)
 
     @torch.no_grad()
     def run(self, task: ChunkTask) -> ChunkResult:
@@ -581,6 +611,7 @@ def run_evaluation(
     are degraded with Eq. 16. ``reference``: folder of clean faces FID compares against (default:
     the clean set of a synthetic evaluation).
     """
+    check_run_devices(config, ["eval"])
     models = parse_checkpoints(checkpoints)
     out = Path(out)
     ev = config.eval
@@ -593,6 +624,7 @@ def run_evaluation(
         "kind": "real" if real else "synthetic",
         "degradation": None if real else config.degradation.model_dump(mode="json"),
         "sampler": config.sampler.model_dump(mode="json"),
+        "precision": config.precision,
         "eval": ev.model_dump(
             include={"seed", "samples", "noise_seed", "batch_size", "chunk_size", "upscale_small"}
         ),
@@ -619,9 +651,10 @@ def run_evaluation(
     bar = tqdm(total=len(tasks), initial=len(reused), desc="eval chunks", disable=not progress)
     if pending:
         log.info("eval: %d chunk(s) done earlier, %d to compute", len(reused), len(pending))
-        worker_args = (metrics, config.sampler, ev, config.device)
+        worker_args = (metrics, config.sampler, ev, config.device, config.precision)
         if ev.num_actors == 0:
             worker = EvalWorker(*worker_args)
+            write_devices(out, "eval", [worker.device_record("local")])
             for task in pending:
                 _save_chunk(out, worker.run(load(task)), columns)
                 bar.update(1)
@@ -631,7 +664,9 @@ def run_evaluation(
 
     per_image, notes = _merge_parts(out, tasks, columns)
     per_image.to_parquet(out / PER_IMAGE, index=False)
-    set_level = _set_level_metrics(metrics, models, out, inputs, reference, config.device, notes)
+    # FID runs in this process: with eval actors (on other nodes, maybe) on a GPU only if it has one.
+    fid_device = local_device("auto" if ev.num_actors > 0 and config.device == "cuda" else config.device)
+    set_level = _set_level_metrics(metrics, models, out, inputs, reference, fid_device, notes)
     summary = summarize(per_image, metrics, set_level, list(models))
     best = best_models(summary, metrics)
     grid = _write_grid(out, inputs, list(models), seeds[0], ev.grid_images) if len(models) > 1 else None
@@ -735,10 +770,12 @@ def _run_on_ray(
 
     ev = config.eval
     with ray_session(config.ray):
+        check_cluster_gpus(config, ["eval"])
         actor_class = ray.remote(EvalWorker).options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus)
         threads = max(1, int(ev.num_cpus))
         actors = [
-            actor_class.remote(*worker_args, threads=threads) for _ in range(min(ev.num_actors, len(pending)))
+            actor_class.remote(*worker_args, num_gpus=ev.num_gpus, threads=threads)
+            for _ in range(min(ev.num_actors, len(pending)))
         ]
         queue = deque(pending)
         running: dict[Any, Any] = {}
@@ -748,6 +785,8 @@ def _run_on_ray(
                 running[actor.run.remote(load(queue.popleft()))] = actor
 
         try:
+            records = ray.get([actor.device_record.remote(f"actor {i}") for i, actor in enumerate(actors)])
+            write_devices(out, "eval", records)
             for actor in actors:
                 submit(actor)
             while running:
@@ -786,7 +825,7 @@ def _set_level_metrics(
     out: Path,
     inputs: EvalInputs,
     reference: str | Path | None,
-    device: str,
+    device: torch.device,
     notes: list[dict[str, Any]],
 ) -> dict[str, dict[str, float]]:
     """FID of each checkpoint's restorations against ``reference`` (default: the clean set)."""
@@ -796,9 +835,7 @@ def _set_level_metrics(
     against = Path(reference) if reference is not None else inputs.gt_dir
     for model in models:
         try:
-            values[model]["fid"] = frechet_inception_distance(
-                out / "restored" / model, against, pick_device(device)
-            )
+            values[model]["fid"] = frechet_inception_distance(out / "restored" / model, against, device)
         except Exception as exc:  # noqa: BLE001 - e.g. an unreadable reference file: reported, not fatal
             values[model]["fid"] = math.nan
             reason = f"FID failed ({type(exc).__name__}: {exc})"

@@ -4,6 +4,9 @@ Stage 1.1, Semantic-to-Diffusion Alignment (Eq. 10):  L = L_CE + alpha * L_diff
     CE: next-token prediction of the clean face's codes; L_diff: flow matching through the frozen
     DiT, whose gradient reaches the connectors and the AR integrator.
 Stage 1.2, Texture-to-Diffusion Alignment:            L = L_diff + beta * ||E_theta(y) - E_frozen(x)||^2 (Eq. 11)
+
+Under mixed precision the networks run inside ``torch.autocast``; x0, the noise, t and every loss
+stay float32 (only the network inputs are cast, by autocast).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ def flow_matching_loss(
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """|| v_theta(x_t, c, t) - (eps - x0) ||^2 with t ~ U(0, 1) and fresh noise."""
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    t = torch.rand(x0.shape[0], generator=generator).to(x0.device, x0.dtype)
+    """|| v_theta(x_t, c, t) - (eps - x0) ||^2 with t ~ U(0, 1) and fresh noise (all float32)."""
+    x0 = x0.float()
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.rand(x0.shape[0], generator=generator).to(x0.device)
     v = policy.velocity(interpolate(x0, eps, t), t, encoder_hidden_states)
-    return F.mse_loss(v.float(), target_velocity(x0, eps).float())
+    return F.mse_loss(v.float(), target_velocity(x0, eps))
 
 
 def drop_conditions(states: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
@@ -38,7 +42,7 @@ def drop_conditions(states: torch.Tensor, probability: float, generator: torch.G
 def autoencoder_losses(policy: PrefRestorePolicy, hq: torch.Tensor) -> dict[str, torch.Tensor]:
     """L1 + MSE reconstruction of clean faces through the DC-AE (the optional autoencoder stage)."""
     latents = policy.vae.encode(hq).latent
-    recon = policy.vae.decode(latents).sample
+    recon = policy.vae.decode(latents).sample.float()
     l1, mse = F.l1_loss(recon, hq), F.mse_loss(recon, hq)
     return {"loss": l1 + mse, "l1": l1, "mse": mse}
 
@@ -53,7 +57,7 @@ def stage1_losses(
     if isinstance(stage, AutoencoderConfig):
         return autoencoder_losses(policy, batch["hq"])
     hq, lq = batch["hq"], batch["lq"]
-    x0 = policy.encode_clean(hq)
+    x0 = policy.encode_clean(hq).float()
     codes = policy.target_codes(hq)
     semantic_alignment = isinstance(stage, SemanticAlignmentConfig)
     generated = isinstance(stage, TextureAlignmentConfig) and stage.semantic_codes == "generated"

@@ -7,9 +7,14 @@ What mixed precision means here (design.md section 10):
   keeps float32 masters in the optimizer (fp16 with dynamic loss scaling).
 * EMAs (v_old, the export EMA) accumulate in float32: a bf16 ``lerp`` at decay 0.999 drops most
   updates (bf16 has 8 bits of mantissa).
-* Inference copies (rollouts, eval, restore) and frozen components hold their weights in the
-  compute dtype; the sampler state x and the flow time t stay float32 and only the network input
-  is cast.
+* Inference copies (rollouts, eval, restore) hold their weights in the compute dtype; the sampler
+  state x and the flow time t stay float32 and only the network input is cast. Stage 1's frozen
+  components stay float32 too and compute under autocast: every checkpoint saves them, and a
+  later stage trains them, so rounding them to bf16 would lose information for good.
+* Reward models keep the weights they are built with; a reward whose class sets
+  ``autocast = True`` (the CLIP-based preference rewards) is scored under ``autocast`` to the
+  compute dtype, the others (pixel metrics, pyiqa IQA models, ArcFace, landmarks) in float32.
+  Evaluation metrics always run in float32.
 
 A plain ``float32`` run is the ``fp32`` mode: every context below is then a no-op.
 """
@@ -72,7 +77,7 @@ class Precision:
         }
 
     def for_inference(self, module: nn.Module) -> nn.Module:
-        """Cast a module that only infers (or stays frozen) to the compute dtype, in place."""
+        """Cast a module that only infers (an inference copy) to the compute dtype, in place."""
         return module.to(self.compute_dtype)
 
 

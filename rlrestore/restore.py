@@ -3,6 +3,11 @@
 Each input is padded to a square (edge pixels), resized to the policy's resolution, restored, and
 resized/cropped back, so the output has the input's size. Unreadable inputs are skipped and
 listed in ``restore_report.json`` next to the outputs.
+
+The policy runs in this process on ``device`` (``auto``: CUDA when there is a GPU,
+``rlrestore.devices.local_device``), loaded in float32 and cast to the compute dtype of
+``precision`` (default ``fp32``; ``bf16-mixed`` restores with bf16 weights, the sampler state and t
+in float32). ``devices.json`` in the output folder records both.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from rlrestore.data.images import (
     to_tensor,
     to_uint8,
 )
+from rlrestore.devices import DeviceName, DeviceRecord, local_device, write_devices
 from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.precision import Precision, PrecisionName
 
 
 @dataclass
@@ -108,13 +115,18 @@ def restore_files(
     seed: int = 0,
     batch_size: int = 4,
     progress: bool = True,
+    device: DeviceName = "auto",
+    precision: PrecisionName = "fp32",
 ) -> RestoreReport:
     """Restore every readable input; write ``<stem>.png`` (first candidate) and, with ``samples > 1``,
-    ``<stem>_sample<k>.png`` for each candidate, plus ``restore_report.json`` with the seeds."""
+    ``<stem>_sample<k>.png`` for each candidate, plus ``restore_report.json`` with the seeds and
+    ``devices.json`` (device and dtype of the policy)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    target = local_device(device)
+    numerics = Precision(precision)
     policy_dir = resolve_policy_dir(checkpoint)
-    policy = PrefRestorePolicy.from_pretrained(policy_dir).eval()
+    policy = numerics.for_inference(PrefRestorePolicy.from_pretrained(policy_dir)).to(target).eval()
     out_dir = Path(out_dir)
     files, skipped = collect_inputs(inputs)
     inside = [f for f in files if out_dir.resolve() in f.resolve().parents]
@@ -124,6 +136,9 @@ def restore_files(
             "the inputs; choose an output folder outside the inputs"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_devices(
+        out_dir, "restore", [DeviceRecord.here("restore", "restore", "local", target, numerics.name, numerics.compute_dtype)]
+    )
     report = RestoreReport(checkpoint=str(policy_dir), skipped=skipped)
     used_names: set[str] = set()
     done = 0  # readable inputs so far: the i-th gets seeds seed + i * samples + k

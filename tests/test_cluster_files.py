@@ -22,6 +22,7 @@ import yaml
 
 from rlrestore.cli import build_parser
 from rlrestore.config import RunConfig, load_config
+from rlrestore.devices import DeviceError, check_run_devices
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -312,7 +313,8 @@ def bundles(command: Command) -> tuple[list[Bundle], str]:
     config = command.config
     if command.stage == "stage2":
         stage = config.stage2
-        groups = (stage.rollout_workers, stage.reward_workers, stage.learners)
+        rewards = [resources for resources, _ in stage.reward_actor_groups().values()]
+        groups = (stage.rollout_workers, *rewards, stage.learners)
         return [
             (g.num_cpus, g.num_gpus) for g in groups for _ in range(g.num_actors)
         ], stage.placement_strategy
@@ -418,6 +420,51 @@ def test_resource_check_rejects_a_pipeline_too_big_for_the_groups() -> None:
         assert not fits(wanted, nodes, strategy), override
     assert not fits([(1, 1)] * 2, [Node(4, 4)], "STRICT_SPREAD")
     assert not fits([(3, 0)] * 2, [Node(4, 0), Node(4, 0)], "STRICT_PACK")
+
+
+MODEL_REWARDS = {"hpsv2", "clipscore", "pickscore"}
+
+
+def launch_commands(slurm_run: dict) -> list[Command]:
+    return [*rayjob_commands(), *slurm_commands(slurm_run)]
+
+
+def test_stage2_roles_get_real_gpus_and_pass_the_device_checks(slurm_run: dict) -> None:
+    """Rollouts, learners (whole GPUs: an NCCL group) and the model rewards run on GPUs, in
+    bf16-mixed, and `rlrestore train` would not refuse any role's device request."""
+    for command in launch_commands(slurm_run):
+        config = command.config
+        assert config.precision == "bf16-mixed", command.stage
+        check_run_devices(config, [command.stage])  # what cmd_train runs before Ray starts
+        if command.stage != "stage2":
+            assert config.ray.gpus_per_worker == 1
+            continue
+        stage = config.stage2
+        assert stage.rollout_workers.num_gpus > 0
+        assert stage.learners.num_gpus >= 1 and stage.learners.num_gpus == int(stage.learners.num_gpus)
+        groups = stage.reward_actor_groups()
+        hosted = {spec.name: name for name, (_, specs) in groups.items() for spec in specs}
+        assert MODEL_REWARDS <= set(hosted), hosted
+        for reward in MODEL_REWARDS:
+            resources, _ = groups[hosted[reward]]
+            assert resources.num_gpus > 0, (reward, hosted[reward])
+            assert resources.num_gpus <= 1 and (1 / resources.num_gpus).is_integer()  # actors share whole GPUs
+
+
+def test_device_check_refuses_fractional_learners_idle_gpus_and_cpu_model_rewards() -> None:
+    stage2 = next(c for c in rayjob_commands() if c.stage == "stage2")
+    for override, key in (
+        ("stage2.learners.num_gpus=0.5", "stage2.learners.num_gpus"),
+        ("device=cpu", "stage2.rollout_workers.num_gpus"),
+    ):
+        command = parse_train_command(["train", "stage2", stage2.config_file, *stage2.overrides, override])
+        with pytest.raises(DeviceError, match=re.escape(key)):
+            check_run_devices(command.config, ["stage2"])
+    cpu_rewards = parse_train_command(
+        ["train", "stage2", stage2.config_file, *stage2.overrides, "stage2.reward_actors.gpu.num_gpus=0"]
+    )
+    with pytest.raises(DeviceError, match=r"stage2\.reward_actors\.gpu\.num_gpus"):
+        check_run_devices(cpu_rewards.config.model_copy(update={"device": "cuda"}), ["stage2"])
 
 
 # ----------------------------------------------------------------------------- cluster launcher

@@ -55,6 +55,24 @@ class FailOnFlag(Reward):
         return torch.ones(images.shape[0])
 
 
+class AutocastProbe(Reward):
+    """Scores 1 if it runs under CPU autocast to bf16, else 0 (a reward that allows autocast)."""
+
+    name = "probe_autocast"
+    autocast = True
+
+    def score(self, images: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.full((images.shape[0],), float(bf16))
+
+
+class Float32Probe(AutocastProbe):
+    """The same probe in a reward that keeps the float32 default."""
+
+    name = "probe_float32"
+    autocast = False
+
+
 @pytest.fixture(scope="module")
 def faces() -> torch.Tensor:
     files = iter_image_files(embedded_faces_dir())[:FACES]
@@ -317,12 +335,16 @@ def test_ray_actor_scores_like_the_plain_worker(faces: torch.Tensor, ray_cluster
     metadata = [{"fail": i == 0} for i in range(FACES)]
     batch = RewardBatch(_captions(FACES), clean=faces, metadata=metadata)
 
-    actor = make_reward_actor(specs, {"num_cpus": 0.5}, batch_size=4)
+    actor = make_reward_actor(specs, {"num_cpus": 0.5}, batch_size=4, precision="bf16-mixed", group="cpu")
     try:
         remote = collect_scores(submit_scores(actor, images, batch))
         remote_errors = ray.get(actor.take_errors.remote())
+        record = ray.get(actor.device_record.remote("cpu 0"))
     finally:
         ray.kill(actor)
+    # No GPU reserved: the CPU; none of these rewards runs under autocast.
+    assert (record.role, record.actor, record.device, record.precision) == ("reward", "cpu 0", "cpu", "bf16-mixed")
+    assert (record.dtype, record.autocast, record.gpu_ids) == ("float32", None, [])
     local_worker = RewardWorker(specs, batch_size=4)
     local = local_worker.score(images, batch)
 
@@ -330,3 +352,27 @@ def test_ray_actor_scores_like_the_plain_worker(faces: torch.Tensor, ray_cluster
     for name in local:
         torch.testing.assert_close(remote[name], local[name], rtol=1e-6, atol=1e-6, equal_nan=True)
     assert [(e["reward"], e["start"], e["stop"]) for e in remote_errors] == [("flaky", 0, 4)]
+
+
+# ---------------------------------------------------------------- precision
+def test_only_autocast_rewards_score_under_mixed_precision_autocast() -> None:
+    """bf16-mixed: a reward with ``autocast`` is scored inside autocast (entered in the scoring
+    thread), the others in float32; fp32 runs everything in float32."""
+    from rewards.worker import RewardActor
+
+    specs = [RewardSpec(name=f"{THIS}:AutocastProbe"), RewardSpec(name=f"{THIS}:Float32Probe")]
+    images = torch.zeros(3, 3, 8, 8)
+    mixed = RewardWorker(specs, precision="bf16-mixed").score(images, RewardBatch(_captions(3)))
+    assert mixed["probe_autocast"].tolist() == [1.0] * 3 and mixed["probe_float32"].tolist() == [0.0] * 3
+    plain = RewardWorker(specs).score(images, RewardBatch(_captions(3)))
+    assert plain["probe_autocast"].tolist() == [0.0] * 3
+    record = RewardActor(specs, "cpu", 0.0, 4, None, "bf16-mixed").device_record("default 0")
+    assert (record.device, record.dtype, record.autocast) == ("cpu", "float32", "bfloat16")
+    assert RewardActor(specs, "cpu", 0.0, 4, None).device_record("default 0").autocast is None
+
+
+def test_which_built_in_rewards_autocast() -> None:
+    """The CLIP-based preference rewards allow autocast; pixel metrics, pyiqa models, ArcFace and
+    the landmark detector stay float32."""
+    autocast = {name for name in registered_rewards() if reward_class(name).autocast}
+    assert autocast == {"hpsv2", "pickscore", "clipscore", "clipscore_image"}

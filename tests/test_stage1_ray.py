@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,8 +36,8 @@ def test_stage1_on_two_workers_lowers_the_loss(tmp_path: Path, ray_cluster) -> N
         "stage1_2.steps=16",
         "stage1_2.checkpoint_every=8",
     )
-    for stage in ("stage1.1", "stage1.2"):
-        run_stage1(config, stage)
+    run_stage1(config, "stage1.1")
+    run_stage1(config.model_copy(update={"precision": "bf16-mixed"}), "stage1.2")  # autocast under DDP
 
     for stage in ("stage1.1", "stage1.2"):
         frame = read_metrics(tmp_path / "run", stage)
@@ -49,6 +50,14 @@ def test_stage1_on_two_workers_lowers_the_loss(tmp_path: Path, ray_cluster) -> N
     # Stage 1.2 started from the end of Stage 1.1 and W&B wrote offline runs for both stages.
     assert (tmp_path / "run" / "logs" / "stage1.2" / "wandb").is_dir()
     assert (tmp_path / "run" / "config.yaml").is_file()
+    # Rank 0 wrote every worker's device record, per stage.
+    records = json.loads((tmp_path / "run" / "devices.json").read_text())
+    assert [(r["stage"], r["actor"]) for r in records] == [
+        ("stage1.1", "rank 0"), ("stage1.1", "rank 1"), ("stage1.2", "rank 0"), ("stage1.2", "rank 1"),
+    ]  # fmt: skip
+    assert {(r["role"], r["device"], r["dtype"]) for r in records} == {("worker", "cpu", "float32")}
+    assert [(r["precision"], r["autocast"]) for r in records] == [("fp32", None)] * 2 + [("bf16-mixed", "bfloat16")] * 2
+    assert all(r["node"] for r in records)
 
 
 def _train_command(run_dir: Path, steps: int) -> list[str]:

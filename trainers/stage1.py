@@ -1,9 +1,15 @@
 """Stage 1 (1.1 and 1.2) training loop, run by every Ray Train worker.
 
-Each worker builds the policy, wraps the stage objective in DistributedDataParallel over the
-process group Ray Train set up (gloo on CPU, nccl on GPU), reads its share of every batch from the
-Parquet shards, and steps AdamW with warm-up + cosine/constant schedule and gradient clipping.
-Rank 0 writes metrics (Parquet + W&B), the progress bar and atomic checkpoints.
+Each worker builds the policy on the device Ray Train gave it (``rlrestore.devices``), wraps the
+stage objective in DistributedDataParallel over the process group Ray Train set up (gloo on CPU,
+nccl on GPU), reads its share of every batch from the Parquet shards, and steps AdamW with
+warm-up + cosine/constant schedule and gradient clipping. Rank 0 writes metrics (Parquet + W&B),
+the progress bar, atomic checkpoints and every worker's record in ``<run_dir>/devices.json``.
+
+Numerics (``precision``): parameters stay float32 (AdamW's master weights: at lr 1e-5 an update to
+bf16 weights rounds to zero), the forward runs under ``torch.autocast`` to bf16/fp16, losses are
+float32; fp16-mixed scales the loss (``GradScaler``: unscaled before clipping, a step with
+overflowed gradients is skipped, logged and counted in the ``skipped_step`` metric).
 
 Resume is driven by the run directory: a worker starts from the stage's newest complete
 checkpoint (policy, optimizer, scheduler, step), whether the job was restarted by Ray Train after
@@ -14,6 +20,7 @@ a worker died or the user ran the same command again. Batches and noise are pure
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from pathlib import Path
@@ -26,12 +33,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from rlrestore.checkpoints import latest_checkpoint, load_trainer_state, save_checkpoint
-from rlrestore.config import RunConfig, SemanticAlignmentConfig, TextureAlignmentConfig
+from rlrestore.checkpoints import (
+    configured_policy_dir,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from rlrestore.config import (
+    AutoencoderConfig,
+    RunConfig,
+    SemanticAlignmentConfig,
+    Stage1Config,
+    TextureAlignmentConfig,
+)
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
+from rlrestore.devices import DeviceRecord, train_worker_device, write_devices
 from rlrestore.losses import stage1_losses
 from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.precision import Precision
 from rlrestore.tracking import MetricsWriter, WandbRun
+
+log = logging.getLogger(__name__)
 
 PREVIOUS_STAGE = {"stage1.1": "autoencoder", "stage1.2": "stage1.1"}
 CALIBRATION_FACES = 32  # clean faces used to set the latent scale after the autoencoder stage
@@ -40,7 +62,9 @@ CALIBRATION_FACES = 32  # clean faces used to set the latent scale after the aut
 class Stage1Objective(nn.Module):
     """The stage's loss as a module, so DDP can synchronise the trainable parameters' gradients."""
 
-    def __init__(self, policy: PrefRestorePolicy, stage: SemanticAlignmentConfig | TextureAlignmentConfig) -> None:
+    def __init__(
+        self, policy: PrefRestorePolicy, stage: AutoencoderConfig | SemanticAlignmentConfig | TextureAlignmentConfig
+    ) -> None:
         super().__init__()
         self.policy = policy
         self.stage = stage
@@ -86,14 +110,9 @@ class EpochBatches:
         return epoch, mine[position * self.per_rank : (position + 1) * self.per_rank]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", ray.train.get_context().get_local_rank())
-    return torch.device("cpu")
-
-
 def initial_policy(config: RunConfig, stage: str, dataset: FaceDataset) -> tuple[PrefRestorePolicy, Path | None]:
-    """The stage's newest checkpoint, else the previous stage's final policy, else the config's."""
+    """Where a stage starts, first found: its newest checkpoint (resume), the previous stage's
+    final policy, ``policy.checkpoint``, else the networks built from the config (not Stage 1.2)."""
     resume = latest_checkpoint(config.run_dir, stage)
     if resume is not None:
         return PrefRestorePolicy.from_pretrained(resume / "policy"), resume
@@ -105,59 +124,127 @@ def initial_policy(config: RunConfig, stage: str, dataset: FaceDataset) -> tuple
             calibration = torch.stack([dataset[i]["hq"] for i in range(min(len(dataset), CALIBRATION_FACES))])
             policy.adopt_fitted_vae(calibration)
         return policy, None
+    start = configured_policy_dir(config.policy.checkpoint)
+    if start is not None:
+        return PrefRestorePolicy.from_pretrained(start), None
     if stage == "stage1.2":
         raise FileNotFoundError(
             f"stage1.2 starts from the end of stage1.1, but {config.run_dir}/checkpoints/stage1.1 has no "
-            "checkpoint: run `rlrestore train stage1.1` first (or `rlrestore train stage1`)"
+            "checkpoint: run `rlrestore train stage1.1` first (or `rlrestore train stage1`), or set "
+            "policy.checkpoint to the policy to start from"
         )
     torch.manual_seed(config.seed)
     return PrefRestorePolicy.from_config(config.policy), None
 
 
+def optimizer_step(
+    model: nn.Module,
+    batch: dict,
+    generator: torch.Generator,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    device: torch.device,
+    grad_clip: float,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """One supervised step: forward under ``precision``'s autocast, backward, clip, AdamW.
+
+    With ``scaler`` (fp16-mixed) the loss is scaled, the gradients unscaled before clipping and
+    the step skipped when they overflowed. Returns (losses, gradient norm, skipped).
+    """
+    with precision.autocast(device):
+        losses = model(batch, generator)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return losses, grad_norm, False
+    scale = scaler.get_scale()
+    scaler.scale(losses["loss"]).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
+    scaler.update()
+    return losses, grad_norm, scaler.get_scale() < scale
+
+
+def gather_device_records(record: DeviceRecord, world: int) -> list[DeviceRecord]:
+    """Every worker's record, in rank order (a collective: every rank calls it)."""
+    if world == 1:
+        return [record]
+    records: list[Any] = [None] * world
+    dist.all_gather_object(records, record)
+    return records
+
+
+def _build_optimizer(
+    stage: Stage1Config, params: list[nn.Parameter], resume: Path | None, scaler: torch.amp.GradScaler | None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """AdamW and its schedule, restored (with the loss scale) from ``resume``; the first step."""
+    optim = stage.optim
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, stage.steps, optim.warmup_ratio, optim.schedule)
+    )
+    if resume is None:
+        return optimizer, scheduler, 0
+    state = load_trainer_state(resume)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    return optimizer, scheduler, int(state["step"])
+
+
+def _info_logs_to_stderr() -> None:
+    """A Ray worker has no log handler (only WARNING and up reach the driver, through Python's
+    last-resort handler): send rlrestore's INFO lines (the devices.json summary) to its stderr."""
+    package = logging.getLogger("rlrestore")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def train_stage1_worker(payload: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the Stage 1 TorchTrainer."""
+    _info_logs_to_stderr()
     config = RunConfig.model_validate(payload["config"])
     stage_name: str = payload["stage"]
     stage = config.stage(stage_name)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = pick_device(config.device)
+    device = train_worker_device(config.device, config.ray.gpus_per_worker, nccl=world > 1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = Precision(config.precision)
+    record = DeviceRecord.here(
+        stage_name, "worker", f"rank {rank}", device, precision.name, torch.float32,
+        autocast=precision.compute_dtype if precision.mixed else None,
+    )  # fmt: skip
+    records = gather_device_records(record, world)
+    if rank == 0:
+        write_devices(config.run_dir, stage_name, records)
 
     train, _ = split_holdout(read_shards(Path(payload["shards"])), config.data.holdout)
     dataset = FaceDataset(train, config.policy.resolution, config.degradation, config.data.seed)
     policy, resume = initial_policy(config, stage_name, dataset)
     batches = EpochBatches(len(dataset), stage.batch_size // world, rank, world, derived_seed(config.seed, stage_name))
+    policy.float().to(device)  # float32 master weights whatever the checkpoint held
     params = policy.set_trainable(list(stage.trainable))
-    policy.to(device)
     objective = Stage1Objective(policy, stage)
-    model = DistributedDataParallel(objective, broadcast_buffers=False) if world > 1 else objective
-    optimizer = torch.optim.AdamW(
-        params, lr=stage.optim.lr, betas=stage.optim.betas, eps=stage.optim.eps, weight_decay=stage.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, stage.steps, stage.optim.warmup_ratio, stage.optim.schedule)
-    )
-    start = 0
-    if resume is not None:
-        state = load_trainer_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-
-    writer = wandb_run = bar = None
-    if rank == 0:
-        writer = MetricsWriter(Path(config.run_dir), stage_name)
-        wandb_run = WandbRun(
-            run_dir=Path(config.run_dir) / "logs" / stage_name,
-            mode=config.logging.wandb_mode,
-            project=config.logging.wandb_project,
-            entity=config.logging.wandb_entity,
-            name=f"{Path(config.run_dir).name}-{stage_name}",
-            config=config.model_dump(mode="json"),
-        )
-        bar = tqdm(
-            total=stage.steps, initial=start, desc=stage_name, disable=not config.logging.progress, mininterval=2.0
-        )
+    model = objective
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+    scaler = precision.grad_scaler(device)
+    optimizer, scheduler, start = _build_optimizer(stage, params, resume, scaler)
+    progress = _Progress(config, stage_name, stage.steps, start) if rank == 0 else None
 
     model.train()
     for step in range(start, stage.steps):
@@ -167,12 +254,15 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
         batch = collate_faces([dataset[i] for i in indices])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         generator = torch.Generator().manual_seed(derived_seed(config.seed, stage_name, rank, step))
-        losses = model(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.optim.grad_clip)
-        optimizer.step()
+        losses, grad_norm, skipped = optimizer_step(
+            model, batch, generator, params, optimizer, precision, device, stage.optim.grad_clip, scaler
+        )
         scheduler.step()
+        if skipped and rank == 0:
+            log.warning(
+                "%s step %d: fp16 gradients overflowed, step skipped (loss scale now %g)",
+                stage_name, step, scaler.get_scale(),
+            )  # fmt: skip
 
         values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
         if world > 1:
@@ -180,22 +270,51 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
             values /= world
         metrics = dict(zip([*losses.keys(), "grad_norm"], values.tolist()))
         metrics.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time=time.perf_counter() - began)
+        if scaler is not None:
+            metrics.update(skipped_step=float(skipped), loss_scale=scaler.get_scale())
         done = step + 1
-        if rank == 0:
-            if done % stage.log_every == 0 or done == stage.steps:
-                writer.log(metrics, step=step)
-                wandb_run.log(metrics, step=step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if progress is not None:
+            progress.log(metrics, step, force=done == stage.steps, every=stage.log_every)
         if done % stage.checkpoint_every == 0 or done == stage.steps:
             if rank == 0:
-                writer.flush()
+                progress.flush()
                 state = {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
                 save_checkpoint(config.run_dir, stage_name, done, policy, state, stage.keep_checkpoints)
             if world > 1:
                 dist.barrier()
             ray.train.report({**metrics, "step": done})
-    if rank == 0:
-        bar.close()
-        writer.close()
-        wandb_run.finish()
+    if progress is not None:
+        progress.close()
+
+
+class _Progress:
+    """Rank 0's metrics (Parquet + W&B) and progress bar."""
+
+    def __init__(self, config: RunConfig, stage_name: str, steps: int, start: int) -> None:
+        self.writer = MetricsWriter(Path(config.run_dir), stage_name)
+        self.wandb = WandbRun(
+            run_dir=Path(config.run_dir) / "logs" / stage_name,
+            mode=config.logging.wandb_mode,
+            project=config.logging.wandb_project,
+            entity=config.logging.wandb_entity,
+            name=f"{Path(config.run_dir).name}-{stage_name}",
+            config=config.model_dump(mode="json"),
+        )
+        self.bar = tqdm(total=steps, initial=start, desc=stage_name, disable=not config.logging.progress, mininterval=2.0)
+
+    def log(self, metrics: dict[str, float], step: int, force: bool, every: int) -> None:
+        if (step + 1) % every == 0 or force:
+            self.writer.log(metrics, step=step)
+            self.wandb.log(metrics, step=step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        self.wandb.finish()

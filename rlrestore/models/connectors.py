@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class Float32RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in float32 whatever the input dtype (under autocast, or in a bf16 inference
+    copy); the output keeps the input's dtype. Same parameters and state dict as ``nn.RMSNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 class Connector(nn.Sequential):
@@ -14,6 +25,6 @@ class Connector(nn.Sequential):
     """
 
     def __init__(self, in_dim: int, out_dim: int, gelu: str = "tanh", norm_init: float = 1.0) -> None:
-        norm = nn.RMSNorm(out_dim, eps=1e-6)
+        norm = Float32RMSNorm(out_dim, eps=1e-6)
         nn.init.constant_(norm.weight, norm_init)
         super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(approximate=gelu), nn.Linear(out_dim, out_dim), norm)
