@@ -190,6 +190,7 @@ class NFTLearner:
         lora_rank: int = 32,
         lora_alpha: float = 32.0,
         lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora_init: Literal["default", "gaussian"] = "default",
         zero_stage: int = 2,
         rank: int = 0,
         world_size: int = 1,
@@ -223,7 +224,7 @@ class NFTLearner:
         self.timestep_grid = shifted_timesteps(sampler_steps, policy_config.flow_shift)[:-1]
         transformer = transformer.to(self.device)
         if finetune == "lora":
-            add_lora(transformer, lora_rank, lora_alpha, lora_targets)
+            add_lora(transformer, lora_rank, lora_alpha, lora_targets, init=lora_init)
         else:
             transformer.requires_grad_(True)
         self.v_old = self._frozen_copy(transformer)
@@ -672,6 +673,7 @@ class LearnerGroup:
             "lora_rank": stage2.lora_rank,
             "lora_alpha": stage2.lora_alpha,
             "lora_targets": tuple(stage2.lora_targets),
+            "lora_init": stage2.lora_init,
             "zero_stage": stage2.zero_stage,
             "device": "cuda:0" if use_cuda else "cpu",
             "sampler_steps": stage2.sampler_steps,

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from rlrestore.config import PolicyConfig, SamplerConfig
-from rlrestore.flow import sample_flow
+from rlrestore.flow import sample_latents
 from rlrestore.models.connectors import Connector
 from rlrestore.models.loading import (
     CheckpointError,
@@ -108,9 +108,15 @@ class PrefRestorePolicy(nn.Module):
         caption_channels = transformer.config.caption_channels
         inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.diffusion_connector = Connector(
-            integrator.config.hidden_size, caption_channels, gelu="tanh", norm_init=config.connector_norm_init
+            integrator.config.hidden_size,
+            caption_channels,
+            gelu="tanh",
+            norm_init=config.connector_norm_init,
+            eps=config.connector_norm_eps,
         )
-        self.vae_connector = Connector(inner, caption_channels, gelu="none")
+        self.vae_connector = Connector(
+            inner, caption_channels, gelu=config.vae_connector_gelu, eps=config.connector_norm_eps
+        )
         self.set_trainable([])
 
     # ----------------------------------------------------------------------------- construction
@@ -131,15 +137,22 @@ class PrefRestorePolicy(nn.Module):
             + ([("policy.text_tokenizer", config.text_tokenizer, "tokenizer_config.json", None)]
                if config.text_tokenizer else [])
         )
-        tokenizer = load_text_tokenizer(config.text_tokenizer)
-        vocabulary = Vocabulary(tokenizer, config.codebook_size)
+        tokenizer = load_text_tokenizer(config.text_tokenizer, config.vocabulary, config.prompt_format)
+        vocabulary = Vocabulary(tokenizer, config.codebook_size, config.vocabulary)
         tower = load_component("vision", config.vision, _build_vision, SiglipVisionModel.from_pretrained)
         if tower.config.image_size != config.tokenizer_resolution:
             raise ValueError(
                 f"policy.tokenizer_resolution={config.tokenizer_resolution} differs from the vision tower's "
                 f"image_size={tower.config.image_size}"
             )
-        visual = VisualTokenizer(tower, config.codebook_size, config.codebook_dim, config.vision_feature_layer)
+        visual = VisualTokenizer(
+            tower,
+            config.codebook_size,
+            config.codebook_dim,
+            config.vision_feature_layer,
+            codebook_bias=config.codebook_bias,
+            l2_normalized=config.codebook_l2_normalized,
+        )
         integrator = load_component(
             "integrator", config.integrator, _build_integrator, Qwen3ForCausalLM.from_pretrained
         )
@@ -294,7 +307,9 @@ class PrefRestorePolicy(nn.Module):
         prompts = []
         for codes, caption in zip(lq_codes.tolist(), captions, strict=True):
             template = self.config.caption_prompt.replace("{caption}", caption) if caption else self.config.prompt
-            prompts.append(self.vocabulary.prompt_ids(template, codes))
+            prompts.append(
+                self.vocabulary.prompt_ids(template, codes, self.config.prompt_format, self.config.system_prompt)
+            )
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.vocabulary.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -419,7 +434,8 @@ class PrefRestorePolicy(nn.Module):
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds.flatten().tolist()]
         shape = self.latent_shape()
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, states.dtype)
-        latents = sample_flow(
+        latents = sample_latents(
+            sampler.method,
             lambda x, t, c: self.velocity(x, t, c),
             noise,
             states,
