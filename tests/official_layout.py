@@ -273,3 +273,19 @@ def write_official_checkpoint(
     (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "transformers_version": "4.51.3"}))
     write_tokenizer(tokenizer, checkpoint)
     return OfficialLayout(checkpoint, sana, ta_tok, config, tensors, ta_tok_sd)
+
+
+def reference_prompt_ids(tokenizer: Qwen2Tokenizer, user: str, lq_ids: list[int]) -> list[int]:
+    """The prompt their preprocess_qwen builds: one chat-template turn per message (system, user,
+    assistant '<im_start><S0>' cut before its '<|im_end|>\\n'), <image> replaced by the LQ image ids."""
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+
+    def turn(role: str, content: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": role, "content": content}], tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    ids = turn("system", "You are a helpful assistant.") + turn("user", user) + turn("assistant", "<im_start><S0>")[:-2]
+    at = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
+    return ids[:at] + lq_ids + ids[at + 1 :]

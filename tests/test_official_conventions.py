@@ -22,7 +22,7 @@ from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.models.text_tokenizer import Vocabulary, load_text_tokenizer
 from rlrestore.models.visual_tokenizer import SimVQ
 from tests.conftest import build_tiny_policy
-from tests.official_layout import CHAT_TEMPLATE, SANA_SCHEDULER, build_tokenizer
+from tests.official_layout import SANA_SCHEDULER, build_tokenizer, reference_prompt_ids
 
 OFFICIAL = ("policy.vocabulary=blip3o", "policy.prompt_format=chat", "policy.codebook_bias=true",
             "policy.codebook_l2_normalized=true", "policy.vae_connector_gelu=tanh", "policy.connector_norm_eps=1e-5",
@@ -59,21 +59,6 @@ def test_rlrestore_layout_is_unchanged() -> None:
 
 
 # ----------------------------------------------------------------------------- chat prompt
-def _reference_prompt(tokenizer, user: str, lq_ids: list[int]) -> list[int]:
-    """What their preprocess_qwen builds: one chat-template turn per message, the assistant turn cut
-    before its <|im_end|>\\n, and <image> replaced by the LQ image's (bare) token ids."""
-    tokenizer.chat_template = CHAT_TEMPLATE
-
-    def turn(role: str, content: str) -> list[int]:
-        text = tokenizer.apply_chat_template([{"role": role, "content": content}], tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    ids = turn("system", "You are a helpful assistant.") + turn("user", user) + turn("assistant", "<im_start><S0>")[:-2]
-    image = tokenizer.convert_tokens_to_ids("<image>")
-    at = ids.index(image)
-    return ids[:at] + lq_ids + ids[at + 1:]
-
-
 @pytest.mark.parametrize("caption", ["", "a woman with a red scarf"])
 def test_chat_prompt_matches_their_chat_template(caption: str) -> None:
     tokenizer = build_tokenizer(codes=8)
@@ -82,7 +67,7 @@ def test_chat_prompt_matches_their_chat_template(caption: str) -> None:
     codes = [3, 0, 7, 7, 1]
     vocab = Vocabulary(tokenizer, 8, "blip3o")
     ours = vocab.prompt_ids(template, codes, "chat", config.system_prompt)
-    assert ours == _reference_prompt(tokenizer, template, vocab.image_ids(codes))
+    assert ours == reference_prompt_ids(tokenizer, template, vocab.image_ids(codes))
     assert ours[-2:] == [vocab.im_start, vocab.scales[0]]
     assert vocab.im_end not in ours  # the LQ codes are bare, not wrapped in <im_start> .. <im_end>
 

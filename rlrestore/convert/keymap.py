@@ -76,6 +76,14 @@ class Plan:
     copies: list[tuple[SameAs, TensorStore, list[str]]] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)  # "<source>: <key>"
     conflicts: list[str] = field(default_factory=list)
+    renames: list[tuple[str, Rename]] = field(default_factory=list)  # (source name, rule), to name missing keys
+
+    def expected_source(self, target: str) -> str:
+        """Where a policy key would have come from, for messages."""
+        for source, rule in self.renames:
+            if target.startswith(rule.target):
+                return f"{source}: {rule.source}{target[len(rule.target):]}"
+        return "no source rule"
 
     def merge(self, other: Plan) -> None:
         for target, assignment in other.assignments.items():
@@ -86,12 +94,13 @@ class Plan:
         self.copies += other.copies
         self.unused += other.unused
         self.conflicts += other.conflicts
+        self.renames += other.renames
 
 
 def plan(store: TensorStore, renames: list[Rename], ignores: list[Ignore], same: list[SameAs] = ()) -> Plan:
     """Apply the rules to every key of ``store``. A key is used when renamed or checked as a copy
     (both may apply), else ignored; a key none of the rules covers is unused."""
-    result = Plan()
+    result = Plan(renames=[(store.name, rule) for rule in renames])
     counts = {rule: 0 for rule in ignores}
     copies = {rule: [] for rule in same}
     for key in store.names():
@@ -107,7 +116,7 @@ def plan(store: TensorStore, renames: list[Rename], ignores: list[Ignore], same:
         elif copy is not None:
             copies[copy].append(key)
         elif not targets:
-            result.unused.append(f"{store.name}: {key}")
+            result.unused.append(store.where(key))
     result.ignored = [IgnoredGroup(store.name, rule.prefix, n, rule.reason) for rule, n in counts.items() if n]
     result.copies = [(rule, store, keys) for rule, keys in copies.items() if keys]
     return result
@@ -130,13 +139,14 @@ def check(result: Plan, expected: dict[str, torch.Size], fresh: tuple[str, ...] 
         key for key in expected if key not in result.assignments and not key.startswith(fresh)
     )
     if missing:
-        problems.append(f"{len(missing)} policy tensor(s) have no source tensor:" + _listed(missing))
+        named = [f"{key} (expected from {result.expected_source(key)})" for key in missing]
+        problems.append(f"{len(missing)} policy tensor(s) have no source tensor:" + _listed(named))
     unknown = sorted(key for key in result.assignments if key not in expected)
     if unknown:
-        named = [f"{key} <- {result.assignments[key].store.name}: {result.assignments[key].key}" for key in unknown]
+        named = [f"{key} <- {result.assignments[key].store.where(result.assignments[key].key)}" for key in unknown]
         problems.append(f"{len(unknown)} source tensor(s) map to no policy tensor:" + _listed(named))
     shapes = [
-        f"{a.store.name}: {a.key}: expected {tuple(expected[key])}, found {tuple(a.store.shape(a.key))}"
+        f"{a.store.where(a.key)}: expected {tuple(expected[key])}, found {tuple(a.store.shape(a.key))}"
         for key, a in sorted(result.assignments.items())
         if key in expected and a.store.shape(a.key) != expected[key]
     ]
@@ -147,7 +157,7 @@ def check(result: Plan, expected: dict[str, torch.Size], fresh: tuple[str, ...] 
     copy_problems, notes = _check_copies(result)
     problems += copy_problems
     if problems:
-        raise ConversionError("cannot convert:\n  " + "\n  ".join(problems))
+        raise ConversionError("cannot convert: " + "\n  ".join(problems))
     return notes
 
 

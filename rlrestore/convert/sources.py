@@ -80,6 +80,11 @@ class TensorStore:
     def names(self) -> list[str]:
         return sorted({*self.files, *self.memory})
 
+    def where(self, key: str) -> str:
+        """``key`` named with its source (and safetensors file), for messages."""
+        file = f" ({self.files[key].name})" if key in self.files else ""
+        return f"{self.name}{file}: {key}"
+
     def __contains__(self, key: str) -> bool:
         return key in self.files or key in self.memory
 
