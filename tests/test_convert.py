@@ -278,6 +278,35 @@ def test_refusals_name_the_problem(official, tmp_path, capsys, case) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_ta_tok_args_in_an_easydict_load_as_plain_dicts(official, tmp_path, monkeypatch) -> None:
+    """TA-Tok's training code keeps configs in EasyDict: read as a plain dict, the class never imported."""
+    import sys
+
+    from rlrestore.convert.ta_tok import load_ta_tok
+    from tests.official_layout import ta_tok_args
+
+    layout, _, _ = official
+    (tmp_path / "easydict.py").write_text(
+        "class EasyDict(dict):\n"
+        "    def __init__(self, d=None):\n"
+        "        super().__init__()\n"
+        "        for k, v in (d or {}).items():\n"
+        "            v = EasyDict(v) if isinstance(v, dict) else v\n"
+        "            self[k] = v\n"
+        "            setattr(self, k, v)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import easydict
+
+    args = easydict.EasyDict(ta_tok_args("google/siglip2-so400m-patch14-384"))
+    torch.save({"model": {"args": args, "sd": dict(layout.ta_tok_sd)}}, tmp_path / "ta_tok.pth")
+    monkeypatch.delitem(sys.modules, "easydict")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    loaded = load_ta_tok(tmp_path / "ta_tok.pth")
+    assert "easydict" not in sys.modules
+    assert (loaded.args.codebook_size, loaded.args.l2_normalized, loaded.args.codebook_dim) == (64, True, 16)
+
+
 def test_refuses_a_non_empty_output(official, tmp_path, capsys) -> None:
     layout, _, _ = official
     (tmp_path / "out").mkdir()

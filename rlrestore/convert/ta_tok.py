@@ -1,5 +1,7 @@
 """The TA-Tok tokenizer file (``ta_tok.pth``): a ``torch.save`` pickle ``{"model": {"args": {...},
-"sd": {...}}}`` read with ``torch.load(weights_only=True)``, so it may hold plain types and tensors only.
+"sd": {...}}}`` read with ``torch.load(weights_only=True)``, so it may hold plain types and tensors only
+(an ``easydict.EasyDict``, the dict subclass of TA-Tok's training configs, is read as a plain ordered
+dict: no code of that class runs).
 
 ``args`` are the constructor arguments of TA-Tok's ``TextAlignedTokenizer``: the SimVQ codebook
 (``bottleneck.args.regularizer.args``: ``codebook_size``, ``l2_normalized``), the code dimension
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,8 @@ def load_ta_tok(path: Path) -> TATok:
     if not path.is_file():
         raise ConversionError(f"TA-Tok file {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([(OrderedDict, "easydict.EasyDict")]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise ConversionError(
