@@ -108,7 +108,8 @@ class PolicyConfig(_Section):
         "its file says l2_normalized.",
     )
     vae_connector_gelu: Literal["none", "tanh"] = Field(
-        "none", description="GELU of the vae connector: exact ('none') or the tanh approximation (released model)."
+        "none",
+        description="GELU of the vae connector: exact ('none') or the tanh approximation (released model).",
     )
     connector_norm_eps: float = Field(
         1e-6, gt=0, description="Epsilon of both connectors' RMSNorm (1e-5 in the released model)."
@@ -138,7 +139,9 @@ class PolicyConfig(_Section):
 class SamplerConfig(_Section):
     """Flow-matching sampler (integrates from t=1, noise, to t=0) and AR token sampling."""
 
-    steps: int = Field(20, ge=1, le=1000, description="Number of sampler steps (network evaluations per branch).")
+    steps: int = Field(
+        20, ge=1, le=1000, description="Number of sampler steps (network evaluations per branch)."
+    )
     method: Literal["euler", "dpm2"] = Field(
         "euler",
         description="'euler': Euler steps (with optional SDE noise). 'dpm2': deterministic 2nd-order multistep "
@@ -386,7 +389,8 @@ class Stage2Config(_Section):
         10, ge=1, description="Sampler steps of rollouts (deterministic ODE, CFG off)."
     )
     sampler_method: Literal["euler", "dpm2"] = Field(
-        "euler", description="Rollout sampler: 'euler' or 'dpm2' (the released model's Stage 2), see sampler.method."
+        "euler",
+        description="Rollout sampler: 'euler' or 'dpm2' (the released model's Stage 2), see sampler.method.",
     )
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [

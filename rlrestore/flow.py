@@ -93,9 +93,12 @@ def _guided_velocity(
     t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
     if guidance_scale == 1.0:
         return velocity(x_in, t_batch, condition).float()
-    v_cond, v_uncond = velocity(
-        torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([condition, torch.zeros_like(condition)])
-    ).float().chunk(2)
+    both = velocity(
+        torch.cat([x_in, x_in]),
+        torch.cat([t_batch, t_batch]),
+        torch.cat([condition, torch.zeros_like(condition)]),
+    )
+    v_cond, v_uncond = both.float().chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -113,9 +116,9 @@ def sample_dpm2(
     In flow form alpha_t = 1 - t, sigma_t = t, lambda = log(alpha / sigma) and x0 = x - t v. Each step
     from t_i to t_{i+1}, with h_i = lambda_{i+1} - lambda_i (paper notation of DPM-Solver++, Lu et al.):
 
-        first order (first and last step):  x <- (t_{i+1} / t_i) x + alpha_{i+1} (1 - e^{-h_i}) x0_i
-        second order (the others):          x <- (t_{i+1} / t_i) x + alpha_{i+1} (1 - e^{-h_i}) (x0_i + D1 / 2),
-                                             D1 = (h_i / h_{i-1}) (x0_i - x0_{i-1})
+        first order (first, last step):  x <- (t_{i+1} / t_i) x + alpha_{i+1} (1 - e^{-h_i}) x0_i
+        second order (the others):       x <- (t_{i+1} / t_i) x + alpha_{i+1} (1 - e^{-h_i}) (x0_i + D1 / 2)
+                                         with D1 = (h_i / h_{i-1}) (x0_i - x0_{i-1})
 
     which is what diffusers' DPMSolverMultistepScheduler (solver_order=2, dpmsolver++, midpoint,
     prediction_type=flow_prediction, final_sigmas_type=zero) computes on the same grid. The grid is
@@ -155,8 +158,14 @@ def sample_latents(
     (:func:`sample_dpm2`, deterministic: no SDE noise)."""
     if method == "euler":
         return sample_flow(
-            velocity, noise, condition, steps, shift=shift, guidance_scale=guidance_scale,
-            sde_eta=sde_eta, generators=generators,
+            velocity,
+            noise,
+            condition,
+            steps,
+            shift=shift,
+            guidance_scale=guidance_scale,
+            sde_eta=sde_eta,
+            generators=generators,
         )
     if method == "dpm2":
         if sde_eta > 0:

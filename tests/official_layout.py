@@ -46,12 +46,29 @@ SANA_SCHEDULER = {
     "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "midpoint", "steps_offset": 0,
     "thresholding": False, "timestep_spacing": "linspace", "use_flow_sigmas": True,
 }  # fmt: skip
-SIGLIP = {"hidden_size": SIGLIP_HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-          "image_size": 16, "patch_size": 4}  # 4 x 4 = 16 codes per image
-SANA = {"in_channels": 32, "out_channels": 32, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
-        "num_cross_attention_heads": 2, "cross_attention_head_dim": 16, "cross_attention_dim": 32,
-        "caption_channels": CAPTION, "sample_size": 16, "patch_size": 1, "mlp_ratio": 2.5,
-        "qk_norm": "rms_norm_across_heads"}
+SIGLIP = {
+    "hidden_size": SIGLIP_HIDDEN,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 16,
+    "patch_size": 4,
+}  # 4 x 4 = 16 codes per image
+SANA = {
+    "in_channels": 32,
+    "out_channels": 32,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "num_cross_attention_heads": 2,
+    "cross_attention_head_dim": 16,
+    "cross_attention_dim": 32,
+    "caption_channels": CAPTION,
+    "sample_size": 16,
+    "patch_size": 1,
+    "mlp_ratio": 2.5,
+    "qk_norm": "rms_norm_across_heads",
+}
 DCAE = {"latent_channels": 32, "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
         "encoder_block_out_channels": [8, 16, 32, 32], "decoder_block_out_channels": [8, 16, 32, 32],
         "encoder_layers_per_block": [1, 1, 1, 1], "decoder_layers_per_block": [1, 1, 1, 1],
@@ -96,16 +113,25 @@ def write_tokenizer(tokenizer: Qwen2Tokenizer, directory: Path) -> None:
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config.update(
         added_tokens_decoder={str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        additional_special_tokens=[t["content"] for t in added if t["special"] and t["content"] != "<|endoftext|>"],
-        chat_template=CHAT_TEMPLATE, model_max_length=2048, padding_side="right", tokenizer_class="Qwen2Tokenizer",
+        additional_special_tokens=[
+            t["content"] for t in added if t["special"] and t["content"] != "<|endoftext|>"
+        ],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+        padding_side="right",
+        tokenizer_class="Qwen2Tokenizer",
     )
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "added_tokens.json").write_text(json.dumps({t["content"]: t["id"] for t in added}))
     (directory / "special_tokens_map.json").write_text(
-        json.dumps({"additional_special_tokens": config["additional_special_tokens"], "pad_token": "<|endoftext|>"})
+        json.dumps(
+            {"additional_special_tokens": config["additional_special_tokens"], "pad_token": "<|endoftext|>"}
+        )
     )
     (directory / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in data["model"]["merges"]))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in data["model"]["merges"])
+    )
 
 
 def _prefixed(prefix: str, module: torch.nn.Module, strip: str = "") -> dict[str, torch.Tensor]:
@@ -116,9 +142,16 @@ def build_ta_tok_sd(seed: int) -> dict[str, torch.Tensor]:
     """TA-Tok's state dict at toy size, with its real key names (teacher included)."""
     torch.manual_seed(seed)
     encoder = SiglipVisionModel(SiglipVisionConfig(**SIGLIP))
-    decoder = Siglip2VisionModel(Siglip2VisionConfig(patch_size=1, num_hidden_layers=1, num_channels=CODE_DIM,
-                                                     hidden_size=SIGLIP_HIDDEN, intermediate_size=64,
-                                                     num_attention_heads=2))
+    decoder = Siglip2VisionModel(
+        Siglip2VisionConfig(
+            patch_size=1,
+            num_hidden_layers=1,
+            num_channels=CODE_DIM,
+            hidden_size=SIGLIP_HIDDEN,
+            intermediate_size=64,
+            num_attention_heads=2,
+        )
+    )
     linear = torch.nn.Linear
     sd = {**_prefixed("encoder.", encoder, "vision_model."), **_prefixed("decoder.", decoder)}
     sd.update(_prefixed("encode_task_layer.0.", linear(SIGLIP_HIDDEN, SIGLIP_HIDDEN)))
@@ -136,9 +169,16 @@ def build_ta_tok_sd(seed: int) -> dict[str, torch.Tensor]:
 
 def ta_tok_args(teacher: str) -> dict[str, Any]:
     """TA-Tok's args, with the fields of the released file (SimVQ, l2-normalised, stochastic lookup)."""
-    regularizer = {"codebook_size": CODES, "commitment_loss_weight": 0.25, "codebook_loss_weight": 1.0,
-                   "entropy_loss_weight": 0.0, "entropy_loss_temperature": 0.01, "l2_normalized": True,
-                   "stochastic": True, "stochastic_temperature": 0.03}
+    regularizer = {
+        "codebook_size": CODES,
+        "commitment_loss_weight": 0.25,
+        "codebook_loss_weight": 1.0,
+        "entropy_loss_weight": 0.0,
+        "entropy_loss_temperature": 0.01,
+        "l2_normalized": True,
+        "stochastic": True,
+        "stochastic_temperature": 0.03,
+    }
     return {
         "bottleneck": {"name": "bottleneck", "args": {"bottleneck_dim": CODE_DIM, "norm": "none",
                                                        "regularizer": {"name": "simvq", "args": regularizer}}},
@@ -181,8 +221,12 @@ def _connector(in_dim: int, seed: int) -> dict[str, torch.Tensor]:
 
 def _integrator(vocab_size: int, tied: bool, save_lm_head: bool, eos: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
-    config = {k: v for k, v in qwen_config(vocab_size, tied, eos).items() if k not in ("rope_theta", "rope_scaling")}
-    model = Qwen3ForCausalLM(Qwen3Config(**config, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    config = {
+        k: v for k, v in qwen_config(vocab_size, tied, eos).items() if k not in ("rope_theta", "rope_scaling")
+    }
+    model = Qwen3ForCausalLM(
+        Qwen3Config(**config, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    )
     tensors = _prefixed("", model)
     if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
@@ -197,7 +241,9 @@ def _texture(kind: str, base_vae: AutoencoderDC, fixed_vae: bool) -> dict[str, t
     torch.manual_seed(4)
     tensors = _prefixed("model.sana.", SanaTransformer2DModel(**SANA))
     tensors.update(_prefixed("model.sana_vae.decoder.", base_vae.decoder))
-    encoder = AutoencoderDC(**DCAE).encoder if kind == "pref-restore" else base_vae.encoder  # fine-tuned E_theta
+    encoder = (
+        AutoencoderDC(**DCAE).encoder if kind == "pref-restore" else base_vae.encoder
+    )  # fine-tuned E_theta
     tensors.update(_prefixed("model.sana_vae.encoder.", encoder))
     tensors.update({f"model.diffusion_connector.{k}": v for k, v in _connector(64, 5).items()})
     if kind == "pref-restore":
@@ -248,12 +294,17 @@ def write_official_checkpoint(
     checkpoint = root / f"{kind}-checkpoint"
     checkpoint.mkdir()
     tokenizer = build_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids(["<im_start>", "<im_end>", "<S0>", "<S2>", "<I0>", f"<I{CODES - 1}>"])
+    ids = tokenizer.convert_tokens_to_ids(
+        ["<im_start>", "<im_end>", "<S0>", "<S2>", "<I0>", f"<I{CODES - 1}>"]
+    )
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tensors = _integrator(ids[-1] + 1, tied, save_lm_head, eos)
     if tower_in_checkpoint:
         tower = {k: v for k, v in ta_tok_sd.items() if not k.startswith("teacher.")}
-        tower["scale_layer.shift"], tower["scale_layer.scale"] = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+        tower["scale_layer.shift"], tower["scale_layer.scale"] = (
+            torch.zeros(1, 3, 1, 1),
+            torch.ones(1, 3, 1, 1),
+        )
         tensors.update({TOWER + k: v for k, v in tower.items()})
     tensors.update(_texture(kind, base_vae, fixed_vae))
     tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
@@ -270,7 +321,9 @@ def write_official_checkpoint(
         "tokenizer_padding_side": "right", "use_mm_proj": True, "mm_tunable_parts": "sana",
     }  # fmt: skip
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
-    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "transformers_version": "4.51.3"}))
+    (checkpoint / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos, "transformers_version": "4.51.3"})
+    )
     write_tokenizer(tokenizer, checkpoint)
     return OfficialLayout(checkpoint, sana, ta_tok, config, tensors, ta_tok_sd)
 
@@ -286,6 +339,10 @@ def reference_prompt_ids(tokenizer: Qwen2Tokenizer, user: str, lq_ids: list[int]
         text = tokenizer.apply_chat_template([{"role": role, "content": content}], tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
 
-    ids = turn("system", "You are a helpful assistant.") + turn("user", user) + turn("assistant", "<im_start><S0>")[:-2]
+    ids = (
+        turn("system", "You are a helpful assistant.")
+        + turn("user", user)
+        + turn("assistant", "<im_start><S0>")[:-2]
+    )
     at = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
     return ids[:at] + lq_ids + ids[at + 1 :]

@@ -76,7 +76,9 @@ def test_conventions_and_vocabulary_of_the_converted_policy(official) -> None:
     )  # fmt: skip
     assert len(vocab.tokenizer) == vocab.first_image_id and vocab.size == ids["vocab_size"]
     report = json.loads((out / "convert_report.json").read_text())
-    assert report["format"] == "pref-restore" and report["tokenizer_tokens_removed"] == 65  # 64 <I*> + <image>
+    assert (
+        report["format"] == "pref-restore" and report["tokenizer_tokens_removed"] == 65
+    )  # 64 <I*> + <image>
     assert {group["prefix"] for group in report["ignored"]} >= {f"{TOWER}decoder.", "teacher."}
     assert any("effective shift is 1.0" in note for note in report["notes"])
     written = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -90,11 +92,17 @@ def test_codes_and_prompt_match_their_computation(official) -> None:
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     hidden = policy.visual_tokenizer.tower(pixel_values=images, output_hidden_states=True).hidden_states[-2]
     src = {k: v.float() for k, v in layout.tensors.items() if k.startswith(TOWER)}
-    features = torch.tanh(F.linear(hidden, src[f"{TOWER}encode_task_layer.0.weight"], src[f"{TOWER}encode_task_layer.0.bias"]))
-    features = F.linear(features, src[f"{TOWER}bottleneck.in_linear.weight"], src[f"{TOWER}bottleneck.in_linear.bias"])
-    emb = F.linear(src[f"{TOWER}bottleneck.regularizer.embedding.weight"],
-                   src[f"{TOWER}bottleneck.regularizer.embedding_proj.weight"],
-                   src[f"{TOWER}bottleneck.regularizer.embedding_proj.bias"])
+    features = torch.tanh(
+        F.linear(hidden, src[f"{TOWER}encode_task_layer.0.weight"], src[f"{TOWER}encode_task_layer.0.bias"])
+    )
+    features = F.linear(
+        features, src[f"{TOWER}bottleneck.in_linear.weight"], src[f"{TOWER}bottleneck.in_linear.bias"]
+    )
+    emb = F.linear(
+        src[f"{TOWER}bottleneck.regularizer.embedding.weight"],
+        src[f"{TOWER}bottleneck.regularizer.embedding_proj.weight"],
+        src[f"{TOWER}bottleneck.regularizer.embedding_proj.bias"],
+    )
     expected = (F.normalize(features, dim=-1) @ F.normalize(emb, dim=-1).T).argmax(-1)
     codes = policy.visual_tokenizer(images)
     assert torch.equal(codes, expected)
@@ -108,9 +116,15 @@ def test_restore_faces_with_the_converted_policy(official, tmp_path) -> None:
     _, out, _ = official
     sizes = {"wide.png": (40, 30), "square.png": (50, 50)}
     for name, (w, h) in sizes.items():
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
-    sampler = SamplerConfig(steps=2, guidance_scale=2.0, ar_sampling="sample")  # the released inference settings
-    report = restore_files(out, [tmp_path / n for n in sizes], tmp_path / "restored", sampler, samples=2, progress=False)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / name
+        )
+    sampler = SamplerConfig(
+        steps=2, guidance_scale=2.0, ar_sampling="sample"
+    )  # the released inference settings
+    report = restore_files(
+        out, [tmp_path / n for n in sizes], tmp_path / "restored", sampler, samples=2, progress=False
+    )
     assert len(report.outputs) == 2 and not report.skipped
     for name, size in sizes.items():
         for file in (name, name.replace(".png", "_sample1.png")):
@@ -167,9 +181,13 @@ def _fake_hub_snapshot(checkpoint: Path, repo: str) -> None:
 def test_source_from_the_hugging_face_cache(official, tmp_path, capsys) -> None:
     layout, _, _ = official
     _fake_hub_snapshot(layout.checkpoint, "tiny-org/pref-restore-tiny")
-    code, _ = run_cli(["convert", "pref-restore", "tiny-org/pref-restore-tiny", "--out", str(tmp_path / "p")], capsys)
+    code, _ = run_cli(
+        ["convert", "pref-restore", "tiny-org/pref-restore-tiny", "--out", str(tmp_path / "p")], capsys
+    )
     assert code == 0 and (tmp_path / "p" / "policy_config.json").is_file()
-    code, err = run_cli(["convert", "pref-restore", "tiny-org/not-downloaded", "--out", str(tmp_path / "q")], capsys)
+    code, err = run_cli(
+        ["convert", "pref-restore", "tiny-org/not-downloaded", "--out", str(tmp_path / "q")], capsys
+    )
     entry = record("convert", "repo id not in the HF cache", classify(code, err), error_message(err))
     assert entry.outcome == "clear error" and "hf download tiny-org/not-downloaded" in err
 
@@ -246,10 +264,19 @@ CASES = {
     "missing tensor": (missing_tensor, ["transformer.proj_out.weight", "model.sana.proj_out.weight"]),
     "unexpected tensor": (unexpected_tensor, ["match no conversion rule", "model.extra_head.weight"]),
     "wrong shape": (wrong_shape, ["model.diffusion_connector.0.weight", "expected (64, 64), found (64, 63)"]),
-    "TA-Tok file holding a non-plain object": (opaque_ta_tok, ["plain Python types", "weights_only=True", "Opaque"]),
+    "TA-Tok file holding a non-plain object": (
+        opaque_ta_tok,
+        ["plain Python types", "weights_only=True", "Opaque"],
+    ),
     "tied lm_head that differs": (differing_tied_head, ["lm_head.weight differs", "ties lm_head"]),
-    "token ids disagreeing with the tokenizer": (shifted_token_ids, ["image_start_tag_id", "token <im_start> has id"]),
-    "other model_type": (lambda d, lay: _edit_config(d, model_type="llava_qwen"), ["model_type = 'llava_qwen'"]),
+    "token ids disagreeing with the tokenizer": (
+        shifted_token_ids,
+        ["image_start_tag_id", "token <im_start> has id"],
+    ),
+    "other model_type": (
+        lambda d, lay: _edit_config(d, model_type="llava_qwen"),
+        ["model_type = 'llava_qwen'"],
+    ),
     "base SANA folder not here": (
         lambda d, lay: _edit_config(d, diffusion_name_or_path="/data/x/SANA1.5_1.6B_1024px_diffusers"),
         ["hf download Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", "--sana"],
@@ -270,7 +297,9 @@ def test_refusals_name_the_problem(official, tmp_path, capsys, case) -> None:
     shutil.copytree(layout.checkpoint, directory)
     change, named = CASES[case]
     extra = change(directory, layout)
-    code, err = run_cli(["convert", "pref-restore", str(directory), "--out", str(tmp_path / "out"), *extra], capsys)
+    code, err = run_cli(
+        ["convert", "pref-restore", str(directory), "--out", str(tmp_path / "out"), *extra], capsys
+    )
     entry = record("convert", case, classify(code, err), error_message(err))
     assert entry.outcome == "clear error", err
     for fragment in named:
@@ -311,6 +340,8 @@ def test_refuses_a_non_empty_output(official, tmp_path, capsys) -> None:
     layout, _, _ = official
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    code, err = run_cli(["convert", "pref-restore", str(layout.checkpoint), "--out", str(tmp_path / "out")], capsys)
+    code, err = run_cli(
+        ["convert", "pref-restore", str(layout.checkpoint), "--out", str(tmp_path / "out")], capsys
+    )
     assert classify(code, err) == "clear error" and "not empty" in err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -50,12 +50,31 @@ def test_config_validates_with_the_released_conventions(config: RunConfig) -> No
     assert policy.codebook_bias and policy.codebook_l2_normalized and policy.connector_norm_eps == 1e-5
     assert policy.checkpoint and config.precision == "bf16-mixed"
     assert (config.sampler.method, config.sampler.steps, config.sampler.guidance_scale) == ("euler", 30, 2.0)
-    assert (stage2.sampler_method, stage2.sampler_steps, stage2.candidates, stage2.inputs_per_step) == ("dpm2", 30, 24, 48)
-    assert (stage2.finetune, stage2.lora_rank, stage2.lora_alpha, stage2.lora_init) == ("lora", 32, 64.0, "gaussian")
-    assert (stage2.nft.loss_form, stage2.nft.beta, stage2.nft.clip, stage2.nft.base_penalty) == ("adaptive_x0", 0.1, 5.0, 1e-4)
+    assert (stage2.sampler_method, stage2.sampler_steps, stage2.candidates, stage2.inputs_per_step) == (
+        "dpm2",
+        30,
+        24,
+        48,
+    )
+    assert (stage2.finetune, stage2.lora_rank, stage2.lora_alpha, stage2.lora_init) == (
+        "lora",
+        32,
+        64.0,
+        "gaussian",
+    )
+    assert (stage2.nft.loss_form, stage2.nft.beta, stage2.nft.clip, stage2.nft.base_penalty) == (
+        "adaptive_x0",
+        0.1,
+        5.0,
+        1e-4,
+    )
     weights = {spec.name: spec.weight for spec in stage2.rewards}
     assert weights == {"pickscore": 1, "hpsv2": 1, "clipscore": 1, "lmd": 0.5, "identity": 0.5, "lpips": 0.5}
-    assert stage2.learners.num_gpus == 1 and stage2.rollout_workers.num_gpus > 0 and config.ray.gpus_per_worker == 1
+    assert (
+        stage2.learners.num_gpus == 1
+        and stage2.rollout_workers.num_gpus > 0
+        and config.ray.gpus_per_worker == 1
+    )
 
 
 def test_rewards_resolve(config: RunConfig) -> None:
@@ -79,8 +98,14 @@ def test_rlrestore_modules_on_meta(config: RunConfig) -> None:
     policy = config.policy
     with torch.device("meta"):
         tower = BUILDERS["vision"](policy.vision.arch)
-        visual = VisualTokenizer(tower, policy.codebook_size, policy.codebook_dim, policy.vision_feature_layer,
-                                 codebook_bias=True, l2_normalized=True)
+        visual = VisualTokenizer(
+            tower,
+            policy.codebook_size,
+            policy.codebook_dim,
+            policy.vision_feature_layer,
+            codebook_bias=True,
+            l2_normalized=True,
+        )
         semantic = Connector(2048, 2304, gelu="tanh", eps=policy.connector_norm_eps)
         texture = Connector(70 * 32, 2304, gelu=policy.vae_connector_gelu, eps=policy.connector_norm_eps)
     hidden, dim = 1152, policy.codebook_dim

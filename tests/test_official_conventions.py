@@ -76,7 +76,9 @@ def test_policy_prompt_uses_the_configured_format() -> None:
     policy = build_tiny_policy(0, *OFFICIAL)
     codes = policy.visual_tokenizer(torch.zeros(1, 3, 16, 16))
     ids, mask = policy.prompt_batch(codes, [""])
-    expected = policy.vocabulary.prompt_ids(policy.config.prompt, codes[0].tolist(), "chat", policy.config.system_prompt)
+    expected = policy.vocabulary.prompt_ids(
+        policy.config.prompt, codes[0].tolist(), "chat", policy.config.system_prompt
+    )
     assert ids[0].tolist() == expected and bool(mask.all())
 
 
@@ -101,15 +103,26 @@ def test_official_options_round_trip_through_a_policy_directory(tmp_path) -> Non
     nn.init.normal_(policy.visual_tokenizer.quantizer.proj.bias)
     policy.save_pretrained(tmp_path / "p")
     loaded = PrefRestorePolicy.from_pretrained(tmp_path / "p")
-    assert torch.equal(loaded.visual_tokenizer.quantizer.proj.bias, policy.visual_tokenizer.quantizer.proj.bias)
+    assert torch.equal(
+        loaded.visual_tokenizer.quantizer.proj.bias, policy.visual_tokenizer.quantizer.proj.bias
+    )
     assert loaded.visual_tokenizer.quantizer.l2_normalized and loaded.vocabulary.layout == "blip3o"
 
 
 def test_old_policy_directories_load_with_todays_defaults(tmp_path) -> None:
-    build_tiny_policy(0, "policy.tokenizer_resolution=16", "policy.vision.arch.image_size=16").save_pretrained(tmp_path)
+    build_tiny_policy(
+        0, "policy.tokenizer_resolution=16", "policy.vision.arch.image_size=16"
+    ).save_pretrained(tmp_path)
     meta = json.loads((tmp_path / "policy_config.json").read_text())
-    for key in ("vocabulary", "prompt_format", "system_prompt", "codebook_bias", "codebook_l2_normalized",
-                "vae_connector_gelu", "connector_norm_eps"):
+    for key in (
+        "vocabulary",
+        "prompt_format",
+        "system_prompt",
+        "codebook_bias",
+        "codebook_l2_normalized",
+        "vae_connector_gelu",
+        "connector_norm_eps",
+    ):
         del meta["policy"][key]  # a directory written before these options existed
     (tmp_path / "policy_config.json").write_text(json.dumps(meta))
     loaded = PrefRestorePolicy.from_pretrained(tmp_path)
@@ -164,7 +177,9 @@ def test_dpm2_equals_diffusers_dpm_solver_multistep(steps: int, shift: float) ->
     x = noise.clone()
     for i, timestep in enumerate(scheduler.timesteps):
         x = scheduler.step(velocity(x, grid[i].expand(3), condition), timestep, x).prev_sample
-    torch.testing.assert_close(sample_latents("dpm2", velocity, noise, condition, steps, shift=shift), x, atol=2e-6, rtol=0)
+    torch.testing.assert_close(
+        sample_latents("dpm2", velocity, noise, condition, steps, shift=shift), x, atol=2e-6, rtol=0
+    )
 
 
 def test_dpm2_with_cfg_and_its_refusals() -> None:
@@ -173,7 +188,9 @@ def test_dpm2_with_cfg_and_its_refusals() -> None:
     guided = sample_dpm2(velocity, noise, condition, 6, shift=1.0, guidance_scale=2.0)
 
     def by_hand(x, t, c):
-        return velocity(x, t, torch.zeros_like(c)) + 2.0 * (velocity(x, t, c) - velocity(x, t, torch.zeros_like(c)))
+        return velocity(x, t, torch.zeros_like(c)) + 2.0 * (
+            velocity(x, t, c) - velocity(x, t, torch.zeros_like(c))
+        )
 
     torch.testing.assert_close(guided, sample_dpm2(by_hand, noise, condition, 6, shift=1.0))
     assert sample_flow(velocity, noise, condition, 6).shape == guided.shape

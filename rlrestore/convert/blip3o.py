@@ -39,16 +39,30 @@ from rlrestore.convert.ta_tok import TATok, find_ta_tok, load_ta_tok, siglip_arc
 from rlrestore.convert.writer import ConversionReport, write_policy
 
 TOWER = "model.vision_tower.vision_tower."
-UNUSED_BY_CODES = "TA-Tok's feature decoder (codes -> SigLIP features, for understanding); restoration reads only the codes"
+UNUSED_BY_CODES = (
+    "TA-Tok's feature decoder (codes -> SigLIP features, for understanding); restoration reads only the codes"
+)
 
 
 @functools.cache
 def _tower_prefix() -> str:
     """Policy key prefix of the SigLIP transformer: transformers 4 nests it in ``vision_model``, 5 does not."""
     with torch.device("meta"):
-        tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                                     num_attention_heads=1, image_size=8, patch_size=4))
-    return "visual_tokenizer.tower.vision_model." if hasattr(tower, "vision_model") else "visual_tokenizer.tower."
+        tower = SiglipVisionModel(
+            SiglipVisionConfig(
+                hidden_size=8,
+                intermediate_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=1,
+                image_size=8,
+                patch_size=4,
+            )
+        )
+    return (
+        "visual_tokenizer.tower.vision_model."
+        if hasattr(tower, "vision_model")
+        else "visual_tokenizer.tower."
+    )
 
 
 def tower_rules(prefix: str) -> tuple[list[Rename], list[Ignore]]:
@@ -63,10 +77,18 @@ def tower_rules(prefix: str) -> tuple[list[Rename], list[Ignore]]:
     ignores = [
         Ignore(f"{prefix}decoder.", UNUSED_BY_CODES),
         Ignore(f"{prefix}decode_task_layer.", UNUSED_BY_CODES),
-        Ignore(f"{prefix}bottleneck.out_linear.", "maps a quantised code back to features; the code lookup does not"),
-        Ignore(f"{prefix}bottleneck.regularizer.stochastic_temperature_inv",
-               "temperature of TA-Tok's stochastic training-time lookup; inference takes the nearest code"),
-        Ignore(f"{prefix}teacher.", "TA-Tok's distillation teacher; their loader drops it too (load_teacher=False)"),
+        Ignore(
+            f"{prefix}bottleneck.out_linear.",
+            "maps a quantised code back to features; the code lookup does not",
+        ),
+        Ignore(
+            f"{prefix}bottleneck.regularizer.stochastic_temperature_inv",
+            "temperature of TA-Tok's stochastic training-time lookup; inference takes the nearest code",
+        ),
+        Ignore(
+            f"{prefix}teacher.",
+            "TA-Tok's distillation teacher; their loader drops it too (load_teacher=False)",
+        ),
     ]
     return renames, ignores
 
@@ -93,14 +115,24 @@ def checkpoint_rules(fmt: Blip3oFormat, checkpoint: Blip3oCheckpoint, store: Ten
     if fmt.has_vae_connector:
         renames.append(Rename("model.vae_connector.", "vae_connector."))
     if fmt.tie_connector_norms:
-        same.append(SameAs("model.vae_connector.3.", "model.diffusion_connector.3.",
-                           "their model class gives both connectors one RMSNorm module"))
+        same.append(
+            SameAs(
+                "model.vae_connector.3.",
+                "model.diffusion_connector.3.",
+                "their model class gives both connectors one RMSNorm module",
+            )
+        )
     if not fmt.lq_encoder_trained:
         renames.append(Rename("model.sana_vae.encoder.", "vae.encoder."))  # E_theta starts as a copy of E
     elif any(key.startswith("fixed_vae.") for key in store.names()):
         renames.append(Rename("fixed_vae.encoder.", "vae.encoder."))
-        same.append(SameAs("fixed_vae.decoder.", "model.sana_vae.decoder.",
-                           "the frozen DC-AE of their Stage 1.2 loss; its decoder is the one they decode with"))
+        same.append(
+            SameAs(
+                "fixed_vae.decoder.",
+                "model.sana_vae.decoder.",
+                "the frozen DC-AE of their Stage 1.2 loss; its decoder is the one they decode with",
+            )
+        )
     tower_renames, tower_ignores = tower_rules(TOWER)
     return plan(store, renames + tower_renames, ignores + tower_ignores, same)
 
@@ -108,15 +140,23 @@ def checkpoint_rules(fmt: Blip3oFormat, checkpoint: Blip3oCheckpoint, store: Ten
 def ta_tok_rules(ta_tok: TATok, checkpoint_store: TensorStore) -> Plan:
     """The TA-Tok file's tensors: the tokenizer's weights when the checkpoint lacks them, else checked
     against the checkpoint's copy (their loader overwrites the file's weights with the checkpoint's)."""
-    scale = Ignore("scale_layer.", "TA-Tok's [0, 1] -> [-1, 1] input scaling; their vision tower replaces it "
-                   "with the identity (images arrive in [-1, 1])")
+    scale = Ignore(
+        "scale_layer.",
+        "TA-Tok's [0, 1] -> [-1, 1] input scaling; their vision tower replaces it "
+        "with the identity (images arrive in [-1, 1])",
+    )
     if not any(key.startswith(TOWER) for key in checkpoint_store.names()):
         renames, ignores = tower_rules("")
         return plan(ta_tok.weights, renames, [scale, *ignores])
     _, ignores = tower_rules("")
     teacher = [rule for rule in ignores if rule.prefix == "teacher."]
-    copy = SameAs("", TOWER, "the checkpoint's vision tower is the one their model runs", other=checkpoint_store,
-                  strict=False)
+    copy = SameAs(
+        "",
+        TOWER,
+        "the checkpoint's vision tower is the one their model runs",
+        other=checkpoint_store,
+        strict=False,
+    )
     return plan(ta_tok.weights, [], [scale, *teacher], [copy])
 
 
@@ -140,8 +180,11 @@ def convert_blip3o(
     tatok = load_ta_tok(find_ta_tok(ta_tok, checkpoint.vision_tower))
     store = hf_weights(directory, f"{fmt.name} checkpoint")
     checkpoint.token_ids.check_layout(directory / "config.json")
-    tower_store, prefix = (store, f"{TOWER}encoder.") if f"{TOWER}encoder.embeddings.patch_embedding.weight" in store \
+    tower_store, prefix = (
+        (store, f"{TOWER}encoder.")
+        if f"{TOWER}encoder.embeddings.patch_embedding.weight" in store
         else (tatok.weights, "encoder.")
+    )
     vision = siglip_arch(tower_store, prefix, tatok.args.teacher)
     config = build_policy_config(checkpoint, sana_folder, tatok.args, vision, src)
     _check_scale_layer(store)
@@ -150,7 +193,10 @@ def convert_blip3o(
     result.merge(vae_encoder_rules(fmt, store, sana_folder))
     fresh = () if fmt.has_vae_connector else ("vae_connector.",)
     report = ConversionReport(
-        format=fmt.name, source=src, sana=str(sana_folder.directory), ta_tok=str(tatok.path),
+        format=fmt.name,
+        source=src,
+        sana=str(sana_folder.directory),
+        ta_tok=str(tatok.path),
         notes=[*checkpoint.notes, *sana_folder.notes],
     )
     if fresh:

@@ -63,7 +63,9 @@ def read_checkpoint(directory: Path) -> Blip3oCheckpoint:
     if "rope_parameters" not in arch and "rope_theta" in config:
         arch["rope_parameters"] = {"rope_type": "default", "rope_theta": float(config["rope_theta"])}
     if config.get("rope_scaling"):
-        notes.append(f"config.json rope_scaling {config['rope_scaling']} ignored (their model class sets it to None)")
+        notes.append(
+            f"config.json rope_scaling {config['rope_scaling']} ignored (their model class sets it to None)"
+        )
     try:
         Qwen3Config(**arch)
     except (TypeError, ValueError) as exc:
@@ -102,7 +104,9 @@ def find_sana(explicit: str | None, named: str | None) -> Path:
     if explicit is not None:
         return resolve_model_dir(explicit, "--sana")
     if not named:
-        raise ConversionError("config.json names no diffusion_name_or_path: pass --sana DIR (the base SANA folder)")
+        raise ConversionError(
+            "config.json names no diffusion_name_or_path: pass --sana DIR (the base SANA folder)"
+        )
     if not looks_like_path(named) or Path(named).expanduser().is_dir():
         return resolve_model_dir(named, "config.json diffusion_name_or_path")
     repo = f"{SANA_REPO_OWNER}/{Path(named).name}"
@@ -127,7 +131,9 @@ def read_sana(directory: Path) -> SanaFolder:
         if dropped:
             notes.append(f"base SANA {sub}/config.json keys unknown to diffusers, dropped: {dropped}")
         arches[sub] = {k: v for k, v in config.items() if k in accepted}
-    return SanaFolder(directory, arches["transformer"], arches["vae"], _flow_shift(directory, notes), tuple(notes))
+    return SanaFolder(
+        directory, arches["transformer"], arches["vae"], _flow_shift(directory, notes), tuple(notes)
+    )
 
 
 def _flow_shift(directory: Path, notes: list[str]) -> float:
@@ -162,7 +168,9 @@ def build_policy_config(
         )
     grid = (vision_arch["image_size"] // vision_arch["patch_size"]) ** 2
     if grid != args.tokens:
-        raise ConversionError(f"TA-Tok bottleneck_token_num={args.tokens}, but its encoder yields {grid} tokens")
+        raise ConversionError(
+            f"TA-Tok bottleneck_token_num={args.tokens}, but its encoder yields {grid} tokens"
+        )
     codes = checkpoint.token_ids.image_end - checkpoint.token_ids.image_start + 1
     if codes != args.codebook_size:
         raise ConversionError(

@@ -76,19 +76,23 @@ class Plan:
     copies: list[tuple[SameAs, TensorStore, list[str]]] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)  # "<source>: <key>"
     conflicts: list[str] = field(default_factory=list)
-    renames: list[tuple[str, Rename]] = field(default_factory=list)  # (source name, rule), to name missing keys
+    renames: list[tuple[str, Rename]] = field(
+        default_factory=list
+    )  # (source name, rule), to name missing keys
 
     def expected_source(self, target: str) -> str:
         """Where a policy key would have come from, for messages."""
         for source, rule in self.renames:
             if target.startswith(rule.target):
-                return f"{source}: {rule.source}{target[len(rule.target):]}"
+                return f"{source}: {rule.source}{target[len(rule.target) :]}"
         return "no source rule"
 
     def merge(self, other: Plan) -> None:
         for target, assignment in other.assignments.items():
             if target in self.assignments:
-                self.conflicts.append(f"{target} (from {assignment.store.name} and {self.assignments[target].store.name})")
+                self.conflicts.append(
+                    f"{target} (from {assignment.store.name} and {self.assignments[target].store.name})"
+                )
             self.assignments[target] = assignment
         self.ignored += other.ignored
         self.copies += other.copies
@@ -104,7 +108,7 @@ def plan(store: TensorStore, renames: list[Rename], ignores: list[Ignore], same:
     counts = {rule: 0 for rule in ignores}
     copies = {rule: [] for rule in same}
     for key in store.names():
-        targets = [rule.target + key[len(rule.source):] for rule in renames if key.startswith(rule.source)]
+        targets = [rule.target + key[len(rule.source) :] for rule in renames if key.startswith(rule.source)]
         for target in targets:
             if target in result.assignments:
                 result.conflicts.append(f"{target} (from {result.assignments[target].key} and {key})")
@@ -117,7 +121,9 @@ def plan(store: TensorStore, renames: list[Rename], ignores: list[Ignore], same:
             copies[copy].append(key)
         elif not targets:
             result.unused.append(store.where(key))
-    result.ignored = [IgnoredGroup(store.name, rule.prefix, n, rule.reason) for rule, n in counts.items() if n]
+    result.ignored = [
+        IgnoredGroup(store.name, rule.prefix, n, rule.reason) for rule, n in counts.items() if n
+    ]
     result.copies = [(rule, store, keys) for rule, keys in copies.items() if keys]
     return result
 
@@ -134,16 +140,18 @@ def check(result: Plan, expected: dict[str, torch.Size], fresh: tuple[str, ...] 
     :class:`SameAs` copy does not match. Returns notes on non-strict copies that differ."""
     problems = []
     if result.unused:
-        problems.append(f"{len(result.unused)} source tensor(s) match no conversion rule:" + _listed(result.unused))
-    missing = sorted(
-        key for key in expected if key not in result.assignments and not key.startswith(fresh)
-    )
+        problems.append(
+            f"{len(result.unused)} source tensor(s) match no conversion rule:" + _listed(result.unused)
+        )
+    missing = sorted(key for key in expected if key not in result.assignments and not key.startswith(fresh))
     if missing:
         named = [f"{key} (expected from {result.expected_source(key)})" for key in missing]
         problems.append(f"{len(missing)} policy tensor(s) have no source tensor:" + _listed(named))
     unknown = sorted(key for key in result.assignments if key not in expected)
     if unknown:
-        named = [f"{key} <- {result.assignments[key].store.where(result.assignments[key].key)}" for key in unknown]
+        named = [
+            f"{key} <- {result.assignments[key].store.where(result.assignments[key].key)}" for key in unknown
+        ]
         problems.append(f"{len(unknown)} source tensor(s) map to no policy tensor:" + _listed(named))
     shapes = [
         f"{a.store.where(a.key)}: expected {tuple(expected[key])}, found {tuple(a.store.shape(a.key))}"
@@ -164,7 +172,9 @@ def check(result: Plan, expected: dict[str, torch.Size], fresh: tuple[str, ...] 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Exact equality in the lower of the two precisions (a bf16 copy of a float32 tensor is equal)."""
     if a.dtype != b.dtype:
-        lower = min(a.dtype, b.dtype, key=lambda dtype: torch.finfo(dtype).bits if dtype.is_floating_point else 64)
+        lower = min(
+            a.dtype, b.dtype, key=lambda dtype: torch.finfo(dtype).bits if dtype.is_floating_point else 64
+        )
         a, b = a.to(lower), b.to(lower)
     return torch.equal(a, b)
 
@@ -176,9 +186,11 @@ def _check_copies(result: Plan) -> tuple[list[str], list[str]]:
         other = rule.other or store
         differing = []
         for key in keys:
-            twin = rule.of + key[len(rule.prefix):]
+            twin = rule.of + key[len(rule.prefix) :]
             if twin not in other:
-                problems.append(f"{store.name}: {key} has no counterpart {twin} in {other.name} ({rule.reason})")
+                problems.append(
+                    f"{store.name}: {key} has no counterpart {twin} in {other.name} ({rule.reason})"
+                )
             elif store.shape(key) != other.shape(twin):
                 problems.append(
                     f"{store.name}: {key}: expected {tuple(other.shape(twin))} like {twin}, "
@@ -187,8 +199,12 @@ def _check_copies(result: Plan) -> tuple[list[str], list[str]]:
             elif not _equal(store.get(key), other.get(twin)):
                 differing.append(key)
         if differing and rule.strict:
-            problems += [f"{store.name}: {key} differs from its counterpart ({rule.reason})" for key in differing]
+            problems += [
+                f"{store.name}: {key} differs from its counterpart ({rule.reason})" for key in differing
+            ]
         elif differing:
-            notes.append(f"{len(differing)} of {len(keys)} tensors under {store.name}: {rule.prefix} differ from "
-                         f"{other.name}: {rule.of} ({rule.reason})")
+            notes.append(
+                f"{len(differing)} of {len(keys)} tensors under {store.name}: {rule.prefix} differ from "
+                f"{other.name}: {rule.of} ({rule.reason})"
+            )
     return problems, notes

@@ -91,14 +91,19 @@ class TensorStore:
     def shape(self, key: str) -> torch.Size:
         if key in self.memory:
             return self.memory[key].shape
-        with _open(self.files[key]) as handle:
+        with _open(self._file(key)) as handle:
             return torch.Size(handle.get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
         if key in self.memory:
             return self.memory[key]
-        with _open(self.files[key]) as handle:
+        with _open(self._file(key)) as handle:
             return handle.get_tensor(key)
+
+    def _file(self, key: str) -> Path:
+        if key not in self.files:
+            raise ConversionError(f"{self.name}: tensor {key!r} is missing")
+        return self.files[key]
 
     @classmethod
     def from_safetensors(cls, name: str, paths: list[Path]) -> TensorStore:
@@ -149,14 +154,20 @@ def hf_weights(directory: Path, what: str, stem: str = "model") -> TensorStore:
         store = TensorStore.from_safetensors(what, [directory / name for name in shards])
         unlisted = [key for key, file in weight_map.items() if store.files.get(key, Path()).name != file]
         if unlisted:
-            raise ConversionError(f"{what}: {index_file.name} maps {unlisted[0]!r} to {weight_map[unlisted[0]]}, "
-                                  f"which does not hold it ({len(unlisted)} such keys)")
+            raise ConversionError(
+                f"{what}: {index_file.name} maps {unlisted[0]!r} to {weight_map[unlisted[0]]}, "
+                f"which does not hold it ({len(unlisted)} such keys)"
+            )
         return store
     single = directory / f"{stem}.safetensors"
     if single.is_file():
         return TensorStore.from_safetensors(what, [single])
     pickles = sorted(path.name for path in directory.glob("*.bin"))
-    found = f"; it holds only pickled weights ({', '.join(pickles)}), which rlrestore never loads" if pickles else ""
+    found = (
+        f"; it holds only pickled weights ({', '.join(pickles)}), which rlrestore never loads"
+        if pickles
+        else ""
+    )
     raise ConversionError(f"{what}: no {stem}.safetensors or {index_file.name} in {directory}{found}")
 
 
@@ -164,7 +175,9 @@ def diffusers_weights(directory: Path, what: str) -> TensorStore:
     """The weights of a diffusers component folder (``diffusion_pytorch_model`` safetensors; a
     precision variant such as ``.bf16.safetensors`` when it is the only file)."""
     stem = "diffusion_pytorch_model"
-    if (directory / f"{stem}.safetensors").is_file() or (directory / f"{stem}.safetensors.index.json").is_file():
+    if (directory / f"{stem}.safetensors").is_file() or (
+        directory / f"{stem}.safetensors.index.json"
+    ).is_file():
         return hf_weights(directory, what, stem)
     variants = sorted(directory.glob(f"{stem}.*.safetensors"))
     if len(variants) == 1:

@@ -81,15 +81,21 @@ def load_ta_tok(path: Path) -> TATok:
     bad = [key for key, value in sd.items() if not (isinstance(key, str) and isinstance(value, torch.Tensor))]
     if bad:
         raise ConversionError(f"TA-Tok file {path}: model.sd[{bad[0]!r}] is not a tensor")
-    return TATok(path=path, args=_parse_args(args, path), weights=TensorStore(f"TA-Tok file {path.name}", memory=sd))
+    return TATok(
+        path=path, args=_parse_args(args, path), weights=TensorStore(f"TA-Tok file {path.name}", memory=sd)
+    )
 
 
 def _field(node: Any, key: str, kind: type, path: Path, where: str = "") -> Any:
     name = f"{where}.{key}" if where else key
     if not isinstance(node, dict) or key not in node:
-        raise ConversionError(f"TA-Tok file {path}: {name} is missing (expected {{'model': {{'args', 'sd'}}}})")
+        raise ConversionError(
+            f"TA-Tok file {path}: {name} is missing (expected {{'model': {{'args', 'sd'}}}})"
+        )
     if not isinstance(node[key], kind):
-        raise ConversionError(f"TA-Tok file {path}: {name} must be a {kind.__name__}, got {type(node[key]).__name__}")
+        raise ConversionError(
+            f"TA-Tok file {path}: {name} must be a {kind.__name__}, got {type(node[key]).__name__}"
+        )
     return node[key]
 
 
@@ -171,7 +177,11 @@ def siglip_arch(weights: TensorStore, prefix: str, teacher: str) -> dict[str, An
 def _teacher_config(teacher: str) -> dict[str, Any]:
     if teacher in KNOWN_TEACHERS:
         return KNOWN_TEACHERS[teacher]
-    local = Path(teacher).expanduser() / "config.json" if looks_like_path(teacher) else cached_file(teacher, "config.json")
+    local = (
+        Path(teacher).expanduser() / "config.json"
+        if looks_like_path(teacher)
+        else cached_file(teacher, "config.json")
+    )
     if local is None or not local.is_file():
         raise ConversionError(
             f"TA-Tok's teacher {teacher!r} is not a known SigLIP2 configuration ({', '.join(KNOWN_TEACHERS)}) and "

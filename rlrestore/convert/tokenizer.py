@@ -94,7 +94,9 @@ def convert_tokenizer(source: Path, ids: TokenIds, out: Path) -> int:
     (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
     for name in TOKENIZER_FILES[1:]:
         if (source / name).is_file():
-            (out / name).write_text(json.dumps(_filtered(read_json(source / name, "tokenizer")), ensure_ascii=False))
+            (out / name).write_text(
+                json.dumps(_filtered(read_json(source / name, "tokenizer")), ensure_ascii=False)
+            )
     for name in COPIED_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
@@ -115,9 +117,13 @@ def _strip_images(data: dict[str, Any], first_image: int, path: Path) -> int:
                 "the BLIP3o layout puts only <I0>.. and <image> there"
             )
     vocab = data.get("model", {}).get("vocab", {})
-    beyond = [token for token, index in vocab.items() if index >= first_image] if isinstance(vocab, dict) else []
+    beyond = (
+        [token for token, index in vocab.items() if index >= first_image] if isinstance(vocab, dict) else []
+    )
     if beyond:
-        raise ConversionError(f"{path}: base vocabulary token {beyond[0]!r} has an id at or above <I0> ({first_image})")
+        raise ConversionError(
+            f"{path}: base vocabulary token {beyond[0]!r} has an id at or above <I0> ({first_image})"
+        )
     data["added_tokens"] = kept
     return removed
 
@@ -133,4 +139,6 @@ def _filtered(config: Any) -> Any:
         return [item for item in config if not _is_image(item)]
     if not isinstance(config, dict):
         return config
-    return {key: _filtered(value) for key, value in config.items() if not _is_image(key) and not _is_image(value)}
+    return {
+        key: _filtered(value) for key, value in config.items() if not _is_image(key) and not _is_image(value)
+    }

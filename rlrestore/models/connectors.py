@@ -19,4 +19,6 @@ class Connector(nn.Sequential):
     ) -> None:
         norm = nn.RMSNorm(out_dim, eps=eps)
         nn.init.constant_(norm.weight, norm_init)
-        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(approximate=gelu), nn.Linear(out_dim, out_dim), norm)
+        super().__init__(
+            nn.Linear(in_dim, out_dim), nn.GELU(approximate=gelu), nn.Linear(out_dim, out_dim), norm
+        )

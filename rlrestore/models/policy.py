@@ -307,9 +307,8 @@ class PrefRestorePolicy(nn.Module):
         prompts = []
         for codes, caption in zip(lq_codes.tolist(), captions, strict=True):
             template = self.config.caption_prompt.replace("{caption}", caption) if caption else self.config.prompt
-            prompts.append(
-                self.vocabulary.prompt_ids(template, codes, self.config.prompt_format, self.config.system_prompt)
-            )
+            format_, system = self.config.prompt_format, self.config.system_prompt
+            prompts.append(self.vocabulary.prompt_ids(template, codes, format_, system))
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.vocabulary.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)

@@ -90,8 +90,12 @@ class Vocabulary:
             self.first_image_id = len(tokenizer)
         else:
             self.image_placeholder = None
-            self.im_start, self.im_end, *self.scales = tokenizer.convert_tokens_to_ids(list(BLIP3O_SPECIAL_TOKENS))
-            self.first_image_id = _blip3o_first_image_id(tokenizer, [self.im_start, self.im_end, *self.scales])
+            self.im_start, self.im_end, *self.scales = tokenizer.convert_tokens_to_ids(
+                list(BLIP3O_SPECIAL_TOKENS)
+            )
+            self.first_image_id = _blip3o_first_image_id(
+                tokenizer, [self.im_start, self.im_end, *self.scales]
+            )
         self.pad = tokenizer.pad_token_id
 
     @property
@@ -140,13 +144,19 @@ def _blip3o_first_image_id(tokenizer: PreTrainedTokenizerBase, special_ids: list
     start = special_ids[0]
     if special_ids != list(range(start, start + len(special_ids))):
         names = dict(zip(BLIP3O_SPECIAL_TOKENS, special_ids, strict=True))
-        raise ValueError(f"tokenizer does not follow the blip3o vocabulary layout: ids {names} are not consecutive")
+        raise ValueError(
+            f"tokenizer does not follow the blip3o vocabulary layout: ids {names} are not consecutive"
+        )
     expected = start + len(special_ids)
     first = tokenizer.convert_tokens_to_ids(FIRST_IMAGE_TOKEN)
     holds_images = FIRST_IMAGE_TOKEN in tokenizer.get_vocab()
     found = first if holds_images else len(tokenizer)
     if found != expected:
-        where = f"{FIRST_IMAGE_TOKEN} has id {first}" if holds_images else f"the tokenizer has {len(tokenizer)} tokens"
+        where = (
+            f"{FIRST_IMAGE_TOKEN} has id {first}"
+            if holds_images
+            else f"the tokenizer has {len(tokenizer)} tokens"
+        )
         raise ValueError(
             f"tokenizer does not follow the blip3o vocabulary layout: the image tokens must start at {expected} "
             f"(right after <S2>), but {where}"
