@@ -59,6 +59,15 @@ class Assignment:
         return self.store.get(self.key)
 
 
+@dataclass(frozen=True)
+class CopyCheck:
+    """Keys of ``store`` that a :class:`SameAs` rule compares with their counterparts."""
+
+    rule: SameAs
+    store: TensorStore
+    keys: list[str]
+
+
 @dataclass
 class IgnoredGroup:
     source: str
@@ -73,7 +82,7 @@ class Plan:
 
     assignments: dict[str, Assignment] = field(default_factory=dict)
     ignored: list[IgnoredGroup] = field(default_factory=list)
-    copies: list[tuple[SameAs, TensorStore, list[str]]] = field(default_factory=list)
+    copies: list[CopyCheck] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)  # "<source>: <key>"
     conflicts: list[str] = field(default_factory=list)
     renames: list[tuple[str, Rename]] = field(
@@ -124,7 +133,7 @@ def plan(store: TensorStore, renames: list[Rename], ignores: list[Ignore], same:
     result.ignored = [
         IgnoredGroup(store.name, rule.prefix, n, rule.reason) for rule, n in counts.items() if n
     ]
-    result.copies = [(rule, store, keys) for rule, keys in copies.items() if keys]
+    result.copies = [CopyCheck(rule, store, keys) for rule, keys in copies.items() if keys]
     return result
 
 
@@ -182,7 +191,8 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _check_copies(result: Plan) -> tuple[list[str], list[str]]:
     """Every :class:`SameAs` key must exist in its reference with the same shape (and values)."""
     problems, notes = [], []
-    for rule, store, keys in result.copies:
+    for copy in result.copies:
+        rule, store, keys = copy.rule, copy.store, copy.keys
         other = rule.other or store
         differing = []
         for key in keys:

@@ -111,7 +111,7 @@ def write_policy(
         if tied:
             expected.pop(LM_HEAD)
         report.notes += check(result, expected, fresh)
-        report.checked_copies = sum(len(keys) for _, _, keys in result.copies)
+        report.checked_copies = sum(len(copy.keys) for copy in result.copies)
         tensors = {key: assignment.load() for key, assignment in result.assignments.items()}
         tensors.update(_fresh_tensors(policy, fresh))
         if tied:
