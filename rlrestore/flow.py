@@ -88,13 +88,13 @@ def _log_snr(t: float) -> float:
 def _guided_velocity(
     velocity: VelocityFn, x: torch.Tensor, t: float, condition: torch.Tensor, guidance_scale: float
 ) -> torch.Tensor:
-    """v(x, t, c) in float32; with ``guidance_scale != 1`` CFG against the all-zero condition (one batched call)."""
-    x_in = x.to(condition.dtype)
+    """v(x, t, c) in float32; with ``guidance_scale != 1`` CFG against the all-zero condition (one batched
+    call). x and t go in as float32: the velocity function casts what its network needs."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
     if guidance_scale == 1.0:
-        return velocity(x_in, t_batch, condition).float()
+        return velocity(x, t_batch, condition).float()
     both = velocity(
-        torch.cat([x_in, x_in]),
+        torch.cat([x, x]),
         torch.cat([t_batch, t_batch]),
         torch.cat([condition, torch.zeros_like(condition)]),
     )
@@ -122,8 +122,8 @@ def sample_dpm2(
 
     which is what diffusers' DPMSolverMultistepScheduler (solver_order=2, dpmsolver++, midpoint,
     prediction_type=flow_prediction, final_sigmas_type=zero) computes on the same grid. The grid is
-    ``shifted_timesteps(steps, shift)`` unless ``times`` (from 1 down to 0) is given. The state x stays
-    float32; only the network input is cast to the condition's dtype.
+    ``shifted_timesteps(steps, shift)`` unless ``times`` (from 1 down to 0) is given. The state x and the
+    time t stay float32.
     """
     grid = (shifted_timesteps(steps, shift) if times is None else times).double().tolist()
     x = noise.float()
