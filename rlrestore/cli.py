@@ -9,6 +9,7 @@
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
     rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--only PART] [--rewards A,B]
+    rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
 """
 
 from __future__ import annotations
@@ -183,6 +184,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from rlrestore.convert import convert
+
+    report = convert(args.format, args.src, args.out, sana=args.sana, ta_tok=args.ta_tok)
+    print(report.summary())
+    print(f"policy directory: {Path(args.out).resolve()} (report: convert_report.json)")
+    return 0
+
+
 def default_config_path() -> Path:
     """The embedded tiny config (CPU, minutes) used by the demo when no config is given."""
     return Path(__file__).parent / "configs" / "tiny.yaml"
@@ -314,7 +324,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reward-size", type=int, default=64, help="Side of those images in px (default 64).")
     bench.add_argument("--threads", type=int, default=1, help="Torch threads of this process (default 1).")
     bench.set_defaults(func=cmd_bench)
+    _add_convert_parser(sub)
     return parser
+
+
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    from rlrestore.convert.formats import FORMATS
+
+    convert = sub.add_parser(
+        "convert",
+        help="Convert a released checkpoint into an rlrestore policy directory (for restore, eval, "
+        "policy.checkpoint). Never downloads; every source tensor is used or the command refuses, naming it.",
+    )
+    convert.add_argument(
+        "format",
+        choices=sorted(FORMATS),
+        help="; ".join(f"{fmt.name}: {fmt.summary} ({fmt.repo})" for fmt in FORMATS.values()),
+    )
+    convert.add_argument(
+        "src",
+        nargs="?",
+        default=None,
+        help="The HF Trainer directory (config.json, model.safetensors.index.json + shards, tokenizer), or its "
+        "Hugging Face id found in the local cache ($HF_HOME). Default: the format's released repo id.",
+    )
+    convert.add_argument("--out", required=True, help="New policy directory to write (must not exist or be empty).")
+    convert.add_argument(
+        "--sana",
+        default=None,
+        help="Base SANA diffusers folder or HF id (transformer/, vae/, scheduler/ configs; the clean DC-AE "
+        "encoder when the checkpoint lacks fixed_vae). Default: config.json's diffusion_name_or_path.",
+    )
+    convert.add_argument(
+        "--ta-tok",
+        default=None,
+        help="TA-Tok file ta_tok.pth (read with torch.load(weights_only=True)). Default: config.json's "
+        "mm_vision_tower if present here, else csuhan/TA-Tok ta_tok.pth from the HF cache.",
+    )
+    convert.set_defaults(func=cmd_convert)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -82,6 +82,38 @@ class PolicyConfig(_Section):
     connector_norm_init: float = Field(
         5.5**0.5, gt=0, description="Initial RMSNorm weight of the diffusion connector (sqrt(5.5))."
     )
+    vocabulary: Literal["rlrestore", "blip3o"] = Field(
+        "rlrestore",
+        description="Layout of the integrator's vocabulary. 'rlrestore': the text tokenizer's tokens, then "
+        "<image>, <im_start>, <im_end>, <S0>..<S2> (added where missing), then the V image tokens. 'blip3o' "
+        "(BLIP3o-NEXT and the released Pref-Restore model): the text tokens, then <im_start>, <im_end>, "
+        "<S0>..<S2> (five consecutive ids), then <I0>..<I{V-1}>; <image> has no embedding row.",
+    )
+    prompt_format: Literal["plain", "chat"] = Field(
+        "plain",
+        description="'plain': text before <image> | <im_start><S0> LQ codes <im_end> | text after | "
+        "<im_start><S0>. 'chat' (the released model): the Qwen chat layout '<|im_start|>system\\n"
+        "{system_prompt}<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n"
+        "<im_start><S0>' with the LQ codes in place of <image>, bare (not wrapped).",
+    )
+    system_prompt: str = Field(
+        "You are a helpful assistant.", description="System message of prompt_format=chat."
+    )
+    codebook_bias: bool = Field(
+        False, description="The SimVQ codebook projection has a bias (TA-Tok's embedding_proj does)."
+    )
+    codebook_l2_normalized: bool = Field(
+        False,
+        description="Nearest-code lookup on l2-normalised features and codes (cosine), as TA-Tok does when "
+        "its file says l2_normalized.",
+    )
+    vae_connector_gelu: Literal["none", "tanh"] = Field(
+        "none",
+        description="GELU of the vae connector: exact ('none') or the tanh approximation (released model).",
+    )
+    connector_norm_eps: float = Field(
+        1e-6, gt=0, description="Epsilon of both connectors' RMSNorm (1e-5 in the released model)."
+    )
     checkpoint: str | None = Field(
         None,
         description="A policy directory to start from instead of building the networks from the component "
@@ -107,7 +139,15 @@ class PolicyConfig(_Section):
 class SamplerConfig(_Section):
     """Flow-matching sampler (integrates from t=1, noise, to t=0) and AR token sampling."""
 
-    steps: int = Field(20, ge=1, le=1000, description="Number of Euler steps.")
+    steps: int = Field(
+        20, ge=1, le=1000, description="Number of sampler steps (network evaluations per branch)."
+    )
+    method: Literal["euler", "dpm2"] = Field(
+        "euler",
+        description="'euler': Euler steps (with optional SDE noise). 'dpm2': deterministic 2nd-order multistep "
+        "DPM-Solver++ in flow form (first-order first and last step), as diffusers' DPMSolverMultistepScheduler "
+        "computes it; the rollout sampler of the released model's Stage 2.",
+    )
     guidance_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1.0 turns CFG off.")
     sde_eta: float = Field(
         0.0, ge=0, description="Noise level of the SDE sampler; 0 is the deterministic ODE."
@@ -118,6 +158,12 @@ class SamplerConfig(_Section):
     ar_top_k: int = Field(1200, ge=1, description="Top-k of AR sampling (ar_sampling=sample).")
     ar_top_p: float = Field(0.95, gt=0, le=1, description="Top-p of AR sampling (ar_sampling=sample).")
     ar_temperature: float = Field(1.0, gt=0, description="Temperature of AR sampling.")
+
+    @model_validator(mode="after")
+    def _deterministic_dpm2(self) -> SamplerConfig:
+        if self.method == "dpm2" and self.sde_eta > 0:
+            raise ValueError(f"method=dpm2 is a deterministic ODE solver; set sde_eta=0 (got {self.sde_eta})")
+        return self
 
 
 Range = tuple[float, float]
@@ -347,6 +393,10 @@ class Stage2Config(_Section):
     sampler_steps: int = Field(
         10, ge=1, description="Sampler steps of rollouts (deterministic ODE, CFG off)."
     )
+    sampler_method: Literal["euler", "dpm2"] = Field(
+        "euler",
+        description="Rollout sampler: 'euler' or 'dpm2' (the released model's Stage 2), see sampler.method.",
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [
             RewardSpec(name="sharpness", weight=1.0),
@@ -366,6 +416,11 @@ class Stage2Config(_Section):
     lora_rank: int = Field(32, ge=1, description="LoRA rank (finetune=lora).")
     lora_alpha: float = Field(
         32.0, gt=0, description="LoRA scale numerator: the adapter's update is scaled by alpha / rank."
+    )
+    lora_init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="Initialisation of LoRA's A factor (B starts at zero either way): peft's 'default' "
+        "(Kaiming-uniform) or 'gaussian' (normal, std 1 / rank; the released model's Stage 2).",
     )
     lora_targets: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],

@@ -200,7 +200,7 @@ class Stage2Run:
         self.batches = EpochBatches(
             num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE)
         )
-        self.sampler = SamplerConfig(steps=self.stage.sampler_steps)
+        self.sampler = SamplerConfig(steps=self.stage.sampler_steps, method=self.stage.sampler_method)
 
     def bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         """Scheduling strategy that puts an actor into bundle ``index`` of the run's placement group."""

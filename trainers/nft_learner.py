@@ -261,6 +261,7 @@ class NFTLearner:
         lora_rank: int = 32,
         lora_alpha: float = 32.0,
         lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora_init: Literal["default", "gaussian"] = "default",
         zero_stage: int = 2,
         rank: int = 0,
         world_size: int = 1,
@@ -297,7 +298,7 @@ class NFTLearner:
         self.timestep_grid = shifted_timesteps(sampler_steps, policy_config.flow_shift)[:-1]
         field = VelocityField(transformer, vae_connector).to(self.device)
         if finetune == "lora":
-            add_lora(transformer, lora_rank, lora_alpha, lora_targets)
+            add_lora(transformer, lora_rank, lora_alpha, lora_targets, init=lora_init)
         else:
             transformer.requires_grad_(True)
         # float32 copies made before DeepSpeed casts the trained one: v_old's EMA accumulates in float32
@@ -779,6 +780,7 @@ class LearnerGroup:
             "lora_rank": stage2.lora_rank,
             "lora_alpha": stage2.lora_alpha,
             "lora_targets": tuple(stage2.lora_targets),
+            "lora_init": stage2.lora_init,
             "zero_stage": stage2.zero_stage,
             "sampler_steps": stage2.sampler_steps,
             "total_steps": stage2.steps,

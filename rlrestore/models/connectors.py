@@ -21,10 +21,15 @@ class Connector(nn.Sequential):
 
     The diffusion connector (AR hidden states -> caption channels) uses the tanh GELU and starts its
     norm weight at sqrt(5.5), as BLIP3o-NEXT does; the vae connector (DiT patch tokens of z_low ->
-    caption channels) uses the exact GELU and a unit norm.
+    caption channels) uses the exact GELU and a unit norm. The released Pref-Restore model uses the tanh
+    GELU in both and RMSNorm eps 1e-5 (``policy.vae_connector_gelu``, ``policy.connector_norm_eps``).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, gelu: str = "tanh", norm_init: float = 1.0) -> None:
-        norm = Float32RMSNorm(out_dim, eps=1e-6)
+    def __init__(
+        self, in_dim: int, out_dim: int, gelu: str = "tanh", norm_init: float = 1.0, eps: float = 1e-6
+    ) -> None:
+        norm = Float32RMSNorm(out_dim, eps=eps)
         nn.init.constant_(norm.weight, norm_init)
-        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(approximate=gelu), nn.Linear(out_dim, out_dim), norm)
+        super().__init__(
+            nn.Linear(in_dim, out_dim), nn.GELU(approximate=gelu), nn.Linear(out_dim, out_dim), norm
+        )

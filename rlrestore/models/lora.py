@@ -3,7 +3,8 @@
 The adapters are peft's ``LoraLayer`` wrappers injected into the named ``nn.Linear`` layers of the
 module (``peft.inject_adapter_in_model``): the base weights stay frozen and only the low-rank
 factors A (rank x in) and B (out x rank) train, B starting at zero so the adapted DiT starts equal
-to the base one. Rollout workers and policy checkpoints never see adapters: they get
+to the base one; A starts Kaiming-uniform (peft's default) or normal with std 1 / rank ('gaussian', the
+released Pref-Restore recipe). Rollout workers and policy checkpoints never see adapters: they get
 :func:`merged_state_dict`, the plain DiT state dict with ``W + (alpha / rank) * B @ A`` folded
 into each adapted weight, so the rest of the system treats LoRA and full fine-tuning alike.
 """
@@ -20,9 +21,12 @@ __all__ = ["add_lora", "has_lora", "merged_state_dict"]
 _ADAPTER = "default"
 
 
-def add_lora(module: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> nn.Module:
+def add_lora(
+    module: nn.Module, rank: int, alpha: float, targets: Sequence[str], init: str = "default"
+) -> nn.Module:
     """Freeze ``module`` and give the Linear layers whose names end with one of ``targets`` a
-    trainable LoRA adapter of ``rank`` (scale ``alpha / rank``); returns ``module`` (changed in place).
+    trainable LoRA adapter of ``rank`` (scale ``alpha / rank``, A initialised per ``init``: 'default'
+    or 'gaussian'); returns ``module`` (changed in place).
 
     Raises ValueError naming the targets that match no Linear layer, with the names available.
     """
@@ -40,8 +44,16 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: Sequence[str])
             f"stage2.lora_targets {unmatched} match no Linear layer of the DiT; "
             f"its Linear layers (per block) are: {', '.join(layers)}"
         )
+    if init not in ("default", "gaussian"):
+        raise ValueError(f"stage2.lora_init must be 'default' or 'gaussian', got {init!r}")
     module.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        init_lora_weights=True if init == "default" else "gaussian",
+    )
     return inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from rlrestore.config import PolicyConfig, SamplerConfig
-from rlrestore.flow import sample_flow
+from rlrestore.flow import sample_latents
 from rlrestore.models.connectors import Connector
 from rlrestore.models.loading import (
     CheckpointError,
@@ -143,7 +143,8 @@ def build_vae_connector(config: PolicyConfig, transformer: SanaTransformer2DMode
     """The connector from the DiT's patch tokens of z_low to its caption channels (also built by
     the Stage 2 learners, which load only the DiT and this connector)."""
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    return Connector(inner, transformer.config.caption_channels, gelu="none")
+    channels = transformer.config.caption_channels
+    return Connector(inner, channels, gelu=config.vae_connector_gelu, eps=config.connector_norm_eps)
 
 
 class PrefRestorePolicy(nn.Module):
@@ -171,6 +172,7 @@ class PrefRestorePolicy(nn.Module):
             transformer.config.caption_channels,
             gelu="tanh",
             norm_init=config.connector_norm_init,
+            eps=config.connector_norm_eps,
         )
         self.vae_connector = build_vae_connector(config, transformer)
         self.set_trainable([])
@@ -193,15 +195,22 @@ class PrefRestorePolicy(nn.Module):
             + ([("policy.text_tokenizer", config.text_tokenizer, "tokenizer_config.json", None)]
                if config.text_tokenizer else [])
         )
-        tokenizer = load_text_tokenizer(config.text_tokenizer)
-        vocabulary = Vocabulary(tokenizer, config.codebook_size)
+        tokenizer = load_text_tokenizer(config.text_tokenizer, config.vocabulary, config.prompt_format)
+        vocabulary = Vocabulary(tokenizer, config.codebook_size, config.vocabulary)
         tower = load_component("vision", config.vision, _build_vision, SiglipVisionModel.from_pretrained)
         if tower.config.image_size != config.tokenizer_resolution:
             raise ValueError(
                 f"policy.tokenizer_resolution={config.tokenizer_resolution} differs from the vision tower's "
                 f"image_size={tower.config.image_size}"
             )
-        visual = VisualTokenizer(tower, config.codebook_size, config.codebook_dim, config.vision_feature_layer)
+        visual = VisualTokenizer(
+            tower,
+            config.codebook_size,
+            config.codebook_dim,
+            config.vision_feature_layer,
+            codebook_bias=config.codebook_bias,
+            l2_normalized=config.codebook_l2_normalized,
+        )
         integrator = load_component(
             "integrator", config.integrator, _build_integrator, Qwen3ForCausalLM.from_pretrained
         )
@@ -356,7 +365,8 @@ class PrefRestorePolicy(nn.Module):
         prompts = []
         for codes, caption in zip(lq_codes.tolist(), captions, strict=True):
             template = self.config.caption_prompt.replace("{caption}", caption) if caption else self.config.prompt
-            prompts.append(self.vocabulary.prompt_ids(template, codes))
+            format_, system = self.config.prompt_format, self.config.system_prompt
+            prompts.append(self.vocabulary.prompt_ids(template, codes, format_, system))
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.vocabulary.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -483,7 +493,8 @@ class PrefRestorePolicy(nn.Module):
         shape = self.latent_shape()
         # the sampler state stays float32 whatever the weights' dtype; only the DiT input is cast
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, torch.float32)
-        latents = sample_flow(
+        latents = sample_latents(
+            sampler.method,
             lambda x, t, c: self.velocity(x, t, c).float(),
             noise,
             states,
