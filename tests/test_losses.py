@@ -195,7 +195,8 @@ def test_mix_generates_codes_per_sample_and_only_for_those(
     assert 2 < int(generated_rows(stage, 4000, torch.Generator().manual_seed(2)).sum()) / 40 < 52
 
     target = tiny_policy.target_codes(hq)
-    everyone = conditioning_codes(tiny_policy, lq, batch["caption"], target, torch.ones(8, dtype=torch.bool), torch.Generator())
+    every_row = torch.ones(8, dtype=torch.bool)
+    everyone = conditioning_codes(tiny_policy, lq, batch["caption"], target, every_row, torch.Generator())
     batch_sizes: list[int] = []
     generate = tiny_policy.generate_codes
 
