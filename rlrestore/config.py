@@ -241,7 +241,9 @@ class TextureAlignmentConfig(Stage1Config):
         description="Codes S the DiT is conditioned on: 'target' teacher-forces the clean face's codes "
         "(cheap; the released recipe); 'generated' runs the frozen integrator on the LQ prompt (greedy), "
         "i.e. the codes it will see at inference (one AR pass of N tokens per sample per step); 'mix' "
-        "generates them for a random `generated_fraction` of the samples and teacher-forces the rest.",
+        "generates them for a random `generated_fraction` of the samples and teacher-forces the rest. "
+        "Tiny config, 32 held-out inputs: vs target, generated -0.24 dB PSNR and mix -0.02 dB, within the "
+        "0.6 dB spread over inputs (scripts/compare_semantic_codes.py), so target stays the default.",
     )
     generated_fraction: float = Field(
         0.5,

@@ -13,7 +13,8 @@ per variant:
 - the degraded input's own PSNR/SSIM (the baseline) and the Stage 1.1 model before Stage 1.2;
 - the flow-matching loss on the held-out pairs at a few t, conditioned on generated codes (what
   inference sees) and, for contrast, on the clean face's codes;
-- the wall time of the Stage 1.2 job and the summed time of its steps.
+- the wall time of the Stage 1.2 job, the summed time of its steps, and the cost of one step
+  (forward + backward of one worker's batch, fastest of several) measured in one process.
 
 Every stage resumes from its checkpoints and ``rlrestore eval`` from its chunks, so rerunning the
 same command after an interruption continues. Writes ``OUT/report.md`` and ``OUT/report.json``.
@@ -45,16 +46,27 @@ import torch.nn.functional as F
 from rewards import RewardBatch, build_reward
 from rlrestore.checkpoints import checkpoint_root, latest_checkpoint
 from rlrestore.cli import default_config_path
-from rlrestore.config import RewardSpec, RunConfig, SamplerConfig, load_config
-from rlrestore.data import load_image, read_shards, save_image, split_holdout, square_resize, to_tensor
+from rlrestore.config import RewardSpec, RunConfig, SamplerConfig, TextureAlignmentConfig, load_config
+from rlrestore.data import (
+    FaceDataset,
+    collate_faces,
+    load_image,
+    read_shards,
+    save_image,
+    split_holdout,
+    square_resize,
+    to_tensor,
+)
 from rlrestore.evaluation import EvalReport, run_evaluation
 from rlrestore.flow import interpolate, target_velocity
 from rlrestore.jobs import prepare_shards, ray_session, run_stage1
+from rlrestore.losses import stage1_losses
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.tracking import read_metrics
 
 FLOW_TIMES = (0.25, 0.5, 0.75, 0.95)
 FLOW_NOISE_DRAWS = 4
+STEP_REPEATS = 15
 METRICS = ("psnr", "ssim")
 BASELINE = "degraded input"
 STAGE1_1 = "stage1.1"  # the shared Stage 1.1 checkpoint, before any Stage 1.2
@@ -133,6 +145,27 @@ def train_variant(config: RunConfig, handoff: Path) -> dict[str, float]:
         timing = {"wall_s": wall, "step_s": float(steps["step_time"].sum()), "resumed_from_step": resumed_from}
         timing_file.write_text(json.dumps(timing, indent=2) + "\n")
     return json.loads(timing_file.read_text())
+
+
+def step_cost(config: RunConfig, handoff: Path, stages: dict[str, TextureAlignmentConfig]) -> dict[str, float]:
+    """Fastest of ``STEP_REPEATS`` Stage 1.2 forward + backward passes per variant on the same
+    per-worker batch, in this process, the variants taking turns (so a busy machine slows them
+    alike): the cost of the codes without Ray's overhead or other jobs' load."""
+    train, _ = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
+    dataset = FaceDataset(train, config.policy.resolution, config.degradation, config.data.seed)
+    per_worker = max(1, config.stage1_2.batch_size // config.ray.num_workers)
+    batch = collate_faces([dataset[i] for i in range(per_worker)])
+    policy = PrefRestorePolicy.from_pretrained(handoff / "policy")
+    params = policy.set_trainable(list(config.stage1_2.trainable))
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for repeat in range(STEP_REPEATS):
+        for name, stage in stages.items():
+            began = time.perf_counter()
+            stage1_losses(policy, batch, stage, torch.Generator().manual_seed(repeat))["loss"].backward()
+            times[name].append(time.perf_counter() - began)
+            for param in params:
+                param.grad = None
+    return {name: min(values) for name, values in times.items()}
 
 
 def held_back_faces(config: RunConfig, folder: Path, draws: int) -> Path:
@@ -260,8 +293,8 @@ def markdown(table: dict[str, dict], inputs: int, command: str) -> str:
     lines = [
         "| variant | PSNR dB ↑ | ΔPSNR vs target dB | SSIM ↑ | "
         + " | ".join(f"flow loss t={t} ↓" for t in times)
-        + " | Stage 1.2 wall s | steps s |",
-        "|---|---:|---:|---:|" + "---:|" * len(times) + "---:|---:|",
+        + " | Stage 1.2 wall s | steps s | step cost s |",
+        "|---|---:|---:|---:|" + "---:|" * len(times) + "---:|---:|---:|",
     ]
     for name, entry in table.items():
         psnr, ssim = entry["psnr"], entry["ssim"]
@@ -274,6 +307,7 @@ def markdown(table: dict[str, dict], inputs: int, command: str) -> str:
         flow = entry.get("flow_loss", {}).get("generated")
         cells += [f"{flow[t]['mean']:.3f} ± {flow[t]['std']:.3f}" if flow else "" for t in times]
         cells += [f"{entry[key]:.0f}" if key in entry else "" for key in ("train_wall_s", "train_step_s")]
+        cells.append(f"{entry['step_cost_s']:.3f}" if "step_cost_s" in entry else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -282,7 +316,8 @@ def markdown(table: dict[str, dict], inputs: int, command: str) -> str:
             "difference to `target` on the same inputs, mean ± standard error; flow loss: "
             "||v(x_t, c, t) - (eps - x0)||² with c from codes the integrator generates from the LQ input "
             f"(as at inference), mean ± std over inputs of the mean over {FLOW_NOISE_DRAWS} noise draws; "
-            "Stage 1.2 wall: the Ray Train job; steps: the sum of its step times."
+            "Stage 1.2 wall: the Ray Train job; steps: the sum of its step times (both on a shared machine); "
+            f"step cost: fastest of {STEP_REPEATS} forward + backward passes of one worker's batch in one process."
         ),
         "",
         f"Command: `{command}`",
@@ -333,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== Stage 1.2 {run.model} (semantic_codes={run.semantic_codes})", flush=True)
             timing.setdefault(run.name, []).append(train_variant(config, handoff))
 
+    costs = step_cost(base, handoff, {run.name: config.stage1_2 for run, config in configs.items()})
     faces = held_back_faces(base, out / "held_back_faces", args.draws)
     eval_config = base.eval.model_copy(update={"metrics": list(METRICS), "samples": 1})
     checkpoints = {STAGE1_1: handoff}
@@ -354,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         groups.setdefault(run.name, []).append(run.model)
     table = summarize(per_image, flow, timing, groups)
+    for name, cost in costs.items():
+        table[name]["step_cost_s"] = cost
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python scripts/compare_semantic_codes.py", *given])
     text = markdown(table, per_image["image"].nunique(), command)
