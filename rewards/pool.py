@@ -99,6 +99,18 @@ class RewardActorPool:
             scheduling_strategy=group.strategies[index],
         )
 
+    def device_records(self) -> list[Any]:
+        """Every reward actor's :class:`rlrestore.devices.DeviceRecord`, named ``<group> <index>``."""
+        import ray
+
+        return ray.get(
+            [
+                actor.device_record.remote(f"{group.name} {index}")
+                for group in self.groups
+                for index, actor in enumerate(group.actors)
+            ]
+        )
+
     @property
     def actors(self) -> list[Any]:
         """Every reward actor's handle, in group order."""

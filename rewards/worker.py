@@ -40,6 +40,7 @@ from torch import Tensor
 
 from rewards.base import RESOURCE_KEYS, Reward, RewardBatch, RewardError, build_reward, reward_class
 from rlrestore.config import ActorGroupConfig, ErrorPolicy, RewardErrorConfig, RewardSpec
+from rlrestore.devices import DeviceRecord
 
 __all__ = [
     "ErrorHandling",
@@ -251,6 +252,10 @@ class RewardActor:
 
     def take_errors(self) -> list[dict[str, Any]]:
         return self.worker.take_errors()
+
+    def device_record(self, actor: str) -> DeviceRecord:
+        """Where this actor's rewards compute (for ``devices.json``); reward models keep float32 weights."""
+        return DeviceRecord.here("stage2", "reward", actor, self.worker.device, "fp32", torch.float32)
 
 
 def reward_resources(specs: Sequence[RewardSpec]) -> dict[str, float]:

@@ -33,8 +33,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from rewards.base import Reward, RewardBatch
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
 from rlrestore.flow import shifted_timesteps
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.models.policy import Condition, PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
+from trainers.nft_learner import NFTSamples
 
 FIGURE_PARTS = ("rollout", "learner", "stage2")
 """The benchmarks that report one figure each (and need the policy)."""
@@ -113,16 +114,16 @@ def sample_one_at_a_time(
         row = []
         for seed in seeds[b].tolist():
             noise = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(int(seed)))
-            x = noise[None].to(policy.device, states.dtype)
+            x = noise[None].to(policy.device, torch.float32)
             scheduler.set_timesteps(sigmas=sigmas, device=policy.device)
             for t in scheduler.timesteps:
                 v = policy.transformer(
-                    hidden_states=x,
+                    hidden_states=x.to(states.dtype),
                     encoder_hidden_states=states,
-                    timestep=t.expand(1).to(x.dtype),
+                    timestep=t.expand(1).float(),
                     return_dict=False,
                 )[0]
-                x = scheduler.step(v, t, x, return_dict=False)[0]
+                x = scheduler.step(v.float(), t, x, return_dict=False)[0]
             policy.decode(x)
             row.append(x[0])
         rows.append(torch.stack(row))
@@ -161,19 +162,18 @@ def bench_rollout(
 
 
 # --------------------------------------------------------------------------------- learner
-def random_samples(policy: PrefRestorePolicy, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A learner batch shaped like a rollout's: x0, conditions, r in [0, 1], all valid."""
+def random_samples(policy: PrefRestorePolicy, count: int, seed: int = 0) -> NFTSamples:
+    """A learner batch shaped like a rollout's: x0, one condition per sample, r in [0, 1], all valid."""
     generator = torch.Generator().manual_seed(seed)
-    transformer = policy.transformer.config
-    length = policy.num_semantic_tokens + 1 + transformer.sample_size**2 // transformer.patch_size**2
-    return {
-        "x0": torch.randn(count, *policy.latent_shape(), generator=generator),
-        "encoder_hidden_states": torch.randn(
-            count, length, transformer.caption_channels, generator=generator
-        ),
-        "r": torch.rand(count, generator=generator),
-        "valid": torch.ones(count, dtype=torch.bool),
-    }
+    channels = policy.transformer.config.caption_channels
+    semantic = torch.randn(count, policy.num_semantic_tokens + 1, channels, generator=generator)
+    return NFTSamples(
+        x0=torch.randn(count, *policy.latent_shape(), generator=generator),
+        group=torch.arange(count),
+        condition=Condition(semantic, torch.randn(count, *policy.latent_shape(), generator=generator)),
+        r=torch.rand(count, generator=generator),
+        valid=torch.ones(count, dtype=torch.bool),
+    )
 
 
 class PlainNFTStep:
@@ -184,6 +184,7 @@ class PlainNFTStep:
         self.stage2 = stage2
         self.model = copy.deepcopy(policy.transformer).to(device).train().requires_grad_(True)
         self.v_old = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.vae_connector = copy.deepcopy(policy.vae_connector).to(device).requires_grad_(False)
         optim = stage2.optim
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -195,18 +196,14 @@ class PlainNFTStep:
         self.grid = shifted_timesteps(stage2.sampler_steps, policy.config.flow_shift)[:-1].to(device)
         self.device = device
 
-    @staticmethod
-    def _velocity(
-        model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor
-    ) -> torch.Tensor:
-        return model(hidden_states=x_t, encoder_hidden_states=states, timestep=t * 1000.0, return_dict=False)[
-            0
-        ]
+    def _velocity(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        states = torch.cat([cond.semantic, self.vae_connector(model.patch_embed(cond.z_low))], dim=1)
+        return model(hidden_states=x_t, encoder_hidden_states=states, timestep=t * 1000.0, return_dict=False)[0]
 
-    def train_step(self, samples: dict[str, torch.Tensor], step: int) -> None:
-        x0 = samples["x0"].to(self.device)
-        states = samples["encoder_hidden_states"].to(self.device)
-        r = samples["r"].to(self.device)
+    def train_step(self, samples: NFTSamples, step: int) -> None:
+        x0 = samples.x0.to(self.device)
+        condition = samples.condition.select(samples.group).to(self.device)
+        r = samples.r.to(self.device)
         count, timesteps, micro = len(x0), self.stage2.nft.timesteps_per_sample, self.stage2.micro_batch
         generator = torch.Generator().manual_seed(step)
         picks = torch.stack(
@@ -219,9 +216,10 @@ class PlainNFTStep:
             part = slice(start, start + micro)
             for j in range(timesteps):
                 x_t = interpolate(x0[part], eps[part, j], t[part, j])
-                v_theta = self._velocity(self.model, x_t, t[part, j], states[part])
+                cond = Condition(condition.semantic[part], condition.z_low[part])
+                v_theta = self._velocity(self.model, x_t, t[part, j], cond)
                 with torch.no_grad():
-                    v_old = self._velocity(self.v_old, x_t, t[part, j], states[part])
+                    v_old = self._velocity(self.v_old, x_t, t[part, j], cond)
                 loss, _ = nft_loss(
                     v_theta, v_old, x0[part], eps[part, j], t[part, j], r[part], beta=self.stage2.nft.beta
                 )

@@ -415,10 +415,25 @@ class Stage2Config(_Section):
         "group from the newest checkpoint and redoes the steps after it).",
     )
     async_rollouts: bool = Field(False, description="Roll out step i+1 while the learners train on step i.")
-    max_policy_lag: int = Field(1, ge=0, description="Most policy versions a rollout may lag (async mode).")
+    max_policy_lag: int = Field(
+        1,
+        ge=0,
+        description="Most policy versions a rollout may lag behind the weights it is trained with; a rollout "
+        "lagging more is redone with the current weights. Async mode lags 1 by design (needs >= 1); "
+        "synchronous rollouts lag 0.",
+    )
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
     sample_grid_every: int = Field(10, ge=1, description="Write an LQ | candidates | GT grid every N steps.")
+
+    @model_validator(mode="after")
+    def _async_needs_lag(self) -> Stage2Config:
+        if self.async_rollouts and self.max_policy_lag < 1:
+            raise ValueError(
+                "stage2.async_rollouts=true rolls out step i+1 with the weights of step i (policy lag 1), "
+                f"but stage2.max_policy_lag={self.max_policy_lag}: set max_policy_lag >= 1 or async_rollouts=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reward_groups_exist(self) -> Stage2Config:

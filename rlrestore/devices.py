@@ -84,25 +84,17 @@ def local_device(requested: DeviceName) -> torch.device:
 
 
 def _gpu_ids() -> list[str]:
-    try:
-        import ray
+    """The GPUs Ray assigned to this process (none outside a Ray worker)."""
+    import ray
 
-        if ray.is_initialized():
-            return [str(gpu) for gpu in ray.get_gpu_ids()]
-    except Exception:  # noqa: BLE001 - outside a Ray worker there are simply no assigned GPUs
-        pass
-    return []
+    return [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
 
 
 def _node() -> str:
-    try:
-        import ray
+    """This process's node: its Ray address, else the host name."""
+    import ray
 
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray the host name names the node
-        pass
-    return socket.gethostname()
+    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostname()
 
 
 @dataclass

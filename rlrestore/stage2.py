@@ -13,11 +13,15 @@ One readable loop per step:
     log      Parquet + W&B metrics, sample grids; checkpoint every N steps
 
 With ``stage2.async_rollouts`` the rollouts of step i+1 run while the learners train on step i
-(policy lag 1, recorded per step). Resume: the same command continues from the newest
+(policy lag 1, recorded per step); a rollout lagging more than ``stage2.max_policy_lag`` versions
+is rolled out again with the current weights. Resume: the same command continues from the newest
 checkpoint (policy, learner state with v_old and optimizer, step).
 
-Faults: a rollout actor that dies is replaced in its bundle, given the current weights, and its
-chunk is rolled out again (same seeds, same result). A reward actor that dies is restarted by Ray
+Every role runs on the device its resources give it (``rlrestore.devices``) in the run's
+``precision``; ``<run_dir>/devices.json`` lists them.
+
+Faults: a rollout actor that dies is replaced in its bundle, given the weights its chunk was
+launched with, and its chunk is rolled out again (same seeds, same weights, same result). A reward actor that dies is restarted by Ray
 and its call retried (scoring is a pure function of its inputs). A learner rank that dies breaks
 the group's collectives, so the group is rebuilt from the newest checkpoint and the steps after
 it are redone (their metrics rows are replaced). Each fault is logged, counted
@@ -38,6 +42,7 @@ import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rewards import AggregateResult, RewardAggregator, RewardBatch, check_reward_args, check_reward_weights
@@ -45,14 +50,17 @@ from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, reward_
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint, write_policy_with_dit
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
+from rlrestore.devices import DeviceRecord, write_devices
 from rlrestore.jobs import prepare_shards
+from rlrestore.models.policy import Condition
 from rlrestore.tracking import MetricsWriter, WandbRun
 from rollouts import RolloutBatch, make_rollout_actor
-from trainers.nft_learner import LearnerGroup, LearnerLost, gather
+from trainers.nft_learner import LearnerGroup, LearnerLost, NFTSamples, gather
 from trainers.stage1 import EpochBatches, derived_seed
 
 STAGE = "stage2"
 REWARD_ERRORS_FILE = "reward_errors.json"
+PENDING_WEIGHTS = "pending_rollout_weights.safetensors"  # async checkpoints: weights of the rollouts in flight
 FAULTS_FILE = "faults.json"
 
 log = logging.getLogger(__name__)
@@ -62,18 +70,28 @@ def starting_point(config: RunConfig) -> tuple[Path, Path | None]:
     """(policy dir the actors are built from, stage-2 checkpoint to resume or None).
 
     Actors are built from the end of Stage 1 (a stable directory: Stage 2 rotates only its own
-    checkpoints) and a resumed run then loads its learner state and syncs the rollout weights.
-    Stage 2 trains only the DiT, so its checkpoints copy every other component from there.
+    checkpoints), else from ``policy.checkpoint`` (e.g. the converted released model), and a
+    resumed run then loads its learner state and syncs the rollout weights. Stage 2 trains only
+    the DiT, so its checkpoints copy every other component from there.
     """
     resume = latest_checkpoint(config.run_dir, STAGE)
     handoff = latest_checkpoint(config.run_dir, "stage1.2")
     if handoff is not None:
         return handoff / "policy", resume
+    if config.policy.checkpoint is not None:
+        base = Path(config.policy.checkpoint)
+        if not (base / "policy_config.json").is_file():
+            raise FileNotFoundError(
+                f"policy.checkpoint={config.policy.checkpoint!r} is not a policy directory (no policy_config.json); "
+                "write one with `rlrestore convert` or point it at a checkpoint's policy/ folder"
+            )
+        return base, resume
     if resume is not None:  # Stage 1 checkpoints were removed: the resume point is the only base
         return resume / "policy", resume
     raise FileNotFoundError(
-        f"stage2 starts from the end of Stage 1, but {config.run_dir}/checkpoints/stage1.2 has no checkpoint: "
-        "run `rlrestore train stage1 CONFIG` first"
+        f"stage2 starts from the end of Stage 1, but {config.run_dir}/checkpoints/stage1.2 has no checkpoint "
+        "and policy.checkpoint is not set: run `rlrestore train stage1 CONFIG` first, or set policy.checkpoint "
+        "to a policy directory (e.g. one written by `rlrestore convert`)"
     )
 
 
@@ -90,13 +108,21 @@ def check_stage2_inputs(config: RunConfig) -> None:
 
 @dataclass
 class RolloutCall:
-    """One chunk of a step's inputs sent to one rollout actor (kept so it can be redone)."""
+    """One chunk of a step's inputs sent to one rollout actor (kept so it can be redone), and the
+    policy version the actor held when it was sent (a redo must use the same weights)."""
 
-    actor: int
+    actor: int  # index into the run's rollout actors
     chunk: list[int]
     epoch: int
     seeds: torch.Tensor
-    ref: ray.ObjectRef
+    version: int
+    handle: ray.actor.ActorHandle | None = None  # the actor it was last sent to
+    ref: ray.ObjectRef | None = None
+
+
+def stale_parts(parts: list[RolloutBatch], step: int, max_lag: int) -> list[int]:
+    """Indices of the rollout chunks of ``step`` made more than ``max_lag`` versions ago."""
+    return [index for index, part in enumerate(parts) if step - part.policy_version > max_lag]
 
 
 def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -> torch.Tensor:
@@ -144,6 +170,9 @@ class Stage2Run:
             "degradation": config.degradation.model_dump(mode="json"),
             "data_seed": config.data.seed,
             "holdout": config.data.holdout,
+            "threads": max(1, int(self.stage.rollout_workers.num_cpus)),
+            "device": config.device,
+            "precision": config.precision,
         }
         self.placement = reserve_placement_group(self.stage)
         bundles = iter(range(len(self.placement.bundle_specs)))
@@ -163,10 +192,10 @@ class Stage2Run:
         )
         self.step = 0  # the step being worked on
         self.learners = self.start_learners()
-        self.start = self.learners.load(self.resume / "learner") if self.resume is not None else 0
-        self.version = self.start
-        if self.resume is not None:
-            self.sync_weights()
+        # rollout weights by policy version, kept while a pending rollout may need them for a redo
+        self.weights: dict[int, ray.ObjectRef] = {}
+        self.restart_from(self.resume)
+        self.record_devices()
         num_samples = ray.get(self.rollouts[0].num_samples.remote())
         self.batches = EpochBatches(
             num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE)
@@ -197,8 +226,18 @@ class Stage2Run:
             self.stage,
             seed=self.config.seed,
             device=self.config.device,
+            precision=self.config.precision,
             scheduling_strategies=[self.bundle(index) for index in self.learner_bundles],
         )
+
+    def record_devices(self) -> None:
+        """Write every actor's device, node and dtype to ``<run_dir>/devices.json`` (and the log)."""
+        records: list[DeviceRecord] = ray.get(
+            [actor.device_record.remote(f"rollout {index}") for index, actor in enumerate(self.rollouts)]
+        )
+        records += self.rewards.device_records()
+        records += self.learners.device_records()
+        write_devices(self.run_dir, STAGE, records)
 
     # ----------------------------------------------------------------------------- faults
     def record_fault(self, step: int, role: str, error: BaseException, action: str) -> None:
@@ -219,13 +258,24 @@ class Stage2Run:
             ) from error
 
     def replace_rollout_actor(self, index: int, step: int, error: BaseException) -> None:
-        """Start a fresh rollout actor ``index`` holding the current rollout weights."""
+        """Start a fresh rollout actor ``index`` (the caller gives it the weights it needs)."""
         self.record_fault(step, f"rollout actor {index}", error, "replaced; its chunk is redone")
         ray.kill(self.rollouts[index], no_restart=True)
         self.rollouts[index] = self.start_rollout_actor(index)
-        weights = self.learners.rollout_weights_ref()
-        gather([weights])  # a learner failure surfaces here as LearnerLost
-        ray.get(self.rollouts[index].load_weights.remote(self.version, weights, True))
+
+    def restart_from(self, checkpoint: Path | None) -> None:
+        """Load the learners from ``checkpoint`` (None: the starting policy) and give the rollout
+        actors the weights the next rollouts use. In async mode an uninterrupted run would roll out
+        step ``start`` with the weights of ``start - 1``: they are in the checkpoint, so the resumed
+        run rolls out with them too and makes the same updates."""
+        self.start = self.learners.load(checkpoint / "learner") if checkpoint is not None else 0
+        self.version = self.start
+        self.weights.clear()
+        self.sync_weights(rewind=True)
+        pending = checkpoint / PENDING_WEIGHTS if checkpoint is not None else None
+        if self.stage.async_rollouts and pending is not None and pending.is_file():
+            self.weights[self.start - 1] = ray.put(load_file(str(pending)))
+            self.load_actor_weights(self.start - 1, rewind=True)
 
     def rebuild_learners(self, step: int, error: LearnerLost) -> None:
         """Replace the learner group, restored from the newest checkpoint (or the starting policy
@@ -239,9 +289,7 @@ class Stage2Run:
         )
         self.learners.shutdown()
         self.learners = self.start_learners()
-        self.start = self.learners.load(latest / "learner") if latest is not None else 0
-        self.version = self.start
-        self.sync_weights(rewind=True)
+        self.restart_from(latest)
 
     # ----------------------------------------------------------------------------- phases
     def rollout_chunks(self, step: int) -> tuple[int, list[list[int]]]:
@@ -251,20 +299,34 @@ class Stage2Run:
         return epoch, [indices[i : i + size] for i in range(0, len(indices), size)]
 
     def launch_rollouts(self, step: int) -> list[RolloutCall]:
-        """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors."""
+        """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors,
+        which hold policy ``self.actor_version``."""
         epoch, chunks = self.rollout_chunks(step)
         calls = []
         for n, chunk in enumerate(chunks):
-            actor = n % len(self.rollouts)
             seeds = candidate_seeds(self.config.seed, step, chunk, self.stage.candidates)
-            calls.append(RolloutCall(actor, chunk, epoch, seeds, self.submit(actor, chunk, epoch, seeds)))
+            call = RolloutCall(n % len(self.rollouts), chunk, epoch, seeds, self.actor_version)
+            self.submit(call)
+            calls.append(call)
         return calls
 
-    def submit(self, actor: int, chunk: list[int], epoch: int, seeds: torch.Tensor) -> ray.ObjectRef:
-        return self.rollouts[actor].rollout.remote(chunk, epoch, seeds, self.sampler)
+    def submit(self, call: RolloutCall) -> None:
+        call.handle = self.rollouts[call.actor]
+        call.ref = call.handle.rollout.remote(call.chunk, call.epoch, call.seeds, self.sampler)
+
+    def redo(self, call: RolloutCall) -> None:
+        """Roll ``call`` out again on its (replacement) actor with the weights it was launched
+        with; the actor then goes back to the current weights (calls on one actor run in order)."""
+        actor = self.rollouts[call.actor]
+        actor.load_weights.remote(call.version, self.weights[call.version], True)
+        self.submit(call)
+        if call.version != self.actor_version:
+            actor.load_weights.remote(self.actor_version, self.weights[self.actor_version])
 
     def collect_rollouts(self, calls: list[RolloutCall], step: int) -> list[RolloutBatch]:
-        """The chunks of ``calls``; a chunk whose actor died is redone on its replacement."""
+        """The chunks of ``calls``. A chunk whose actor died is redone on a replacement with the
+        weights it was launched with; a chunk lagging more than ``stage2.max_policy_lag`` versions
+        is redone with the current weights."""
         parts = []
         for call in calls:
             while True:
@@ -272,8 +334,17 @@ class Stage2Run:
                     parts.append(ray.get(call.ref))
                     break
                 except ray.exceptions.RayActorError as exc:
-                    self.replace_rollout_actor(call.actor, step, exc)
-                    call.ref = self.submit(call.actor, call.chunk, call.epoch, call.seeds)
+                    if self.rollouts[call.actor] is call.handle:  # not yet replaced (e.g. at a sync)
+                        self.replace_rollout_actor(call.actor, step, exc)
+                    self.redo(call)
+        for index in stale_parts(parts, step, self.stage.max_policy_lag):
+            log.warning(
+                "stage2 step %d: a rollout of policy version %d lags more than stage2.max_policy_lag=%d; redone",
+                step, parts[index].policy_version, self.stage.max_policy_lag,
+            )
+            calls[index].version = self.actor_version
+            self.redo(calls[index])
+            parts[index] = self.collect_rollouts([calls[index]], step)[0]
         return parts
 
     def score(self, batch: RolloutBatch) -> RewardOutcome:
@@ -282,15 +353,25 @@ class Stage2Run:
 
     def sync_weights(self, rewind: bool = False) -> None:
         """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``
-        (``rewind``: the run went back to a checkpoint). A rollout actor that died is replaced."""
-        weights = self.learners.rollout_weights_ref()
-        loads = [actor.load_weights.remote(self.version, weights, rewind) for actor in self.rollouts]
+        (``rewind``: the run went back to a checkpoint). The weights of the versions a pending
+        rollout may still need (``max_policy_lag`` back) are kept for redos."""
+        self.weights[self.version] = self.learners.rollout_weights_ref()
+        oldest = self.version - (self.stage.max_policy_lag if self.stage.async_rollouts else 0)
+        self.weights = {version: ref for version, ref in self.weights.items() if version >= oldest}
+        self.load_actor_weights(self.version, rewind)
+
+    def load_actor_weights(self, version: int, rewind: bool = False) -> None:
+        """Every rollout actor loads the weights of ``version``; a dead one is replaced and loads them."""
+        weights = self.weights[version]
+        loads = [actor.load_weights.remote(version, weights, rewind) for actor in self.rollouts]
         for index, ref in enumerate(loads):
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 gather([weights])  # the weights never came: a learner died (LearnerLost)
                 self.replace_rollout_actor(index, self.version, exc)
+                ray.get(self.rollouts[index].load_weights.remote(version, weights, True))
+        self.actor_version = version
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -323,6 +404,8 @@ class Stage2Run:
         stage, config = self.stage, self.config
         bar = tqdm(total=stage.steps, initial=self.start, desc=STAGE, disable=not config.logging.progress)
         pending = self.launch_rollouts(self.start) if self.start < stage.steps else []
+        if self.actor_version != self.version:  # async resume: step `start` rolled out with start - 1
+            self.sync_weights()
         for step in range(self.start, stage.steps):
             self.step = step
             began = time.perf_counter()
@@ -337,8 +420,12 @@ class Stage2Run:
             failures = self.reward_errors.record(step, outcome.errors)
             reward_time = time.perf_counter() - began
 
-            began = time.perf_counter()  # a skipped step still syncs, so versions keep counting steps
-            learned = {} if failures.skip else self.learners.train_step(learner_samples(batch, result), step)
+            began = time.perf_counter()  # a skipped step still counts and syncs: versions keep counting steps
+            if failures.skip:
+                self.learners.skip_step(step)
+                learned = {}
+            else:
+                learned = self.learners.train_step(learner_samples(batch, result), step)
             learn_time = time.perf_counter() - began
 
             began = time.perf_counter()
@@ -385,8 +472,17 @@ class Stage2Run:
         return grid
 
     def checkpoint(self, step: int) -> None:
-        """Policy (trained DiT), learner state (v_theta, v_old, optimizer) and step, atomically."""
+        """Policy (trained DiT), learner state (v_theta, v_old, optimizer) and step, atomically; in
+        async mode also the weights the rollouts in flight were launched with (see :meth:`restart_from`)."""
         weights = self.learners.trained_weights()
+        pending = self.weights.get(step - 1) if self.stage.async_rollouts and step < self.stage.steps else None
+
+        def extra(directory: Path) -> None:
+            self.learners.save(directory / "learner")
+            if pending is not None:
+                state = {key: value.contiguous() for key, value in ray.get(pending).items()}
+                save_file(state, str(directory / PENDING_WEIGHTS))
+
         save_checkpoint(
             self.run_dir,
             STAGE,
@@ -394,7 +490,7 @@ class Stage2Run:
             lambda directory: write_policy_with_dit(self.policy_dir, weights, directory),
             {"step": step},
             self.stage.keep_checkpoints,
-            extra=lambda directory: self.learners.save(directory / "learner"),
+            extra=extra,
         )
 
     def report_reward_errors(self) -> None:
@@ -419,7 +515,10 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         clean=torch.cat([part.clean for part in parts]),
         x0=torch.cat([part.x0 for part in parts]),
         images=torch.cat([part.images for part in parts]),
-        encoder_hidden_states=torch.cat([part.encoder_hidden_states for part in parts]),
+        condition=Condition(
+            torch.cat([part.condition.semantic for part in parts]),
+            torch.cat([part.condition.z_low for part in parts]),
+        ),
         seeds=torch.cat([part.seeds for part in parts]),
         policy_version=min(part.policy_version for part in parts),
     )
@@ -435,15 +534,17 @@ def candidate_reward_batch(batch: RolloutBatch) -> RewardBatch:
     )
 
 
-def learner_samples(batch: RolloutBatch, result: AggregateResult) -> dict[str, torch.Tensor]:
-    """The learner batch of a step: every candidate's x0, its input's condition, r and validity."""
-    k = batch.images.shape[1]
-    return {
-        "x0": batch.x0.flatten(0, 1),
-        "encoder_hidden_states": batch.encoder_hidden_states.repeat_interleave(k, dim=0),
-        "r": result.r.flatten(),
-        "valid": result.valid.flatten(),
-    }
+def learner_samples(batch: RolloutBatch, result: AggregateResult) -> NFTSamples:
+    """The learner batch of a step: every candidate's x0, r and validity, and the index of its
+    input's condition (each condition travels once, not once per candidate)."""
+    groups, k = batch.x0.shape[:2]
+    return NFTSamples(
+        x0=batch.x0.flatten(0, 1),
+        group=torch.arange(groups).repeat_interleave(k),
+        condition=batch.condition,
+        r=result.r.flatten(),
+        valid=result.valid.flatten(),
+    )
 
 
 def run_stage2(config: RunConfig) -> None:

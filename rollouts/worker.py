@@ -4,8 +4,12 @@ The worker holds an inference copy of the policy and the training shards. Given 
 and an epoch it degrades the clean faces itself (Eq. 16, seeded per (sample, epoch), so every
 worker produces the same LQ image for the same sample), samples K candidates per input in one
 batched call with per-candidate seeds, and returns what Stage 2 needs: the clean latents x0 of
-the candidates, their decoded images, the conditions, the clean faces, and the version of the
-weights that produced them. ``RolloutActor`` is the thin Ray wrapper.
+the candidates, their decoded images, one condition per input (the AR decode runs once per input,
+never per candidate), the clean faces, and the version of the weights that produced them.
+
+The worker runs on the device its Ray resources give it (``rlrestore.devices``) and holds its
+weights in the run's compute dtype (``rlrestore.precision``; the sampler state stays float32).
+``make_rollout_actor`` is the thin Ray wrapper.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 
 from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.devices import DeviceName, DeviceRecord, actor_device
+from rlrestore.models.policy import Condition, PrefRestorePolicy
+from rlrestore.precision import Precision, PrecisionName
 
 
 @dataclass
@@ -29,9 +35,9 @@ class RolloutBatch:
     captions: list[str]
     lq: torch.Tensor  # [B, 3, R, R] degraded inputs in [-1, 1]
     clean: torch.Tensor  # [B, 3, R, R] clean faces in [-1, 1]
-    x0: torch.Tensor  # [B, K, C, h, w] clean latents of the candidates
-    images: torch.Tensor  # [B, K, 3, R, R] decoded candidates in [-1, 1]
-    encoder_hidden_states: torch.Tensor  # [B, L, D] condition c = (S, z_low) of each input
+    x0: torch.Tensor  # [B, K, C, h, w] clean latents of the candidates (float32)
+    images: torch.Tensor  # [B, K, 3, R, R] decoded candidates in [-1, 1] (float32)
+    condition: Condition  # c = (S, z_low) of each input, shared by its K candidates
     seeds: torch.Tensor  # [B, K]
     policy_version: int
 
@@ -47,9 +53,15 @@ class RolloutWorker:
         data_seed: int,
         holdout: int,
         threads: int = 1,
+        device: DeviceName = "cpu",
+        num_gpus: float = 0.0,
+        precision: PrecisionName = "fp32",
     ) -> None:
         torch.set_num_threads(threads)
-        self.policy = PrefRestorePolicy.from_pretrained(policy_dir).eval()
+        self.device = actor_device(device, num_gpus, "a Stage 2 rollout actor")
+        self.precision = Precision(precision)
+        policy = PrefRestorePolicy.from_pretrained(policy_dir).eval().to(self.device)
+        self.policy = self.precision.for_inference(policy)
         train, _ = split_holdout(read_shards(Path(shards)), holdout)
         self.dataset = FaceDataset(
             train, self.policy.config.resolution, DegradationConfig.model_validate(degradation), data_seed
@@ -58,6 +70,16 @@ class RolloutWorker:
 
     def num_samples(self) -> int:
         return len(self.dataset)
+
+    def device_record(self, actor: str) -> DeviceRecord:
+        """Where this worker computes (for ``devices.json``)."""
+        return DeviceRecord.here(
+            "stage2", "rollout", actor, self.device, self.precision.name, self.precision.compute_dtype
+        )
+
+    def transformer_state(self) -> dict[str, torch.Tensor]:
+        """The DiT weights this worker samples with (CPU copies, its compute dtype)."""
+        return {key: value.detach().cpu().clone() for key, value in self.policy.transformer.state_dict().items()}
 
     def load_weights(
         self, version: int, transformer_state: dict[str, torch.Tensor], rewind: bool = False
@@ -80,15 +102,15 @@ class RolloutWorker:
             raise ValueError(f"seeds has {seeds.shape[0]} rows for {len(indices)} inputs")
         self.dataset.set_epoch(epoch)
         batch = collate_faces([self.dataset[i] for i in indices])
-        out = self.policy.restore(batch["lq"], batch["caption"], seeds, sampler)
+        out = self.policy.restore(batch["lq"].to(self.device), batch["caption"], seeds, sampler)
         return RolloutBatch(
             ids=batch["id"],
             captions=batch["caption"],
             lq=batch["lq"],
             clean=batch["hq"],
-            x0=out.latents,
-            images=out.images,
-            encoder_hidden_states=out.encoder_hidden_states,
+            x0=out.latents.cpu(),
+            images=out.images.cpu(),
+            condition=out.condition.to("cpu"),
             seeds=seeds,
             policy_version=self.version,
         )
@@ -104,4 +126,4 @@ def make_rollout_actor(
         num_gpus=num_gpus,
         max_restarts=max_restarts,
         scheduling_strategy=scheduling_strategy,
-    ).remote(**kwargs)
+    ).remote(num_gpus=num_gpus, **kwargs)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,24 +11,32 @@ import torch
 
 from rlrestore.config import ActorGroupConfig, NFTConfig, OptimConfig, Stage2Config
 from rlrestore.models.loading import CheckpointError
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.models.policy import Condition, PrefRestorePolicy
 from rlrestore.nft import ema_update
 from tests.conftest import build_tiny_policy
-from trainers.nft_learner import LearnerGroup, NFTLearner, split_samples
+from trainers.nft_learner import LearnerGroup, NFTLearner, NFTSamples, split_samples
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0)
 LATENT = (32, 8, 8)  # tiny policy: 64 px, DC-AE f8, 32 channels
-CONDITION = (129, 64)  # 64 semantic + 1 trigger + 64 texture tokens of caption_channels 64
+SEMANTIC = (65, 64)  # 64 semantic tokens + 1 trigger, caption_channels 64
 
 
-def make_samples(n: int = 8, r: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_samples(n: int = 8, r: float = 1.0, seed: int = 0, per_group: int = 2) -> NFTSamples:
+    """n candidates in groups of ``per_group`` sharing their input's condition."""
     gen = torch.Generator().manual_seed(seed)
-    return {
-        "x0": torch.randn(n, *LATENT, generator=gen),
-        "encoder_hidden_states": torch.randn(n, *CONDITION, generator=gen),
-        "r": torch.full((n,), r),
-        "valid": torch.ones(n, dtype=torch.bool),
-    }
+    groups = -(-n // per_group)
+    condition = Condition(torch.randn(groups, *SEMANTIC, generator=gen), torch.randn(groups, *LATENT, generator=gen))
+    return NFTSamples(
+        x0=torch.randn(n, *LATENT, generator=gen),
+        group=torch.arange(n) // per_group,
+        condition=condition,
+        r=torch.full((n,), r),
+        valid=torch.ones(n, dtype=torch.bool),
+    )
+
+
+def field_velocity(field: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+    return field(x_t, t, cond.semantic, cond.z_low)
 
 
 def make_learner(
@@ -43,12 +52,12 @@ def make_learner(
 def flow_matching_error(learner: NFTLearner, samples: dict[str, torch.Tensor]) -> float:
     """Mean ||v_theta - (eps - x0)||^2 on the stored samples at fixed noise and timesteps."""
     gen = torch.Generator().manual_seed(123)
-    x0, states = samples["x0"], samples["encoder_hidden_states"]
+    x0, cond = samples.x0, samples.condition.select(samples.group)
     errors = []
     for t in (0.25, 0.5, 0.75, 1.0):
         eps = torch.randn(x0.shape, generator=gen)
         x_t = (1 - t) * x0 + t * eps
-        v = learner.engine.module(x_t, torch.full((len(x0),), t), states)
+        v = field_velocity(learner.engine.module, x_t, torch.full((len(x0),), t), cond)
         errors.append((v - (eps - x0)).square().mean())
     return float(torch.stack(errors).mean())
 
@@ -94,21 +103,27 @@ def test_zero_stages_make_the_same_update(policy: PrefRestorePolicy) -> None:
 
 def test_invalid_samples_contribute_nothing(policy: PrefRestorePolicy) -> None:
     samples = make_samples(n=6)
-    samples["r"] = torch.tensor([1.0, 0.0, 0.3, 0.9, 0.5, 0.1])
-    samples["valid"] = torch.tensor([True, False, True, True, False, True])
-    samples["x0"][~samples["valid"]] = 1e6  # would blow up the loss if it were used
+    samples = replace(
+        samples,
+        r=torch.tensor([1.0, 0.0, 0.3, 0.9, 0.5, 0.1]),
+        valid=torch.tensor([True, False, True, True, False, True]),
+    )
+    samples.x0[~samples.valid] = 1e6  # would blow up the loss if it were used
     with_invalid = make_learner(policy)
     metrics = with_invalid.train_step(samples, 0)
     assert metrics["samples"] == 4 and torch.isfinite(torch.tensor(metrics["loss"]))
 
-    keep = samples["valid"]
-    only_valid = {key: value[keep] for key, value in samples.items()} | {"index": torch.arange(6)[keep]}
+    keep = samples.valid
+    only_valid = NFTSamples(
+        samples.x0[keep], samples.group[keep], samples.condition, samples.r[keep], samples.valid[keep],
+        index=torch.arange(6)[keep],
+    )
     reference = make_learner(policy)
     assert reference.train_step(only_valid, 0)["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
     assert torch.allclose(weights(with_invalid.trained_state_dict()), weights(reference.trained_state_dict()))
 
     before = with_invalid.trained_state_dict(), with_invalid.state_dict_for_rollout()
-    samples["valid"][:] = False
+    samples.valid[:] = False
     skipped = with_invalid.train_step(samples, 1)
     assert skipped["samples"] == 0 and skipped["skipped"] == 1 and "loss" not in skipped
     assert torch.equal(weights(before[0]), weights(with_invalid.trained_state_dict()))
@@ -215,9 +230,12 @@ def test_lora_trains_only_adapters_and_rollouts_get_merged_weights(
     # The merged weights in a plain DiT give the adapted DiT's velocity.
     plain = build_tiny_policy(0)
     plain.transformer.load_state_dict(merged)
-    x, t, states = torch.randn(2, *LATENT), torch.tensor([0.3, 0.9]), torch.randn(2, *CONDITION)
+    x, t = torch.randn(2, *LATENT), torch.tensor([0.3, 0.9])
+    cond = Condition(torch.randn(2, *SEMANTIC), torch.randn(2, *LATENT))
     with torch.no_grad():
-        torch.testing.assert_close(plain.velocity(x, t, states), learner.engine.module(x, t, states))
+        torch.testing.assert_close(
+            plain.velocity(x, t, plain.encoder_states(cond)), field_velocity(learner.engine.module, x, t, cond)
+        )
 
     learner.save(tmp_path)
     restored = make_learner(policy, zero_stage=2, learner_args=LORA)
@@ -233,14 +251,25 @@ def test_unsupported_setups_fail_clearly(policy: PrefRestorePolicy) -> None:
         make_learner(policy, learner_args={**LORA, "lora_targets": ("to_q", "to_qkv")})
     with pytest.raises(ValueError, match="ZeRO-3"):
         NFTLearner(policy, NFTConfig(), OPTIM, zero_stage=3)
-    with pytest.raises(KeyError, match="valid"):
-        make_learner(policy).train_step({k: v for k, v in make_samples().items() if k != "valid"}, 0)
+    with pytest.raises(TypeError, match="NFTSamples"):
+        make_learner(policy).train_step({"x0": torch.zeros(1, *LATENT)}, 0)
+    samples = make_samples(n=4)
+    with pytest.raises(ValueError, match="group indices"):
+        replace(samples, group=torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(ValueError, match=r"r must have shape \(4,\)"):
+        replace(samples, r=torch.ones(3))
 
 
-def test_split_samples_keeps_every_sample_and_its_index() -> None:
-    shares = split_samples(make_samples(n=5), 2)
-    assert [len(share["x0"]) for share in shares] == [3, 2]
-    assert torch.equal(torch.cat([share["index"] for share in shares]), torch.arange(5))
+def test_split_samples_keeps_every_sample_its_index_and_only_the_conditions_it_uses() -> None:
+    samples = make_samples(n=5, per_group=2)  # groups 0 0 1 1 2
+    shares = split_samples(samples, 2)
+    assert [len(share) for share in shares] == [3, 2]
+    assert torch.equal(torch.cat([share.index for share in shares]), torch.arange(5))
+    assert [len(share.condition) for share in shares] == [2, 2]  # rows 0-2 use groups 0, 1; rows 3-4 use 1, 2
+    for share, rows in zip(shares, (slice(0, 3), slice(3, 5)), strict=True):
+        mine = share.condition.select(share.group)
+        theirs = samples.condition.select(samples.group[rows])
+        assert torch.equal(mine.semantic, theirs.semantic) and torch.equal(mine.z_low, theirs.z_low)
 
 
 @pytest.mark.slow
@@ -257,8 +286,8 @@ def test_two_rank_zero2_group_matches_a_single_learner(ray_cluster: None, tmp_pa
     )
     # 5 samples: shares of 3 and 2, so rank 1 runs one zero-weighted micro-batch per timestep.
     samples = make_samples(n=5, seed=1)
-    samples["r"] = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.1])
-    samples["valid"][2] = False
+    samples = replace(samples, r=torch.tensor([0.9, 0.2, 0.5, 0.7, 0.1]))
+    samples.valid[2] = False
     single = NFTLearner(tmp_path / "policy", stage2.nft, OPTIM, micro_batch=2, zero_stage=0, sampler_steps=8)
     group = LearnerGroup(tmp_path / "policy", stage2, device="cpu")
     try:
@@ -270,6 +299,12 @@ def test_two_rank_zero2_group_matches_a_single_learner(ray_cluster: None, tmp_pa
                 assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
         checksums = group.check_in_sync()
         assert checksums["trained"] != checksums["v_old"]
+        # ZeRO-2 splits the optimizer state: AdamW's two moments and the float32 master partition
+        # (3 numbers per trained weight in all) are held about half by each of the 2 ranks.
+        trained = sum(p.numel() for p in single.engine.module.parameters() if p.requires_grad)
+        held = group.optimizer_state_numel()
+        assert sum(held) == pytest.approx(3 * trained, rel=0.01)
+        assert all(count == pytest.approx(1.5 * trained, rel=0.02) for count in held), (held, trained)
         assert torch.allclose(
             weights(group.trained_weights()), weights(single.trained_state_dict()), atol=1e-6
         )
@@ -281,3 +316,80 @@ def test_two_rank_zero2_group_matches_a_single_learner(ray_cluster: None, tmp_pa
         group.check_in_sync()
     finally:
         group.shutdown()
+
+
+def test_one_condition_per_group_trains_like_a_condition_per_candidate(policy: PrefRestorePolicy) -> None:
+    grouped = make_samples(n=6, r=0.7, per_group=3)
+    repeated = replace(grouped, group=torch.arange(6), condition=grouped.condition.select(grouped.group))
+    first, second = make_learner(policy), make_learner(policy)
+    assert first.train_step(grouped, 0)["loss"] == second.train_step(repeated, 0)["loss"]
+    assert torch.equal(weights(first.trained_state_dict()), weights(second.trained_state_dict()))
+
+
+def test_the_learner_composes_texture_tokens_with_its_own_patch_embed(policy: PrefRestorePolicy) -> None:
+    """Full fine-tuning trains patch_embed, which z_low passes through: the learner's v_theta must
+    equal the velocity a policy with the trained DiT computes at inference, not one built on the
+    rollout policy's (stale) texture tokens."""
+    learner = make_learner(policy)
+    samples = make_samples(r=1.0)
+    for step in range(3):
+        learner.train_step(samples, step)
+    trained = learner.trained_state_dict()
+    patch = "patch_embed.proj.weight"
+    assert not torch.equal(trained[patch], policy.transformer.state_dict()[patch])
+
+    inference = build_tiny_policy(0)
+    inference.transformer.load_state_dict(trained)
+    cond = samples.condition.select(samples.group[:2])
+    x, t = torch.randn(2, *LATENT), torch.tensor([0.4, 0.8])
+    with torch.no_grad():
+        learned = field_velocity(learner.engine.module, x, t, cond)
+        torch.testing.assert_close(learned, inference.velocity(x, t, inference.encoder_states(cond)))
+        stale = inference.velocity(x, t, policy.encoder_states(cond))  # texture tokens of the old DiT
+    assert not torch.allclose(learned, stale, atol=1e-5)
+
+
+def test_a_skipped_step_still_counts(policy: PrefRestorePolicy, tmp_path: Path) -> None:
+    learner = make_learner(policy)
+    learner.train_step(make_samples(), 0)
+    learner.skip_step(1)
+    assert learner.step == 2
+    learner.save(tmp_path)
+    restored = make_learner(policy)
+    restored.load(tmp_path)
+    assert restored.step == 2  # a checkpoint after the skipped step resumes at step 2, not 1
+
+
+def test_bf16_mixed_keeps_float32_masters_and_a_float32_v_old(policy: PrefRestorePolicy) -> None:
+    fp32 = make_learner(policy)
+    mixed = make_learner(policy, learner_args={"precision": "bf16-mixed"})
+    assert next(mixed.engine.module.parameters()).dtype == torch.bfloat16
+    assert all(param.dtype == torch.float32 for param in mixed.v_old.parameters())
+    # the optimizer steps float32 masters besides AdamW's moments: 3 numbers per trained weight
+    trained = sum(param.numel() for param in mixed.engine.module.parameters() if param.requires_grad)
+    assert mixed.optimizer_state_numel() == 3 * trained
+    samples = make_samples(r=0.6)
+    loss_fp32, loss_mixed = fp32.train_step(samples, 0)["loss"], mixed.train_step(samples, 0)["loss"]
+    assert loss_mixed == pytest.approx(loss_fp32, rel=2e-2)
+
+
+def test_v_old_moves_at_decay_0999_under_bf16_mixed(policy: PrefRestorePolicy) -> None:
+    """An EMA kept in bf16 drops most updates at decay 0.999 (8 bits of mantissa); v_old is float32."""
+    learner = make_learner(policy, learner_args={"precision": "bf16-mixed"}, ema_schedule="delayed")
+    samples = make_samples(r=0.9)
+    learner.train_step(samples, 0)  # delayed schedule: decay 0 at first, v_old = v_theta
+    names = {name for name, param in learner.engine.module.named_parameters() if param.requires_grad}
+    old = [param for name, param in learner.v_old.named_parameters() if name in names]
+    before = torch.cat([param.detach().flatten().clone() for param in old])
+    bf16_copy = [param.detach().to(torch.bfloat16) for param in old]
+    metrics = learner.train_step(samples, 400)
+    assert metrics["ema_decay"] == pytest.approx(0.999)
+    after = torch.cat([param.detach().flatten() for param in old])
+    trained = [param for name, param in learner.engine.module.named_parameters() if name in names]
+    target = torch.cat([param.detach().float().flatten() for param in trained]) != before  # what should move
+    ema_update(bf16_copy, trained, 0.999)
+    in_bf16 = torch.cat([param.float().flatten() for param in bf16_copy])
+    moved_fp32 = float((after != before)[target].float().mean())
+    moved_bf16 = float((in_bf16 != before.bfloat16().float())[target].float().mean())
+    assert moved_fp32 > 0.99, moved_fp32
+    assert moved_bf16 < 0.2, moved_bf16  # what a bf16 EMA would have done

@@ -36,7 +36,9 @@ def test_rollout_shapes_and_candidates(setup: dict) -> None:
     assert batch.x0.shape == (2, 3, 32, 8, 8)
     assert batch.images.shape == (2, 3, 3, 64, 64)
     assert batch.lq.shape == batch.clean.shape == (2, 3, 64, 64)
-    assert batch.encoder_hidden_states.shape == (2, 64 + 1 + 64, 64)
+    # one condition per input (not per candidate): 64 codes + the trigger, and z_low
+    assert batch.condition.semantic.shape == (2, 64 + 1, 64)
+    assert batch.condition.z_low.shape == (2, 32, 8, 8)
     assert batch.policy_version == 0 and len(batch.ids) == 2
     assert not torch.allclose(batch.x0[0, 0], batch.x0[0, 1])
     assert not torch.equal(batch.lq, batch.clean)
@@ -76,3 +78,28 @@ def test_rollout_actor_matches_the_plain_worker(setup: dict, ray_cluster) -> Non
     assert torch.allclose(remote.x0, local.x0, atol=1e-5)
     assert remote.ids == local.ids
     ray.kill(actor)
+
+
+def test_rollout_workers_take_the_device_their_resources_give(setup: dict, monkeypatch) -> None:
+    from rlrestore.devices import DeviceError, actor_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="rollout actor reserved 1 GPU but CUDA is not available"):
+        RolloutWorker(**setup, num_gpus=1)
+    assert RolloutWorker(**setup, num_gpus=0).device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # inside a Ray actor the GPU Ray assigned is cuda:0 (CUDA_VISIBLE_DEVICES names only it)
+    assert actor_device("auto", 0.25, "a Stage 2 rollout actor") == torch.device("cuda", 0)
+    assert actor_device("auto", 0, "a Stage 2 rollout actor") == torch.device("cpu")
+
+
+def test_bf16_rollouts_keep_a_float32_sampler_state(setup: dict) -> None:
+    fp32 = RolloutWorker(**setup)
+    mixed = RolloutWorker(**setup, precision="bf16-mixed")
+    assert mixed.policy.transformer.dtype == torch.bfloat16
+    seeds = torch.tensor([[7, 8]])
+    a = fp32.rollout([2], epoch=0, seeds=seeds, sampler=SAMPLER)
+    b = mixed.rollout([2], epoch=0, seeds=seeds, sampler=SAMPLER)
+    assert b.x0.dtype == b.images.dtype == torch.float32
+    # same restoration up to bf16 rounding of the networks
+    assert (a.images - b.images).abs().mean() < 0.05

@@ -4,7 +4,8 @@ One reference run without faults; a run in which a rollout actor, a reward actor
 rank are killed mid-run; a driver killed mid-run and the same command run again; a process killed
 while it writes a checkpoint. Every faulted run must finish with every step logged once and the
 same final weights as the reference (Stage 2 on CPU is deterministic: seeded rollouts, 2-rank gloo
-reductions, restored optimizer state).
+reductions, restored optimizer state). The runs are asynchronous (rollouts of step i + 1 during
+step i), the harder case for both.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ STAGE2 = (
     "stage2.sample_grid_every=100",
     "stage2.learners.num_actors=2",
     "stage2.zero_stage=2",
+    # async: a replaced rollout actor must redo its chunk with the weights the chunk was launched
+    # with, and a run resumed or rebuilt from a checkpoint must roll out with the lagged weights
+    # stored there, or the final weights differ from the reference
+    "stage2.async_rollouts=true",
 )
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wandb-key-3f9c2e71-never-logged-8d4b"

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import ray
+import torch
 
-from rlrestore.checkpoints import list_checkpoints
+from rlrestore.checkpoints import latest_checkpoint, list_checkpoints
+from rlrestore.data import read_shards, split_holdout
+from rlrestore.data.degradation import degrade_seeded, sample_seed
+from rlrestore.data.images import square_resize
+from rlrestore.demo import score_restorations
 from rlrestore.jobs import run_stage1
-from rlrestore.stage2 import run_stage2
+from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.restore import restore_arrays
+from rlrestore.stage2 import Stage2Run, run_stage2
 from rlrestore.tracking import read_metrics
 from tests.conftest import tiny_config
 
@@ -31,12 +42,43 @@ STAGE2 = (
 )
 
 
-def test_three_stage2_steps_then_resume(tmp_path: Path, ray_cluster) -> None:
-    run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, *STAGE2, "stage2.steps=3")
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster) -> Path:
+    run_dir = tmp_path_factory.mktemp("stage2") / "stage1"
+    config = tiny_config(run_dir, *STAGE2)
     for stage in ("stage1.1", "stage1.2"):
         run_stage1(config, stage)
-    run_stage2(config)
+    return run_dir
+
+
+def run_and_check_the_sync(config) -> None:
+    """``run_stage2``, checking before shutdown that every rollout actor holds exactly the
+    learners' v_old after the last sync (and that the learner ranks agree)."""
+    run = Stage2Run(config)
+    try:
+        run.run()
+        run.learners.check_in_sync()
+        v_old = run.learners.rollout_weights()
+        for actor in run.rollouts:
+            held = ray.get(actor.transformer_state.remote())
+            assert held.keys() == v_old.keys()
+            assert all(torch.equal(held[key], v_old[key]) for key in held)
+    finally:
+        run.shutdown()
+
+
+def test_three_stage2_steps_then_resume(stage1_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(stage1_run, run_dir)
+    config = tiny_config(run_dir, *STAGE2, "stage2.steps=3")
+    run_and_check_the_sync(config)
+    devices = json.loads((run_dir / "devices.json").read_text())
+    roles = sorted((entry["role"], entry["actor"]) for entry in devices if entry["stage"] == "stage2")
+    assert roles == [
+        ("learner", "rank 0"), ("learner", "rank 1"), ("reward", "default 0"),
+        ("rollout", "rollout 0"), ("rollout", "rollout 1"),
+    ]  # fmt: skip
+    assert all(entry["device"] == "cpu" and entry["precision"] == "fp32" for entry in devices)
 
     frame = read_metrics(run_dir, "stage2")
     assert frame["step"].tolist() == [0, 1, 2]
@@ -71,3 +113,35 @@ def test_a_placement_group_the_cluster_cannot_fit_fails_clearly(tmp_path: Path, 
     config = tiny_config(tmp_path, "stage2.learners.num_cpus=8", "stage2.placement_timeout_s=2")
     with pytest.raises(RuntimeError, match=r"could not fit them within 2.0 s.*stage2\.rollout_workers"):
         reserve_placement_group(config.stage2)
+
+
+def held_out_reward(config, checkpoint: Path) -> float:
+    """Mean trained reward of a checkpoint's restorations of the held-back faces (fixed seeds)."""
+    _, holdout = split_holdout(read_shards(Path(config.run_dir) / "data"), config.data.holdout)
+    size = config.policy.resolution
+    clean = [square_resize(record.image, size) for record in holdout]
+    degraded = [
+        degrade_seeded(face, config.degradation, sample_seed(config.data.seed, record.id, 0))[0]
+        for face, record in zip(clean, holdout, strict=True)
+    ]
+    policy = PrefRestorePolicy.from_pretrained(checkpoint / "policy").eval()
+    seeds = torch.arange(len(degraded) * 2).view(-1, 2)
+    restored = restore_arrays(policy, degraded, [""] * len(degraded), seeds, config.sampler)
+    flat = [image for per_input in restored for image in per_input]
+    return score_restorations(config, flat, [face for face in clean for _ in range(2)])["total"]
+
+
+def test_a_seeded_stage2_run_raises_the_trained_reward_on_held_out_faces(stage1_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "learn"
+    shutil.copytree(stage1_run, run_dir)
+    config = tiny_config(
+        run_dir, *STAGE2, "stage2.finetune=full", "stage2.steps=16", "stage2.inputs_per_step=4",
+        "stage2.candidates=4", "stage2.rollout_batch=2", "stage2.optim.lr=3e-3", "stage2.nft.beta=1.0",
+        "stage2.checkpoint_every=16", "sampler.steps=2",
+    )  # fmt: skip
+    run_stage2(config)
+    before = held_out_reward(config, latest_checkpoint(run_dir, "stage1.2"))
+    after = held_out_reward(config, latest_checkpoint(run_dir, "stage2"))
+    train = read_metrics(run_dir, "stage2")["reward/total/mean"].to_numpy()
+    print(f"held-out sharpness F {before:.3f} -> Q {after:.3f}; training reward {np.round(train, 3)}")
+    assert after > 1.05 * before, (before, after)

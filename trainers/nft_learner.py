@@ -1,6 +1,8 @@
 """Stage 2 learner: DeepSpeed ranks that minimise the DiffusionNFT loss (Eq. 13-15) on the SANA DiT.
 
-Each rank holds three copies of the DiT, wrapped as a velocity field v(x_t, t, c):
+Each rank holds three copies of the DiT, wrapped as a velocity field v(x_t, t, c) that composes
+its own texture tokens from z_low (``rlrestore.models.policy.encoder_states``: they pass through
+the DiT's ``patch_embed``, which full fine-tuning trains, so train and inference agree):
 
 * ``engine``: the trained v_theta, a DeepSpeed engine (ZeRO stage 0, 1 or 2; AdamW with the
   ``OptimConfig`` lr / betas / eps / weight decay, warm-up + cosine or constant schedule, gradient
@@ -23,6 +25,13 @@ the update is the mean over the whole step's valid (sample, timestep) pairs what
 ranks and however the samples were split. Ranks with fewer micro-batches run zero-weighted ones
 so that all ranks run the same collectives.
 
+A step's samples (:class:`NFTSamples`) carry one condition per input and a group index per
+candidate, so an input's condition crosses the wire once, not K times.
+
+Precision (``rlrestore.precision``): under bf16-/fp16-mixed DeepSpeed keeps bf16/fp16 module
+weights with float32 masters in the optimizer (fp16 with dynamic loss scaling); v_old stays a
+float32 copy (its EMA accumulates in float32) and, like v_base, runs under autocast.
+
 ``LearnerGroup`` runs N learners as Ray actors forming one torch.distributed group (gloo on CPU,
 nccl on GPU) and is what the Stage 2 driver uses.
 """
@@ -32,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -39,6 +49,7 @@ import pickle
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,18 +64,27 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from diffusers import SanaTransformer2DModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlrestore.config import NFTConfig, OptimConfig, PolicyConfig, Stage2Config
+from rlrestore.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.flow import interpolate, shifted_timesteps
 from rlrestore.models.loading import CheckpointError
 from rlrestore.models.lora import add_lora, merged_state_dict
-from rlrestore.models.policy import POLICY_CONFIG, PrefRestorePolicy
+from rlrestore.models.policy import (
+    POLICY_CONFIG,
+    Condition,
+    PrefRestorePolicy,
+    build_vae_connector,
+    dit_velocity,
+    encoder_states,
+)
 from rlrestore.nft import ema_decay, ema_update, nft_loss
+from rlrestore.precision import Precision, PrecisionName
 from trainers.stage1 import derived_seed, lr_lambda
 
-SAMPLE_KEYS = ("x0", "encoder_hidden_states", "r", "valid")
 LEARNER_STATE = "learner_state.json"
 ENGINE_DIR = "engine"
 ENGINE_TAG = "learner"
@@ -74,24 +94,60 @@ V_BASE_FILE = "v_base.safetensors"
 _STAT_NAMES = ("loss", "loss_positive", "loss_negative", "old_deviation", "base_penalty")
 
 
+@dataclass
+class NFTSamples:
+    """The samples of one learner step: N candidates, each pointing at its input's condition."""
+
+    x0: Tensor  # [N, C, h, w] clean latents of the candidates
+    group: Tensor  # [N] long: the row of ``condition`` (the input) each candidate belongs to
+    condition: Condition  # G conditions, one per input
+    r: Tensor  # [N] optimality probabilities in [0, 1] (``rlrestore.nft.group_normalize``)
+    valid: Tensor  # [N] bool; invalid candidates never enter the loss
+    index: Tensor | None = None  # [N] global sample ids seeding noise and timesteps
+
+    def __post_init__(self) -> None:
+        n = self.x0.shape[0]
+        if self.x0.ndim != 4:
+            raise ValueError(f"x0 must be [N, C, h, w], got {tuple(self.x0.shape)}")
+        for name in ("group", "r", "valid", "index"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), one value per candidate; got {tuple(value.shape)}")
+        if n and (int(self.group.min()) < 0 or int(self.group.max()) >= len(self.condition)):
+            raise ValueError(f"group indices must lie in [0, {len(self.condition)}), the conditions given")
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def share(self, rows: slice) -> NFTSamples:
+        """The candidates ``rows`` with only the conditions they use (group indices renumbered)."""
+        group = self.group[rows]
+        used, renumbered = torch.unique(group, return_inverse=True)
+        index = None if self.index is None else self.index[rows]
+        return NFTSamples(
+            self.x0[rows], renumbered.reshape(-1), self.condition.select(used), self.r[rows], self.valid[rows], index
+        )
+
+
 class VelocityField(nn.Module):
-    """The DiT as v(x_t, t, c), the module DeepSpeed wraps (and the frozen v_old / v_base copies).
+    """The DiT as v(x_t, t, c = (semantic, z_low)), the module DeepSpeed wraps (and the frozen
+    v_old / v_base copies). The texture tokens are composed with this DiT's own ``patch_embed``
+    and the policy's (frozen in Stage 2) ``vae_connector``; the timestep convention is the
+    policy's (:func:`rlrestore.models.policy.dit_velocity`)."""
 
-    ``forward`` is :meth:`PrefRestorePolicy.velocity` itself (it only reads ``self.transformer``),
-    so learners and rollouts share one timestep convention.
-    """
-
-    def __init__(self, transformer: SanaTransformer2DModel) -> None:
+    def __init__(self, transformer: SanaTransformer2DModel, vae_connector: nn.Module) -> None:
         super().__init__()
         self.transformer = transformer
+        self.vae_connector = vae_connector.requires_grad_(False)
 
-    def forward(self, x_t: Tensor, t: Tensor, encoder_hidden_states: Tensor) -> Tensor:
-        return PrefRestorePolicy.velocity(self, x_t, t, encoder_hidden_states)  # type: ignore[arg-type]
+    def forward(self, x_t: Tensor, t: Tensor, semantic: Tensor, z_low: Tensor) -> Tensor:
+        states = encoder_states(self.transformer, self.vae_connector, Condition(semantic, z_low))
+        return dit_velocity(self.transformer, x_t, t, states)
 
 
-def load_dit(policy_dir: str | Path) -> tuple[SanaTransformer2DModel, PolicyConfig]:
-    """Only the DiT (``transformer/``) and the config of a policy checkpoint: the learners need
-    nothing else, which spares each rank the AR integrator, the vision tower and the DC-AE."""
+def load_dit(policy_dir: str | Path) -> tuple[SanaTransformer2DModel, nn.Module, PolicyConfig]:
+    """The DiT (``transformer/``), the ``vae_connector`` and the config of a policy checkpoint: the
+    learners need nothing else, which spares each rank the AR integrator, the vision tower and the DC-AE."""
     path = Path(policy_dir)
     meta_file = path / POLICY_CONFIG
     if not meta_file.is_file():
@@ -106,7 +162,22 @@ def load_dit(policy_dir: str | Path) -> tuple[SanaTransformer2DModel, PolicyConf
         )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}/transformer: cannot load the DiT: {exc}") from None
-    return transformer.float(), config
+    return transformer.float(), _load_vae_connector(path, config, transformer), config
+
+
+def _load_vae_connector(path: Path, config: PolicyConfig, transformer: SanaTransformer2DModel) -> nn.Module:
+    own_file = path / "rlrestore_modules.safetensors"
+    try:
+        tensors = load_file(str(own_file))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{own_file} is missing or corrupt: {exc}") from None
+    connector = build_vae_connector(config, transformer)
+    prefix = "vae_connector."
+    try:
+        connector.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{own_file}: weights of vae_connector do not fit: {exc}") from None
+    return connector.float()
 
 
 def skip_shm_comm_build() -> None:
@@ -197,6 +268,7 @@ class NFTLearner:
         sampler_steps: int = 10,
         total_steps: int = 100,
         seed: int = 0,
+        precision: PrecisionName = "fp32",
     ) -> None:
         if finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
@@ -214,37 +286,40 @@ class NFTLearner:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.finetune, self.lora_rank = finetune, lora_rank
         self.device = torch.device(device)
+        self.precision = Precision(precision)
         self.step = 0  # index of the next update (the last train_step's step + 1)
 
         if isinstance(policy, PrefRestorePolicy):
-            transformer, policy_config = copy.deepcopy(policy.transformer), policy.config
+            transformer, policy_config = copy.deepcopy(policy.transformer).float(), policy.config
+            vae_connector = copy.deepcopy(policy.vae_connector).float()
         else:
-            transformer, policy_config = load_dit(policy)
+            transformer, vae_connector, policy_config = load_dit(policy)
         self.timestep_grid = shifted_timesteps(sampler_steps, policy_config.flow_shift)[:-1]
-        transformer = transformer.to(self.device)
+        field = VelocityField(transformer, vae_connector).to(self.device)
         if finetune == "lora":
             add_lora(transformer, lora_rank, lora_alpha, lora_targets)
         else:
             transformer.requires_grad_(True)
-        self.v_old = self._frozen_copy(transformer)
-        self.v_base = self._frozen_copy(transformer) if nft.base_penalty > 0 else None
+        # float32 copies made before DeepSpeed casts the trained one: v_old's EMA accumulates in float32
+        self.v_old = self._frozen_copy(field)
+        self.v_base = self.precision.for_inference(self._frozen_copy(field)) if nft.base_penalty > 0 else None
 
         with self._lone_rank_env():
             self._init_distributed()
             self.engine, *_ = deepspeed.initialize(
-                model=VelocityField(transformer).train(),
-                model_parameters=[p for p in transformer.parameters() if p.requires_grad],
-                config=self._deepspeed_config(transformer.dtype),
+                model=field.train(),
+                model_parameters=[p for p in field.parameters() if p.requires_grad],
+                config=self._deepspeed_config(),
                 lr_scheduler=functools.partial(self._schedule, total_steps=total_steps),
             )
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
 
     # ----------------------------------------------------------------------------- setup
     @staticmethod
-    def _frozen_copy(transformer: SanaTransformer2DModel) -> VelocityField:
-        field = VelocityField(copy.deepcopy(transformer)).eval()
-        field.requires_grad_(False)
-        return field
+    def _frozen_copy(field: VelocityField) -> VelocityField:
+        frozen = copy.deepcopy(field).eval()
+        frozen.requires_grad_(False)
+        return frozen
 
     def _trained(self, field: nn.Module) -> list[Tensor]:
         """The parameters the optimizer updates (all of them, or the LoRA factors), in module
@@ -288,7 +363,7 @@ class NFTLearner:
             dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False
         )
 
-    def _deepspeed_config(self, dtype: torch.dtype) -> dict[str, Any]:
+    def _deepspeed_config(self) -> dict[str, Any]:
         optim = self.optim
         return {
             "train_micro_batch_size_per_gpu": self.micro_batch,
@@ -305,8 +380,7 @@ class NFTLearner:
                 },
             },
             "zero_optimization": {"stage": self.zero_stage},
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            "fp16": {"enabled": dtype == torch.float16},
+            **self.precision.deepspeed(),
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
@@ -320,21 +394,19 @@ class NFTLearner:
         )
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, samples: dict[str, Tensor], step: int) -> dict[str, float]:
+    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]:
         """One optimizer step on this rank's samples; every rank of the group must call it.
 
-        ``samples``: ``x0`` [N, C, h, w] clean latents of the candidates, ``encoder_hidden_states``
-        [N, L, D] their conditions, ``r`` [N] optimality probabilities in [0, 1], ``valid`` [N] bool
-        (invalid samples never enter the loss), and optionally ``index`` [N] global sample ids that
-        seed each sample's noise and timesteps (default ``rank * N + arange(N)``).
+        Candidates without ``valid`` never enter the loss; ``index`` (default
+        ``rank * N + arange(N)``) seeds each candidate's noise and timesteps.
 
         Returns metrics of the whole group (identical on every rank but ``step_time``). If no rank
         has a valid sample, nothing is updated (no optimizer step, no EMA) and the metrics say
         ``samples = 0``, ``skipped = 1``.
         """
         began = time.perf_counter()
-        x0, states, r, index = self._valid_samples(samples)
-        counts = torch.tensor([len(x0), math.ceil(len(x0) / self.micro_batch)], dtype=torch.float64)
+        valid = self._valid_samples(samples)
+        counts = torch.tensor([len(valid), math.ceil(len(valid) / self.micro_batch)], dtype=torch.float64)
         total_samples = int(self._all_reduce(counts[:1], dist.ReduceOp.SUM))
         micro_steps = int(self._all_reduce(counts[1:], dist.ReduceOp.MAX))
         lr = float(self.engine.get_lr()[0])
@@ -343,7 +415,7 @@ class NFTLearner:
             return {"samples": 0.0, "skipped": 1.0, "lr": lr, "step_time": time.perf_counter() - began}
 
         timesteps = self.nft.timesteps_per_sample
-        t, eps = self._noise_and_timesteps(index, step, x0.shape[1:])
+        t, eps = self._noise_and_timesteps(valid.index, step, valid.x0.shape[1:])
         weight = self.world_size / (total_samples * timesteps)
         sums = torch.zeros(len(_STAT_NAMES), dtype=torch.float64)
         for micro in range(micro_steps):
@@ -352,13 +424,14 @@ class NFTLearner:
                 self.engine.set_gradient_accumulation_boundary(
                     micro == micro_steps - 1 and j == timesteps - 1
                 )
-                if part.start < len(x0):
-                    loss, stats = self._loss(x0[part], states[part], r[part], t[part, j], eps[part, j])
-                    count = len(r[part])
+                if part.start < len(valid):
+                    condition = valid.condition.select(valid.group[part])
+                    loss, stats = self._loss(valid.x0[part], condition, valid.r[part], t[part, j], eps[part, j])
+                    count = len(valid.r[part])
                     self.engine.backward(loss * (count * weight))
                     sums += count * stats
                 else:  # this rank is out of samples: a zero-weighted pass keeps the collectives in step
-                    self.engine.backward(self._idle_loss(x0.shape[1:], states.shape[1:]))
+                    self.engine.backward(self._idle_loss(samples))
 
         grad_norm = self._grad_norm_before_step()
         self.engine.step()
@@ -382,38 +455,32 @@ class NFTLearner:
         )
         return metrics
 
-    def _valid_samples(self, samples: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Check the sample dict and keep its valid rows, on the learner's device."""
-        missing = [key for key in SAMPLE_KEYS if key not in samples]
-        if missing:
-            raise KeyError(
-                f"samples lack {missing}; a learner step needs {list(SAMPLE_KEYS)} (+ optional 'index')"
-            )
-        x0, states, r, valid = (samples[key] for key in SAMPLE_KEYS)
-        n = x0.shape[0]
-        index = samples.get("index", self.rank * n + torch.arange(n))
-        if x0.ndim != 4 or states.ndim != 3:
-            raise ValueError(
-                f"x0 must be [N, C, h, w] and encoder_hidden_states [N, L, D]; got {tuple(x0.shape)} "
-                f"and {tuple(states.shape)}"
-            )
-        for name, value in (("encoder_hidden_states", states), ("r", r), ("valid", valid), ("index", index)):
-            if value.shape[0] != n:
-                raise ValueError(f"{name} has {value.shape[0]} rows for {n} samples in x0")
-        valid = valid.bool()
-        if valid.any() and not bool(((r[valid] >= 0) & (r[valid] <= 1)).all()):
+    def skip_step(self, step: int) -> None:
+        """A step the driver skipped (its rewards failed): nothing trains, but the step counts, so a
+        checkpoint written after it resumes at the next step."""
+        self.step = step + 1
+
+    def _valid_samples(self, samples: NFTSamples) -> NFTSamples:
+        """The valid candidates of ``samples`` (with their global ``index``) on the learner's device."""
+        if not isinstance(samples, NFTSamples):
+            raise TypeError(f"a learner step takes NFTSamples, got {type(samples).__name__}")
+        n = len(samples)
+        index = samples.index if samples.index is not None else self.rank * n + torch.arange(n)
+        valid = samples.valid.bool()
+        if valid.any() and not bool(((samples.r[valid] >= 0) & (samples.r[valid] <= 1)).all()):
             raise ValueError("r must lie in [0, 1] for valid samples (see rlrestore.nft.group_normalize)")
-        dtype = self.engine.module.transformer.dtype
         keep = valid.nonzero().squeeze(1)
-        return (
-            x0[keep].to(self.device, dtype),
-            states[keep].to(self.device, dtype),
-            r[keep].to(self.device, torch.float32),
-            index[keep].long(),
+        return NFTSamples(
+            x0=samples.x0[keep].to(self.device, torch.float32),
+            group=samples.group[keep].to(self.device),
+            condition=samples.condition.to(self.device),
+            r=samples.r[keep].to(self.device, torch.float32),
+            valid=torch.ones(len(keep), dtype=torch.bool),
+            index=index[keep].long(),
         )
 
     def _noise_and_timesteps(self, index: Tensor, step: int, shape: torch.Size) -> tuple[Tensor, Tensor]:
-        """[n, T] timesteps from the sampler grid and [n, T, C, h, w] noise, seeded per sample."""
+        """[n, T] timesteps from the sampler grid and [n, T, C, h, w] noise (float32), seeded per sample."""
         grid, count = self.timestep_grid, self.nft.timesteps_per_sample
         times, noise = [], []
         for sample in index.tolist():
@@ -426,40 +493,37 @@ class NFTLearner:
             noise.append(torch.randn((count, *shape), generator=generator))
         if not times:  # no valid sample on this rank: it only runs zero-weighted passes
             return torch.empty(0, count), torch.empty(0, count, *shape)
-        dtype = self.engine.module.transformer.dtype
-        return torch.stack(times).to(self.device, dtype), torch.stack(noise).to(self.device, dtype)
+        return torch.stack(times).to(self.device), torch.stack(noise).to(self.device)
 
-    def _loss(self, x0: Tensor, states: Tensor, r: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean NFT loss (+ base penalty) of one micro-batch at one timestep per sample, and its stats."""
+    def _loss(self, x0: Tensor, condition: Condition, r: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean NFT loss (+ base penalty) of one micro-batch at one timestep per sample, and its stats.
+
+        x_t, t and the loss stay float32; the networks cast their inputs to their weight dtype."""
         x_t = interpolate(x0, eps, t)
-        v_theta = self.engine(x_t, t, states)
-        with torch.no_grad():
-            v_old = self.v_old(x_t, t, states)
+        v_theta = self.engine(x_t, t, condition.semantic, condition.z_low).float()
+        with torch.no_grad(), self.precision.autocast(self.device):
+            v_old = self.v_old(x_t, t, condition.semantic, condition.z_low).float()
         loss, stats = nft_loss(
-            v_theta.float(),
-            v_old.float(),
-            x0.float(),
-            eps.float(),
-            t.float(),
-            r,
+            v_theta, v_old, x0, eps, t, r,
             beta=self.nft.beta,
             form=self.nft.loss_form,
             adaptive_scale=self.nft.adaptive_scale,
         )
         penalty = torch.zeros((), device=loss.device)
         if self.v_base is not None:
-            with torch.no_grad():
-                v_base = self.v_base(x_t, t, states)
-            penalty = (v_theta.float() - v_base.float()).square().mean()
+            with torch.no_grad(), self.precision.autocast(self.device):
+                v_base = self.v_base(x_t, t, condition.semantic, condition.z_low).float()
+            penalty = (v_theta - v_base).square().mean()
             loss = loss + self.nft.base_penalty * penalty
         values = [loss, stats["loss_positive"], stats["loss_negative"], stats["old_deviation"], penalty]
         return loss, torch.stack([v.detach().double().cpu() for v in values])
 
-    def _idle_loss(self, latent_shape: torch.Size, state_shape: torch.Size) -> Tensor:
-        dtype = self.engine.module.transformer.dtype
-        x = torch.zeros(1, *latent_shape, device=self.device, dtype=dtype)
-        states = torch.zeros(1, *state_shape, device=self.device, dtype=dtype)
-        return self.engine(x, torch.ones(1, device=self.device, dtype=dtype), states).sum() * 0.0
+    def _idle_loss(self, samples: NFTSamples) -> Tensor:
+        """A zero-weighted forward of one blank sample shaped like ``samples``."""
+        condition = samples.condition.select(torch.zeros(1, dtype=torch.long)).to(self.device)
+        x = torch.zeros(1, *samples.x0.shape[1:], device=self.device)
+        v = self.engine(x, torch.ones(1, device=self.device), condition.semantic * 0, condition.z_low * 0)
+        return v.float().sum() * 0.0
 
     def _grad_norm_before_step(self) -> float | None:
         """ZeRO-1/2 report the pre-clipping norm themselves; ZeRO-0 (plain fp32) does not."""
@@ -490,6 +554,28 @@ class NFTLearner:
     def checksums(self) -> dict[str, float]:
         """Cheap fingerprints of v_theta and v_old; ranks of one group must agree exactly."""
         return {"trained": _module_checksum(self.engine.module), "v_old": _module_checksum(self.v_old)}
+
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state this rank holds: AdamW's moments plus the float32 master
+        copies it steps on when those are not the module's own parameters (ZeRO-1/2 partitions,
+        mixed precision). ZeRO-1/2 split all of it over the ranks."""
+        optimizer = self.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)
+        own = {id(param) for param in self.engine.module.parameters()}
+        stepped = [param for group in inner.param_groups for param in group["params"]]
+        masters = sum(param.numel() for param in stepped if id(param) not in own)
+        moments = sum(
+            value.numel()
+            for state in inner.state.values()
+            for value in state.values()
+            if torch.is_tensor(value) and value.ndim > 0
+        )
+        return masters + moments
+
+    def device_record(self, actor: str) -> DeviceRecord:
+        """Where this rank computes (for ``devices.json``); its weights' dtype is DeepSpeed's module dtype."""
+        dtype = next(self.engine.module.parameters()).dtype
+        return DeviceRecord.here("stage2", "learner", actor, self.device, self.precision.name, dtype)
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self, directory: str | Path) -> None:
@@ -556,10 +642,11 @@ class NFTLearner:
 
 class LearnerActor:
     """Thin Ray actor around :class:`NFTLearner`: it joins the group in :meth:`setup`, once rank 0's
-    address is known, and otherwise forwards calls."""
+    address is known, and otherwise forwards calls. It runs on the device its resources give it."""
 
-    def __init__(self, num_cpus: float) -> None:
+    def __init__(self, num_cpus: float, num_gpus: float, device: DeviceName) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
+        self.device = actor_device(device, num_gpus, "a Stage 2 learner rank")
         self.learner: NFTLearner | None = None
 
     def address(self) -> tuple[str, str, int]:
@@ -576,10 +663,22 @@ class LearnerActor:
             WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(local_rank),
         )
-        self.learner = NFTLearner(rank=rank, world_size=world_size, **kwargs)
+        self.learner = NFTLearner(rank=rank, world_size=world_size, device=self.device, **kwargs)
 
-    def train_step(self, samples: dict[str, Tensor], step: int) -> dict[str, float]:
+    def uses_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]:
         return self.learner.train_step(samples, step)
+
+    def skip_step(self, step: int) -> None:
+        self.learner.skip_step(step)
+
+    def optimizer_state_numel(self) -> int:
+        return self.learner.optimizer_state_numel()
+
+    def device_record(self, actor: str) -> DeviceRecord:
+        return self.learner.device_record(actor)
 
     def state_dict_for_rollout(self) -> dict[str, Tensor]:
         return self.learner.state_dict_for_rollout()
@@ -615,14 +714,17 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
         raise LearnerLost(f"a learner rank died: {type(exc).__name__}: {exc}") from exc
 
 
-def split_samples(samples: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:
+def split_samples(samples: NFTSamples, world_size: int) -> list[NFTSamples]:
     """Contiguous near-equal shares, one per rank (sizes differ by at most one; the first
-    ``N % world_size`` ranks get the extra sample). Nothing is dropped or padded: the learners
-    weight the loss by the step's global sample count, and each sample keeps its global ``index``."""
-    n = samples["x0"].shape[0]
-    samples = {"index": torch.arange(n), **samples}
-    shares = {key: torch.tensor_split(value, world_size) for key, value in samples.items()}
-    return [{key: parts[rank] for key, parts in shares.items()} for rank in range(world_size)]
+    ``N % world_size`` ranks get the extra sample), each with only the conditions its candidates
+    use. Nothing is dropped or padded: the learners weight the loss by the step's global sample
+    count, and each sample keeps its global ``index``."""
+    n = len(samples)
+    if samples.index is None:
+        samples = replace(samples, index=torch.arange(n))
+    sizes = [len(part) for part in torch.tensor_split(torch.arange(n), world_size)]
+    edges = [0, *itertools.accumulate(sizes)]
+    return [samples.share(slice(edges[rank], edges[rank + 1])) for rank in range(world_size)]
 
 
 class LearnerGroup:
@@ -643,11 +745,11 @@ class LearnerGroup:
         stage2: Stage2Config,
         *,
         seed: int = 0,
-        device: Literal["auto", "cpu", "cuda"] = "auto",
+        device: DeviceName = "auto",
+        precision: PrecisionName = "fp32",
         scheduling_strategies: list | None = None,
     ) -> None:
         resources = stage2.learners
-        use_cuda = device == "cuda" or (device == "auto" and resources.num_gpus > 0)
         strategies = scheduling_strategies or [None] * resources.num_actors
         actor_class = ray.remote(LearnerActor)
         self.actors = [
@@ -656,11 +758,16 @@ class LearnerGroup:
                 num_gpus=resources.num_gpus,
                 max_restarts=0,
                 scheduling_strategy=strategy,
-            ).remote(resources.num_cpus)
+            ).remote(resources.num_cpus, resources.num_gpus, device)
             for strategy in strategies
         ]
         self.world_size = len(self.actors)
-        addresses = ray.get([actor.address.remote() for actor in self.actors])
+        try:
+            addresses = gather([actor.address.remote() for actor in self.actors])
+            use_cuda = gather([self.actors[0].uses_cuda.remote()])[0]
+        except Exception:
+            self.shutdown()
+            raise
         master = (addresses[0][1], addresses[0][2])
         nodes = [node for node, _, _ in addresses]
         learner_args = {
@@ -673,10 +780,10 @@ class LearnerGroup:
             "lora_alpha": stage2.lora_alpha,
             "lora_targets": tuple(stage2.lora_targets),
             "zero_stage": stage2.zero_stage,
-            "device": "cuda:0" if use_cuda else "cpu",
             "sampler_steps": stage2.sampler_steps,
             "total_steps": stage2.steps,
             "seed": seed,
+            "precision": precision,
         }
         setups = [
             actor.setup.remote(
@@ -694,7 +801,7 @@ class LearnerGroup:
             self.shutdown()
             raise
 
-    def train_step(self, samples: dict[str, Tensor], step: int) -> dict[str, float]:
+    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]:
         """Split the step's samples over the ranks, train, and return the group's metrics
         (rank 0's, which are all-reduced over the group; ``step_time`` is the slowest rank's)."""
         shares = split_samples(samples, self.world_size)
@@ -704,6 +811,17 @@ class LearnerGroup:
         metrics = dict(results[0])
         metrics["step_time"] = max(result["step_time"] for result in results)
         return metrics
+
+    def skip_step(self, step: int) -> None:
+        """Count ``step`` on every rank without training (see :meth:`NFTLearner.skip_step`)."""
+        gather([actor.skip_step.remote(step) for actor in self.actors])
+
+    def optimizer_state_numel(self) -> list[int]:
+        """Optimizer-state elements held by each rank (ZeRO-1/2 split them)."""
+        return gather([actor.optimizer_state_numel.remote() for actor in self.actors])
+
+    def device_records(self) -> list[DeviceRecord]:
+        return gather([actor.device_record.remote(f"rank {rank}") for rank, actor in enumerate(self.actors)])
 
     def rollout_weights_ref(self) -> ray.ObjectRef:
         """Object ref of rank 0's v_old DiT weights: pass it to rollout actors without a copy here

@@ -46,10 +46,34 @@ TRAINABLE_COMPONENTS = ("integrator", "diffusion_connector", "vae_connector", "t
 
 
 @dataclass
+class Condition:
+    """What the DiT is conditioned on, one per degraded input (shared by its K candidates).
+
+    Kept in two parts because the second passes through the DiT's own ``patch_embed``, which
+    Stage 2 may train: whoever evaluates a DiT composes the tokens with *that* DiT
+    (:func:`encoder_states`), so the learner's v_theta and the rollouts' v_old each see their own.
+    """
+
+    semantic: torch.Tensor  # [B, N + 1, caption_channels] diffusion_connector(AR hidden states of <S0> + S)
+    z_low: torch.Tensor  # [B, C, h, w] scaled latent of the degraded input from the LQ encoder
+
+    def __len__(self) -> int:
+        return self.semantic.shape[0]
+
+    def select(self, index: torch.Tensor) -> Condition:
+        """The conditions of the inputs ``index`` (e.g. each candidate's input)."""
+        return Condition(self.semantic[index], self.z_low[index])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
+        return Condition(self.semantic.to(device, dtype), self.z_low.to(device, dtype))
+
+
+@dataclass
 class Conditioning:
     """The DiT condition of a batch and, when teacher-forced, the AR logits over the target codes."""
 
-    encoder_hidden_states: torch.Tensor  # [B, (N + 1) + h*w, caption_channels]
+    condition: Condition
+    encoder_hidden_states: torch.Tensor  # [B, (N + 1) + h*w, caption_channels], composed with the policy's DiT
     codes: torch.Tensor  # [B, N] semantic codes S (targets or generated)
     logits: torch.Tensor  # [B, N, vocab] next-token logits predicting `codes`
 
@@ -62,7 +86,37 @@ class RestoreOutput:
     images: torch.Tensor  # [B, K, 3, R, R]
     seeds: torch.Tensor  # [B, K]
     codes: torch.Tensor  # [B, N]
-    encoder_hidden_states: torch.Tensor  # [B, L, D] condition of each input (shared by its K candidates)
+    condition: Condition  # of each input (shared by its K candidates)
+
+
+def texture_tokens(transformer: SanaTransformer2DModel, vae_connector: nn.Module, z_low: torch.Tensor) -> torch.Tensor:
+    """z_low -> the DiT's patch embedding -> vae_connector: [B, h*w, caption_channels]."""
+    patches = transformer.patch_embed(z_low.to(transformer.dtype))
+    return vae_connector(patches.to(next(vae_connector.parameters()).dtype))
+
+
+def encoder_states(
+    transformer: SanaTransformer2DModel, vae_connector: nn.Module, condition: Condition
+) -> torch.Tensor:
+    """The DiT's ``encoder_hidden_states``: the semantic tokens, then the texture tokens of z_low
+    composed with ``transformer``'s own patch embedding."""
+    texture = texture_tokens(transformer, vae_connector, condition.z_low)
+    return torch.cat([condition.semantic.to(texture.dtype), texture], dim=1)
+
+
+def dit_velocity(
+    transformer: SanaTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """v(x_t, c, t) of a SANA DiT; t in [0, 1] (1 = noise) is passed as t * 1000 in float32 (a
+    bf16 time would round 999 to 1000); x_t and c are cast to the DiT's weight dtype."""
+    dtype = transformer.dtype
+    timestep = (t.float() * 1000.0).expand(x_t.shape[0])
+    return transformer(
+        hidden_states=x_t.to(dtype),
+        encoder_hidden_states=encoder_hidden_states.to(dtype),
+        timestep=timestep,
+        return_dict=False,
+    )[0]
 
 
 def _build_vision(arch: dict[str, Any]) -> SiglipVisionModel:
@@ -85,6 +139,13 @@ def _build_vae(arch: dict[str, Any]) -> AutoencoderDC:
     return AutoencoderDC(**arch)
 
 
+def build_vae_connector(config: PolicyConfig, transformer: SanaTransformer2DModel) -> Connector:
+    """The connector from the DiT's patch tokens of z_low to its caption channels (also built by
+    the Stage 2 learners, which load only the DiT and this connector)."""
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return Connector(inner, transformer.config.caption_channels, gelu="none")
+
+
 class PrefRestorePolicy(nn.Module):
     """All networks of the policy and the operations the training stages and rollouts compose."""
 
@@ -105,12 +166,13 @@ class PrefRestorePolicy(nn.Module):
         self.transformer = transformer
         self.vae = vae
         self.lq_encoder = copy.deepcopy(vae.encoder)
-        caption_channels = transformer.config.caption_channels
-        inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.diffusion_connector = Connector(
-            integrator.config.hidden_size, caption_channels, gelu="tanh", norm_init=config.connector_norm_init
+            integrator.config.hidden_size,
+            transformer.config.caption_channels,
+            gelu="tanh",
+            norm_init=config.connector_norm_init,
         )
-        self.vae_connector = Connector(inner, caption_channels, gelu="none")
+        self.vae_connector = build_vae_connector(config, transformer)
         self.set_trainable([])
 
     # ----------------------------------------------------------------------------- construction
@@ -285,8 +347,8 @@ class PrefRestorePolicy(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1]."""
-        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+        """Latents -> float32 images in [-1, 1]."""
+        return self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
     # ----------------------------------------------------------------------------- AR integrator
     def prompt_batch(self, lq_codes: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,8 +411,12 @@ class PrefRestorePolicy(nn.Module):
 
     # ----------------------------------------------------------------------------- conditions
     def texture_tokens(self, lq: torch.Tensor) -> torch.Tensor:
-        """z_low -> DiT patch embedding -> vae_connector: [B, h*w, caption_channels]."""
-        return self.vae_connector(self.transformer.patch_embed(self.encode_lq(lq)))
+        """z_low of degraded faces -> DiT patch embedding -> vae_connector: [B, h*w, caption_channels]."""
+        return texture_tokens(self.transformer, self.vae_connector, self.encode_lq(lq))
+
+    def encoder_states(self, condition: Condition) -> torch.Tensor:
+        """The DiT input ``encoder_hidden_states`` of ``condition`` with this policy's DiT."""
+        return encoder_states(self.transformer, self.vae_connector, condition)
 
     def condition(
         self,
@@ -377,8 +443,8 @@ class PrefRestorePolicy(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and integrator_trains):
             hidden, logits = self.semantic_states(prompt_ids, prompt_mask, target_codes)
         semantic = self.diffusion_connector(hidden.to(self.diffusion_connector[0].weight.dtype))
-        states = torch.cat([semantic, self.texture_tokens(lq)], dim=1)
-        return Conditioning(encoder_hidden_states=states, codes=target_codes, logits=logits)
+        condition = Condition(semantic=semantic, z_low=self.encode_lq(lq))
+        return Conditioning(condition, self.encoder_states(condition), codes=target_codes, logits=logits)
 
     @torch.no_grad()
     def target_codes(self, hq: torch.Tensor) -> torch.Tensor:
@@ -386,11 +452,8 @@ class PrefRestorePolicy(nn.Module):
         return self.visual_tokenizer(self.to_tokenizer_size(hq))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """v_theta(x_t, c, t); t in [0, 1] (1 = noise), passed to SANA as t * 1000."""
-        timestep = (t * 1000.0).to(x_t.dtype).expand(x_t.shape[0])
-        return self.transformer(
-            hidden_states=x_t, encoder_hidden_states=encoder_hidden_states, timestep=timestep, return_dict=False
-        )[0]
+        """v_theta(x_t, c, t) (see :func:`dit_velocity`)."""
+        return dit_velocity(self.transformer, x_t, t, encoder_hidden_states)
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the DiT latent at the generation resolution."""
@@ -418,9 +481,10 @@ class PrefRestorePolicy(nn.Module):
         states = cond.encoder_hidden_states.repeat_interleave(k, dim=0)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds.flatten().tolist()]
         shape = self.latent_shape()
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, states.dtype)
+        # the sampler state stays float32 whatever the weights' dtype; only the DiT input is cast
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, torch.float32)
         latents = sample_flow(
-            lambda x, t, c: self.velocity(x, t, c),
+            lambda x, t, c: self.velocity(x, t, c).float(),
             noise,
             states,
             steps=sampler.steps,
@@ -435,7 +499,7 @@ class PrefRestorePolicy(nn.Module):
             images=images.view(batch, k, *images.shape[1:]),
             seeds=seeds,
             codes=cond.codes,
-            encoder_hidden_states=cond.encoder_hidden_states,
+            condition=cond.condition,
         )
 
 
