@@ -4,6 +4,9 @@ Stage 1.1, Semantic-to-Diffusion Alignment (Eq. 10):  L = L_CE + alpha * L_diff
     CE: next-token prediction of the clean face's codes; L_diff: flow matching through the frozen
     DiT, whose gradient reaches the connectors and the AR integrator.
 Stage 1.2, Texture-to-Diffusion Alignment:            L = L_diff + beta * ||E_theta(y) - E_frozen(x)||^2 (Eq. 11)
+    The DiT is conditioned on the clean face's codes (teacher forcing, the released recipe), on
+    codes the frozen integrator generates from the LQ prompt (what inference sees), or on a
+    per-sample mix of both (``stage1_2.semantic_codes``).
 
 Under mixed precision the networks run inside ``torch.autocast``; x0, the noise, t and every loss
 stay float32 (only the network inputs are cast, by autocast).
@@ -47,6 +50,44 @@ def autoencoder_losses(policy: PrefRestorePolicy, hq: torch.Tensor) -> dict[str,
     return {"loss": l1 + mse, "l1": l1, "mse": mse}
 
 
+def generated_rows(stage: TextureAlignmentConfig, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Boolean mask [B] of the samples whose Stage 1.2 codes are generated rather than the target's.
+
+    ``mix`` draws one uniform per sample from ``generator`` only for a fraction strictly between 0
+    and 1, so a fraction of 0 (1) reproduces ``target`` (``generated``) exactly.
+    """
+    if stage.semantic_codes == "target":
+        return torch.zeros(batch_size, dtype=torch.bool)
+    if stage.semantic_codes == "generated" or stage.generated_fraction >= 1.0:
+        return torch.ones(batch_size, dtype=torch.bool)
+    if stage.generated_fraction <= 0.0:
+        return torch.zeros(batch_size, dtype=torch.bool)
+    return torch.rand(batch_size, generator=generator) < stage.generated_fraction
+
+
+def conditioning_codes(
+    policy: PrefRestorePolicy,
+    lq: torch.Tensor,
+    captions: list[str],
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``target`` codes with the ``rows`` replaced by the integrator's greedy codes of their LQ prompts.
+
+    The AR pass runs only over the selected rows.
+    """
+    if not bool(rows.any()):
+        return target
+    index = rows.nonzero().flatten().tolist()
+    with torch.no_grad():
+        lq_codes = policy.visual_tokenizer(policy.to_tokenizer_size(lq[index]))
+    prompt_ids, prompt_mask = policy.prompt_batch(lq_codes, [captions[i] for i in index])
+    codes = target.clone()
+    codes[index] = policy.generate_codes(prompt_ids, prompt_mask, SamplerConfig(), generator)
+    return codes
+
+
 def stage1_losses(
     policy: PrefRestorePolicy,
     batch: dict,
@@ -60,10 +101,11 @@ def stage1_losses(
     x0 = policy.encode_clean(hq).float()
     codes = policy.target_codes(hq)
     semantic_alignment = isinstance(stage, SemanticAlignmentConfig)
-    generated = isinstance(stage, TextureAlignmentConfig) and stage.semantic_codes == "generated"
-    cond = policy.condition(
-        lq, batch["caption"], target_codes=None if generated else codes, sampler=SamplerConfig(), generator=generator
-    )
+    condition_codes = codes
+    if isinstance(stage, TextureAlignmentConfig):
+        rows = generated_rows(stage, hq.shape[0], generator)
+        condition_codes = conditioning_codes(policy, lq, batch["caption"], codes, rows, generator)
+    cond = policy.condition(lq, batch["caption"], target_codes=condition_codes)
     states = drop_conditions(cond.encoder_hidden_states, stage.condition_dropout, generator)
     losses = {"diff_loss": flow_matching_loss(policy, x0, states, generator)}
     if semantic_alignment:

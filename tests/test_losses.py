@@ -9,8 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlrestore.config import RunConfig, SamplerConfig
-from rlrestore.losses import drop_conditions, flow_matching_loss, stage1_losses
+from rlrestore.config import ConfigError, RunConfig, SamplerConfig, load_config
+from rlrestore.losses import (
+    conditioning_codes,
+    drop_conditions,
+    flow_matching_loss,
+    generated_rows,
+    stage1_losses,
+)
 from rlrestore.models import PrefRestorePolicy
 from tests.conftest import build_tiny_policy, tiny_config
 
@@ -158,6 +164,72 @@ def test_stage1_2_with_generated_codes(tiny_policy: PrefRestorePolicy, config: R
     torch.testing.assert_close(losses["latent_loss"], target["latent_loss"])
     losses["loss"].backward()
     assert _grad_norm(tiny_policy.transformer) > 0 and _has_no_grad(tiny_policy.integrator)
+
+
+def _mix(config: RunConfig, fraction: float):
+    return config.stage1_2.model_copy(update={"semantic_codes": "mix", "generated_fraction": fraction})
+
+
+@pytest.mark.parametrize(("fraction", "equivalent"), [(0.0, "target"), (1.0, "generated")])
+def test_mix_at_the_ends_equals_target_or_generated(
+    tiny_policy: PrefRestorePolicy, config: RunConfig, fraction: float, equivalent: str
+) -> None:
+    batch = _batch()
+    mixed = stage1_losses(tiny_policy, batch, _mix(config, fraction), torch.Generator().manual_seed(3))
+    stage = config.stage1_2.model_copy(update={"semantic_codes": equivalent})
+    expected = stage1_losses(tiny_policy, batch, stage, torch.Generator().manual_seed(3))
+    assert mixed.keys() == expected.keys()
+    assert all(torch.equal(mixed[key], expected[key]) for key in expected)
+
+
+def test_mix_generates_codes_per_sample_and_only_for_those(
+    tiny_policy: PrefRestorePolicy, config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage = _mix(config, 0.5)
+    hq = _faces(8, 4)
+    lq = (hq + 0.3 * torch.randn(hq.shape, generator=torch.Generator().manual_seed(5))).clamp(-1, 1)
+    batch = {"hq": hq, "lq": lq, "caption": ["", "a man"] * 4}
+    rows = generated_rows(stage, 8, torch.Generator().manual_seed(2))
+    assert 0 < int(rows.sum()) < 8  # this seed picks some of each
+    assert torch.equal(rows, generated_rows(stage, 8, torch.Generator().manual_seed(2)))
+    assert 2 < int(generated_rows(stage, 4000, torch.Generator().manual_seed(2)).sum()) / 40 < 52
+
+    target = tiny_policy.target_codes(hq)
+    every_row = torch.ones(8, dtype=torch.bool)
+    everyone = conditioning_codes(tiny_policy, lq, batch["caption"], target, every_row, torch.Generator())
+    batch_sizes: list[int] = []
+    generate = tiny_policy.generate_codes
+
+    def counting(prompt_ids: torch.Tensor, *args: object) -> torch.Tensor:
+        batch_sizes.append(prompt_ids.shape[0])
+        return generate(prompt_ids, *args)
+
+    monkeypatch.setattr(tiny_policy, "generate_codes", counting)
+    codes = conditioning_codes(tiny_policy, lq, batch["caption"], target, rows, torch.Generator())
+    assert batch_sizes == [int(rows.sum())]  # the AR pass runs over the picked samples only
+    assert torch.equal(codes[rows], everyone[rows]) and torch.equal(codes[~rows], target[~rows])
+    assert not torch.equal(everyone, target)
+
+    # The loss conditions on exactly those codes; the same generator gives the same losses.
+    generator = torch.Generator().manual_seed(2)
+    losses = stage1_losses(tiny_policy, batch, stage, generator)
+    generator = torch.Generator().manual_seed(2)
+    assert torch.equal(generated_rows(stage, 8, generator), rows)
+    states = tiny_policy.condition(lq, batch["caption"], target_codes=codes).encoder_hidden_states
+    states = drop_conditions(states, 0.0, generator)
+    expected = flow_matching_loss(tiny_policy, tiny_policy.encode_clean(hq), states, generator)
+    torch.testing.assert_close(losses["diff_loss"], expected)
+    again = stage1_losses(tiny_policy, batch, stage, torch.Generator().manual_seed(2))
+    assert all(torch.equal(losses[key], again[key]) for key in losses)
+
+
+def test_generated_fraction_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"run_dir={tmp_path}", "stage1_2.generated_fraction=1.5"])
+    assert "stage1_2.generated_fraction" in str(info.value) and "1.5" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"run_dir={tmp_path}", "stage1_2.semantic_codes=mixed"])
+    assert "stage1_2.semantic_codes" in str(info.value) and "mix" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- training
