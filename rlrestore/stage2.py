@@ -179,7 +179,10 @@ class Stage2Run:
         self.rollout_bundles = [next(bundles) for _ in range(self.stage.rollout_workers.num_actors)]
         self.rollouts = [self.start_rollout_actor(index) for index in range(len(self.rollout_bundles))]
         self.rewards = RewardActorPool(
-            self.stage, [self.bundle(next(bundles)) for _ in range(reward_actor_count(self.stage))]
+            self.stage,
+            [self.bundle(next(bundles)) for _ in range(reward_actor_count(self.stage))],
+            device=config.device,
+            precision=config.precision,
         )
         self.aggregator = RewardAggregator.from_config(self.stage)
         self.reward_errors = RewardErrorLog(self.stage.rewards)

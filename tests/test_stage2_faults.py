@@ -140,7 +140,7 @@ def test_killed_rollout_reward_and_learner_actors(stage1_run: Path, reference: P
     # Step 4 of the rebuilt run is under way (step 5 is rolling out with the weights of step 4):
     # kill a rollout actor, then the reward actor. The rollout actor's chunk must be redone with
     # the weights it was launched with, not the newer ones the replacement got at the next sync.
-    rebuilt = lambda: any(fault["role"] == "learner group" for fault in run.faults)  # noqa: E731
+    rebuilt = lambda: any(fault["role"] == "learner group" for fault in run.faults)
     wait_for(lambda: rebuilt() and run.step >= 4, "step 4 after the rebuild", thread, errors)
     for role in ("RolloutWorker", "RewardActor"):
         pids = actor_pids(role)
