@@ -53,12 +53,12 @@ class RolloutWorker:
         data_seed: int,
         holdout: int,
         threads: int = 1,
-        device: DeviceName = "cpu",
+        device: DeviceName = "auto",
         num_gpus: float = 0.0,
         precision: PrecisionName = "fp32",
     ) -> None:
         torch.set_num_threads(threads)
-        self.device = actor_device(device, num_gpus, "a Stage 2 rollout actor")
+        self.device = actor_device(device, num_gpus, "Stage 2 rollout actors", "stage2.rollout_workers.num_gpus")
         self.precision = Precision(precision)
         policy = PrefRestorePolicy.from_pretrained(policy_dir).eval().to(self.device)
         self.policy = self.precision.for_inference(policy)

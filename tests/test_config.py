@@ -242,3 +242,27 @@ def test_unknown_arch_key_is_rejected_when_building_the_policy(tmp_path: Path, c
     assert f"policy.{component}.arch" in message
     assert "bogus" in message
     assert "allowed keys" in message
+
+
+def test_async_rollouts_need_a_policy_lag_of_at_least_one() -> None:
+    with pytest.raises(ConfigError, match=r"max_policy_lag=0: set max_policy_lag >= 1 or async_rollouts=false"):
+        load_config(None, ["stage2.async_rollouts=true", "stage2.max_policy_lag=0"])
+    assert load_config(None, ["stage2.max_policy_lag=0"]).stage2.max_policy_lag == 0  # synchronous: lag 0
+
+
+def test_stale_rollouts_are_the_ones_lagging_more_than_allowed() -> None:
+    from types import SimpleNamespace
+
+    from rlrestore.stage2 import stale_parts
+
+    parts = [SimpleNamespace(policy_version=version) for version in (5, 4, 3)]
+    assert stale_parts(parts, step=5, max_lag=1) == [2]
+    assert stale_parts(parts, step=5, max_lag=2) == []
+    assert stale_parts(parts, step=5, max_lag=0) == [1, 2]
+
+
+def test_deprecated_policy_dtype_means_mixed_precision() -> None:
+    with pytest.warns(FutureWarning, match="policy.dtype=bfloat16 is deprecated"):
+        config = load_config(None, ["policy.dtype=bfloat16"])
+    assert config.precision == "bf16-mixed"
+    assert load_config(None, ["policy.dtype=float32"]).precision == "fp32"

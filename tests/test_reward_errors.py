@@ -211,7 +211,7 @@ def test_stage2_skips_steps_whose_rewards_fail_and_reports_them(tmp_path: Path, 
     ]
     config = tiny_config(
         run_dir, *STAGE2, "stage2.steps=2", "stage2.learners.num_actors=1", "stage2.zero_stage=0",
-        "stage2.rollout_workers.num_actors=1", "stage2.checkpoint_every=100", "stage2.sample_grid_every=100",
+        "stage2.rollout_workers.num_actors=1", "stage2.checkpoint_every=1", "stage2.sample_grid_every=100",
         f"stage2.rewards={json.dumps(rewards)}", "stage2.reward_actors={faulty: {num_cpus: 0.1}}",
         "logging.wandb_mode=disabled",
     )  # fmt: skip
@@ -227,6 +227,9 @@ def test_stage2_skips_steps_whose_rewards_fail_and_reports_them(tmp_path: Path, 
         )
     assert frame["reward/errors/sharpness"].tolist() == [0.0, 0.0]
     assert math.isnan(frame.loc[0, "learn/loss"]) and math.isfinite(frame.loc[1, "learn/loss"])
+    # the skipped step still counts on the learners: the checkpoint after it resumes at step 1
+    learner = run_dir / "checkpoints" / "stage2" / "step_000001" / "learner" / "learner_state.json"
+    assert json.loads(learner.read_text())["step"] == 1
 
     summary = json.loads((run_dir / "reward_errors.json").read_text())
     assert summary["skipped_steps"] == [0]

@@ -84,13 +84,15 @@ def test_rollout_workers_take_the_device_their_resources_give(setup: dict, monke
     from rlrestore.devices import DeviceError, actor_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceError, match="rollout actor reserved 1 GPU but CUDA is not available"):
+    with pytest.raises(DeviceError, match=r"rollout actors reserved 1 GPU \(stage2.rollout_workers.num_gpus\) but CUDA"):
         RolloutWorker(**setup, num_gpus=1)
+    with pytest.raises(DeviceError, match="device=cuda, but Stage 2 rollout actors reserve no GPU"):
+        RolloutWorker(**setup, device="cuda")
     assert RolloutWorker(**setup, num_gpus=0).device == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     # inside a Ray actor the GPU Ray assigned is cuda:0 (CUDA_VISIBLE_DEVICES names only it)
-    assert actor_device("auto", 0.25, "a Stage 2 rollout actor") == torch.device("cuda", 0)
-    assert actor_device("auto", 0, "a Stage 2 rollout actor") == torch.device("cpu")
+    assert actor_device("auto", 0.25, "Stage 2 rollout actors") == torch.device("cuda", 0)
+    assert actor_device("auto", 0, "Stage 2 rollout actors") == torch.device("cpu")
 
 
 def test_bf16_rollouts_keep_a_float32_sampler_state(setup: dict) -> None:

@@ -647,7 +647,7 @@ class LearnerActor:
 
     def __init__(self, num_cpus: float, num_gpus: float, device: DeviceName) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
-        self.device = actor_device(device, num_gpus, "a Stage 2 learner rank")
+        self.device = actor_device(device, num_gpus, "Stage 2 learner ranks", "stage2.learners.num_gpus")
         self.learner: NFTLearner | None = None
 
     def address(self) -> tuple[str, str, int]:
