@@ -134,7 +134,9 @@ def main() -> int:
         convert_and_restore(out, args.device, log, timings)
         run("stage1", ["train", "stage1", str(TINY), *common, *STAGE1], log, timings)
         run("stage2", ["train", "stage2", str(TINY), *common, *STAGE1, *STAGE2], log, timings)
-        ckpts = [f"--ckpt=F={run_dir}/checkpoints/stage1.2", f"--ckpt=Q={run_dir}"]
+        from rlrestore.checkpoints import latest_checkpoint
+
+        ckpts = [f"--ckpt=F={latest_checkpoint(run_dir, 'stage1.2')}", f"--ckpt=Q={run_dir}"]
         evaluate = ["eval", str(TINY), *ckpts, "--data", str(REPO / "rlrestore" / "assets" / "faces")]
         metrics = ["eval.metrics=[psnr,ssim,sharpness]", "eval.chunk_size=8"]
         run("eval", [*evaluate, "--out", str(out / "eval"), *common, *STAGE1, *metrics], log, timings)
