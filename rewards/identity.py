@@ -1,7 +1,7 @@
 """Identity reward: does the restoration still look like the same person as its clean face?
 
 ``identity`` embeds each restoration and its clean face with an ArcFace backbone (insightface
-arcface_torch IResNet, :mod:`rlrestore.models.arcface`) and scores the cosine of the two
+arcface_torch IResNet, :mod:`rewards.networks.arcface`) and scores the cosine of the two
 L2-normalised embeddings, in [-1, 1] (1: same embedding). The evaluation metric "Deg" of
 face-restoration papers is the angle between the two embeddings in degrees
 (:func:`embedding_angle_degrees`, lower is better).
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rewards.base import Reward, RewardBatch, RewardError, register_reward
-from rlrestore.models.arcface import load_iresnet
+from rewards.networks.arcface import load_iresnet
 
 __all__ = ["ARCFACE_MODEL_ZOO", "ARCFACE_SIZE", "Identity", "arcface_input", "embedding_angle_degrees"]
 

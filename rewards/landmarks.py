@@ -1,14 +1,14 @@
 """Landmark distance (LMD): do the restoration's facial landmarks sit where the clean face's do?
 
 ``lmd`` detects the 98 WFLW landmarks of each restoration and of its clean face with facexlib's
-AWing FAN (:mod:`rlrestore.models.awing`; the detector of face-restoration papers' LMD, e.g. VQFR's
+AWing FAN (:mod:`rewards.networks.awing`; the detector of face-restoration papers' LMD, e.g. VQFR's
 ``scripts/metrics/calculate_landmark_distance.py``) and
 scores the mean over landmarks of the Euclidean distance between corresponding points, in pixels
 of the images as given (the eval images are 512x512, the scale the papers report LMD at; a
 256 px face gives half the distance for the same misplacement). Lower is better, so the reward's
 scores are the negated distances (``Reward.__call__``) and ``rlrestore eval`` reports the raw
 distance. Each face goes through facexlib's preprocessing (8-bit, resized to 256x256, RGB / 255:
-:func:`rlrestore.models.awing.fan_input`, identical to OpenCV's resize for 256, 512 and 1024 px
+:func:`rewards.networks.awing.fan_input`, identical to OpenCV's resize for 256, 512 and 1024 px
 faces), so the numbers are those of that script on the saved PNGs.
 
 Weights: facexlib's ``alignment_WFLW_4HG.pth`` (:data:`AWING_URL`; facexlib's own loader reads
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rewards.base import Reward, RewardBatch, RewardError, register_reward, to_unit_range
-from rlrestore.models.awing import FAN
+from rewards.networks.awing import FAN
 
 __all__ = ["AWING_FILENAME", "AWING_URL", "LandmarkDistance", "default_awing_path", "load_awing_fan"]
 

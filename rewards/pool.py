@@ -37,8 +37,8 @@ from torch import Tensor
 from rewards.base import RewardBatch, RewardError, reward_name
 from rewards.worker import ErrorHandling, collect_scores, make_reward_actor, submit_scores
 from rlrestore.config import ActorGroupConfig, RewardSpec, Stage2Config
-from rlrestore.devices import DeviceName, DeviceRecord
-from rlrestore.precision import PrecisionName
+from rlrestore.runtime.devices import DeviceName, DeviceRecord
+from rlrestore.runtime.precision import PrecisionName
 
 __all__ = ["RewardActorPool", "RewardErrorLog", "RewardOutcome", "StepErrors", "reward_actor_count"]
 

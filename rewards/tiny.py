@@ -113,7 +113,7 @@ def write_tiny_arcface(
     The BatchNorm running statistics are random too (not the identity), so a test of the forward
     pass sees them used.
     """
-    from rlrestore.models.arcface import iresnet
+    from rewards.networks.arcface import iresnet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -25,7 +25,7 @@ the configured ones) and restarts. Images cross the object store as numpy arrays
     scores = collect_scores(ref)  # {"sharpness": Tensor[N], "psnr": Tensor[N]}
 
 Devices and numerics: the actor runs its rewards on the GPU Ray assigned it when it reserves GPUs
-(``num_gpus``), else on the CPU (``rlrestore.devices.actor_device``; ``device`` is the config's
+(``num_gpus``), else on the CPU (``rlrestore.runtime.devices.actor_device``; ``device`` is the config's
 request, auto | cpu | cuda). Under a mixed ``precision`` a reward whose class sets ``autocast``
 (the CLIP-based preference rewards) is scored inside ``torch.autocast``; every other reward in
 float32. ``RewardActor.device_record`` reports both for ``devices.json``.
@@ -54,8 +54,8 @@ from rlrestore.config import (
     RewardSpec,
     reward_group_key,
 )
-from rlrestore.devices import DeviceName, DeviceRecord, actor_device
-from rlrestore.precision import Precision, PrecisionName
+from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
+from rlrestore.runtime.precision import Precision, PrecisionName
 
 __all__ = [
     "ErrorHandling",

@@ -5,7 +5,7 @@ resized/cropped back, so the output has the input's size. Unreadable inputs are 
 listed in ``restore_report.json`` next to the outputs.
 
 The policy runs in this process on ``device`` (``auto``: CUDA when there is a GPU,
-``rlrestore.devices.local_device``), loaded in float32 and cast to the compute dtype of
+``rlrestore.runtime.devices.local_device``), loaded in float32 and cast to the compute dtype of
 ``precision`` (default ``fp32``; ``bf16-mixed`` restores with bf16 weights, the sampler state and t
 in float32). ``devices.json`` in the output folder records both.
 """
@@ -31,9 +31,9 @@ from rlrestore.data.images import (
     to_tensor,
     to_uint8,
 )
-from rlrestore.devices import DeviceName, DeviceRecord, local_device, write_devices
 from rlrestore.models.policy import PrefRestorePolicy
-from rlrestore.precision import Precision, PrecisionName
+from rlrestore.runtime.devices import DeviceName, DeviceRecord, local_device, write_devices
+from rlrestore.runtime.precision import Precision, PrecisionName
 
 
 @dataclass

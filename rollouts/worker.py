@@ -7,8 +7,8 @@ batched call with per-candidate seeds, and returns what Stage 2 needs: the clean
 the candidates, their decoded images, one condition per input (the AR decode runs once per input,
 never per candidate), the clean faces, and the version of the weights that produced them.
 
-The worker runs on the device its Ray resources give it (``rlrestore.devices``) and holds its
-weights in the run's compute dtype (``rlrestore.precision``; the sampler state stays float32).
+The worker runs on the device its Ray resources give it (``rlrestore.runtime.devices``) and holds its
+weights in the run's compute dtype (``rlrestore.runtime.precision``; the sampler state stays float32).
 ``make_rollout_actor`` is the thin Ray wrapper.
 """
 
@@ -22,9 +22,9 @@ import torch
 
 from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
-from rlrestore.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.models.policy import Condition, PrefRestorePolicy
-from rlrestore.precision import Precision, PrecisionName
+from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
+from rlrestore.runtime.precision import Precision, PrecisionName
 
 
 @dataclass

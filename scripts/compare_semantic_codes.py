@@ -45,7 +45,6 @@ import torch.nn.functional as F
 
 from rewards import RewardBatch, build_reward
 from rlrestore.checkpoints import checkpoint_root, latest_checkpoint
-from rlrestore.cli import default_config_path
 from rlrestore.config import RewardSpec, RunConfig, SamplerConfig, TextureAlignmentConfig, load_config
 from rlrestore.data import (
     FaceDataset,
@@ -57,11 +56,12 @@ from rlrestore.data import (
     square_resize,
     to_tensor,
 )
-from rlrestore.evaluation import EvalReport, run_evaluation
 from rlrestore.flow import interpolate, target_velocity
-from rlrestore.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.losses import stage1_losses
 from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.orchestration.cli import default_config_path
+from rlrestore.orchestration.evaluation import EvalReport, run_evaluation
+from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.tracking import read_metrics
 
 FLOW_TIMES = (0.25, 0.5, 0.75, 0.95)

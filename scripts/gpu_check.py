@@ -77,7 +77,7 @@ def run(step: str, args: list[str], log: Path, timings: dict[str, float]) -> Non
         stream.write(f"\n$ rlrestore {' '.join(args)}\n")
         stream.flush()
         proc = subprocess.run(
-            [sys.executable, "-m", "rlrestore.cli", *args], cwd=REPO, stdout=stream, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "rlrestore", *args], cwd=REPO, stdout=stream, stderr=subprocess.STDOUT,
             check=False, env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
     timings[step] = round(time.perf_counter() - began, 1)

@@ -27,9 +27,9 @@ os.environ.update(
 
 import torch
 
-from rlrestore.cli import default_config_path
 from rlrestore.config import RunConfig, load_config
 from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.orchestration.cli import default_config_path
 
 TINY_CONFIG = default_config_path()
 
@@ -64,7 +64,7 @@ def ray_cluster():
     """One local Ray session for the whole test run (2 CPUs, no dashboard)."""
     import ray
 
-    from rlrestore.jobs import worker_env
+    from rlrestore.orchestration.jobs import worker_env
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
     yield

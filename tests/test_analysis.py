@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rlrestore.analysis import run_determinism, seed_spread, verdict
-from rlrestore.cli import default_config_path, main
 from rlrestore.data import embedded_faces_dir, load_image, save_image, square_resize
-from rlrestore.evaluation import Metric
-from rlrestore.plotting import captioned_grid, plot_run, reward_figure
+from rlrestore.orchestration.analysis import run_determinism, seed_spread, verdict
+from rlrestore.orchestration.cli import default_config_path, main
+from rlrestore.orchestration.evaluation import Metric
+from rlrestore.orchestration.plotting import captioned_grid, plot_run, reward_figure
 from rlrestore.tracking import MetricsWriter, read_metrics
 from tests.conftest import build_tiny_policy, tiny_config
 

@@ -22,9 +22,9 @@ from PIL import Image
 
 from rewards import Reward, RewardAggregator, RewardBatch, RewardWorker
 from rlrestore.checkpoints import list_checkpoints
-from rlrestore.cli import main
 from rlrestore.config import RewardSpec
 from rlrestore.data import embedded_faces_dir
+from rlrestore.orchestration.cli import main
 from tests.campaign import ACCEPTED, record
 from tests.conftest import build_tiny_policy
 

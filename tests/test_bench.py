@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rlrestore.bench import format_report, run_bench
-from rlrestore.cli import main
+from rlrestore.orchestration.bench import format_report, run_bench
+from rlrestore.orchestration.cli import main
 from tests.conftest import tiny_config
 
 SMALL = (

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlrestore.cli import build_parser
 from rlrestore.config import RunConfig, load_config
-from rlrestore.devices import DeviceError, check_run_devices
+from rlrestore.orchestration.cli import build_parser
+from rlrestore.runtime.devices import DeviceError, check_run_devices
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -31,7 +31,7 @@ def official(tmp_path_factory):
     root = tmp_path_factory.mktemp("official")
     layout = write_official_checkpoint(root)
     out = root / "policy"
-    from rlrestore.cli import main
+    from rlrestore.orchestration.cli import main
 
     assert main(["convert", "pref-restore", str(layout.checkpoint), "--out", str(out)]) == 0
     return layout, out, PrefRestorePolicy.from_pretrained(out).eval()

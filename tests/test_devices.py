@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from rewards.worker import RewardActor
-from rlrestore.cli import main
 from rlrestore.config import RewardSpec, RunConfig, SamplerConfig
 from rlrestore.data import save_image
-from rlrestore.devices import (
+from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.orchestration.cli import main
+from rlrestore.orchestration.evaluation import EvalWorker
+from rlrestore.runtime.devices import (
     DEVICES_FILE,
     DeviceError,
     DeviceRecord,
@@ -25,8 +27,6 @@ from rlrestore.devices import (
     train_worker_device,
     write_devices,
 )
-from rlrestore.evaluation import EvalWorker
-from rlrestore.models.policy import PrefRestorePolicy
 from tests.conftest import TINY_CONFIG, build_tiny_policy, tiny_config
 
 CUDA0 = torch.device("cuda", 0)
@@ -177,7 +177,7 @@ def test_restore_runs_on_the_cpu_without_cuda_and_refuses_cuda(no_cuda, tmp_path
 
 
 def test_bench_device(cuda, tmp_path: Path) -> None:
-    from rlrestore.bench import run_bench
+    from rlrestore.orchestration.bench import run_bench
 
     report = run_bench(tiny_config(tmp_path, "device=auto"), tmp_path / "bench.json", parts=[])
     assert report["device"] == "cuda:0" and report["precision"] == "fp32"
@@ -185,7 +185,7 @@ def test_bench_device(cuda, tmp_path: Path) -> None:
 
 
 def test_bench_refuses_cuda_without_it(no_cuda, tmp_path: Path) -> None:
-    from rlrestore.bench import run_bench
+    from rlrestore.orchestration.bench import run_bench
 
     with pytest.raises(DeviceError, match="device=cuda"):
         run_bench(tiny_config(tmp_path, "device=cuda"), tmp_path / "bench.json", parts=[])
@@ -265,12 +265,12 @@ def test_accepted_requests(no_cuda, tmp_path: Path) -> None:
 
 
 def test_train_refuses_before_ray_starts(tmp_path: Path, monkeypatch, capsys) -> None:
-    import rlrestore.jobs
+    import rlrestore.orchestration.jobs
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(rlrestore.jobs, "ray_session", no_ray)
+    monkeypatch.setattr(rlrestore.orchestration.jobs, "ray_session", no_ray)
     run_dir = tmp_path / "run"
     for stage, override in (("stage1", "device=cuda"), ("stage2", "stage2.learners.num_gpus=1.5")):
         assert main(["train", stage, str(TINY_CONFIG), f"run_dir={run_dir}", "device=auto", override]) == 2

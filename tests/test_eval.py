@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from rewards import Reward, RewardBatch
-from rlrestore.cli import default_config_path, main
 from rlrestore.config import DEFAULT_EVAL_METRICS
 from rlrestore.data import (
     degrade_seeded,
@@ -24,7 +23,8 @@ from rlrestore.data import (
     save_image,
     square_resize,
 )
-from rlrestore.evaluation import format_value, run_evaluation
+from rlrestore.orchestration.cli import default_config_path, main
+from rlrestore.orchestration.evaluation import format_value, run_evaluation
 from tests.conftest import build_tiny_policy, tiny_config
 
 # 16 px SigLIP input (16 semantic tokens) and 2 sampler steps keep a restoration at a few ms.

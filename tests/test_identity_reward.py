@@ -1,4 +1,4 @@
-"""Identity reward (rewards.identity) and the arcface_torch IResNet (rlrestore.models.arcface).
+"""Identity reward (rewards.identity) and the arcface_torch IResNet (rewards.networks.arcface).
 
 A tiny IResNet (one block per stage, 64-d embeddings) with random weights is saved as a plain
 state dict (``rewards.tiny.write_tiny_arcface``) and loaded through the reward's own code
@@ -15,10 +15,10 @@ import torch
 
 from rewards import Identity, RewardBatch, RewardError, build_reward, check_reward_weights
 from rewards.identity import arcface_input, embedding_angle_degrees
+from rewards.networks.arcface import IRESNET_LAYERS, iresnet, load_iresnet
 from rewards.tiny import write_tiny_arcface
 from rlrestore.config import RewardSpec
 from rlrestore.data import embedded_faces_dir, iter_image_files, load_image, square_resize, to_tensor
-from rlrestore.models.arcface import IRESNET_LAYERS, iresnet, load_iresnet
 
 TINY = "iresnet_tiny"
 FACES = 4

@@ -1,4 +1,4 @@
-"""LMD reward (rewards.landmarks) and the AWing FAN landmark network (rlrestore.models.awing).
+"""LMD reward (rewards.landmarks) and the AWing FAN landmark network (rewards.networks.awing).
 
 A tiny FAN (2 hourglasses of depth 1 on 32 channels) with random weights is saved in facexlib's
 file layout (``{'state_dict': ...}``) and loaded through the reward's own code path
@@ -20,10 +20,10 @@ import torch
 
 from rewards import LandmarkDistance, RewardBatch, RewardError, build_reward, reward_class
 from rewards.landmarks import AWING_URL, default_awing_path, load_awing_fan
+from rewards.networks.awing import FAN, AddCoordsTh, fan_input, heatmap_points
 from rlrestore.config import EvalConfig, RewardSpec
 from rlrestore.data import embedded_faces_dir, iter_image_files, load_image, square_resize, to_tensor
-from rlrestore.evaluation import plan_metrics
-from rlrestore.models.awing import FAN, AddCoordsTh, fan_input, heatmap_points
+from rlrestore.orchestration.evaluation import plan_metrics
 
 PUBLISHED_PARAMETERS = 24_153_036  # FAN(num_modules=4, num_landmarks=98), see _reference_parameter_count
 TINY = {"num_modules": 2, "hourglass_depth": 1, "width": 32}

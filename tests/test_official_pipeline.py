@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlrestore.checkpoints import latest_checkpoint
-from rlrestore.cli import main
+from rlrestore.orchestration.cli import main
 from rlrestore.tracking import read_metrics
 from tests.official_layout import write_official_checkpoint
 

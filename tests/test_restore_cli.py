@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from rlrestore.cli import default_config_path, main
+from rlrestore.orchestration.cli import default_config_path, main
 from rlrestore.tracking import MetricsWriter
 from tests.conftest import build_tiny_policy
 

@@ -191,7 +191,7 @@ def test_reward_actor_groups_come_from_the_config() -> None:
 @pytest.mark.slow
 def test_stage2_skips_steps_whose_rewards_fail_and_reports_them(tmp_path: Path, ray_cluster) -> None:
     from rlrestore.checkpoints import save_checkpoint
-    from rlrestore.stage2 import run_stage2
+    from rlrestore.orchestration.stage2 import run_stage2
     from rlrestore.tracking import read_metrics
     from tests.conftest import build_tiny_policy
     from tests.test_stage2_ray import STAGE2

@@ -81,7 +81,7 @@ def test_rollout_actor_matches_the_plain_worker(setup: dict, ray_cluster) -> Non
 
 
 def test_rollout_workers_take_the_device_their_resources_give(setup: dict, monkeypatch) -> None:
-    from rlrestore.devices import DeviceError, actor_device
+    from rlrestore.runtime.devices import DeviceError, actor_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match=r"rollout actors reserved 1 GPU \(stage2.rollout_workers.num_gpus\) but CUDA"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rlrestore.config import RunConfig
-from rlrestore.precision import Precision
+from rlrestore.runtime.precision import Precision
 from tests.conftest import build_tiny_policy, tiny_config
 from tests.test_losses import _batch
 from trainers.stage1 import Stage1Objective, optimizer_step

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlrestore.checkpoints import list_checkpoints
-from rlrestore.jobs import run_stage1
+from rlrestore.orchestration.jobs import run_stage1
 from rlrestore.tracking import read_metrics
 from tests.conftest import TINY_CONFIG, tiny_config
 
@@ -62,7 +62,7 @@ def test_stage1_on_two_workers_lowers_the_loss(tmp_path: Path, ray_cluster) -> N
 
 def _train_command(run_dir: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "rlrestore.cli", "train", "stage1.1", str(TINY_CONFIG),
+        sys.executable, "-m", "rlrestore", "train", "stage1.1", str(TINY_CONFIG),
         f"run_dir={run_dir}", f"stage1_1.steps={steps}", "stage1_1.checkpoint_every=4",
         "stage1_1.keep_checkpoints=10", "ray.num_cpus=2", "logging.progress=false",
     ]  # fmt: skip

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlrestore.checkpoints import list_checkpoints, load_trainer_state
-from rlrestore.jobs import run_stage1
 from rlrestore.models.policy import PrefRestorePolicy
-from rlrestore.stage2 import FAULTS_FILE, Stage2Run, run_stage2
+from rlrestore.orchestration.jobs import run_stage1
+from rlrestore.orchestration.stage2 import FAULTS_FILE, Stage2Run, run_stage2
 from rlrestore.tracking import read_metrics
 from tests.conftest import TINY_CONFIG, tiny_config
 
@@ -163,7 +163,7 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(stage1_run: Path, refe
     run_dir = stage1_run.parent / "driver"
     shutil.copytree(stage1_run, run_dir)
     command = [
-        sys.executable, "-m", "rlrestore.cli", "train", "stage2", str(TINY_CONFIG),
+        sys.executable, "-m", "rlrestore", "train", "stage2", str(TINY_CONFIG),
         f"run_dir={run_dir}", "logging.progress=false", "ray.num_cpus=2", *STAGE2,
     ]  # fmt: skip
     # Not the W&B service of this test process (wandb.init exports its address to children): the

@@ -15,11 +15,11 @@ from rlrestore.checkpoints import latest_checkpoint, list_checkpoints
 from rlrestore.data import read_shards, split_holdout
 from rlrestore.data.degradation import degrade_seeded, sample_seed
 from rlrestore.data.images import square_resize
-from rlrestore.demo import score_restorations
-from rlrestore.jobs import run_stage1
 from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.orchestration.demo import score_restorations
+from rlrestore.orchestration.jobs import run_stage1
+from rlrestore.orchestration.stage2 import Stage2Run, run_stage2
 from rlrestore.restore import restore_arrays
-from rlrestore.stage2 import Stage2Run, run_stage2
 from rlrestore.tracking import read_metrics
 from tests.conftest import tiny_config
 
@@ -108,7 +108,7 @@ def test_three_stage2_steps_then_resume(stage1_run: Path, tmp_path: Path) -> Non
 
 
 def test_a_placement_group_the_cluster_cannot_fit_fails_clearly(tmp_path: Path, ray_cluster) -> None:
-    from rlrestore.stage2 import reserve_placement_group
+    from rlrestore.orchestration.stage2 import reserve_placement_group
 
     config = tiny_config(tmp_path, "stage2.learners.num_cpus=8", "stage2.placement_timeout_s=2")
     with pytest.raises(RuntimeError, match=r"could not fit them within 2.0 s.*stage2\.rollout_workers"):

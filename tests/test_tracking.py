@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rlrestore.plotting import plot_run
+from rlrestore.orchestration.plotting import plot_run
 from rlrestore.tracking import RUN_ID_FILE, MetricsWriter, WandbRun, read_metrics, scrub, secret_values
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ so that all ranks run the same collectives.
 A step's samples (:class:`NFTSamples`) carry one condition per input and a group index per
 candidate, so an input's condition crosses the wire once, not K times.
 
-Precision (``rlrestore.precision``): under bf16-/fp16-mixed DeepSpeed keeps bf16/fp16 module
+Precision (``rlrestore.runtime.precision``): under bf16-/fp16-mixed DeepSpeed keeps bf16/fp16 module
 weights with float32 masters in the optimizer (fp16 with dynamic loss scaling); v_old stays a
 float32 copy (its EMA accumulates in float32) and, like v_base, runs under autocast.
 
@@ -69,7 +69,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlrestore.config import NFTConfig, OptimConfig, PolicyConfig, Stage2Config
-from rlrestore.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.flow import interpolate, shifted_timesteps
 from rlrestore.models.loading import CheckpointError
 from rlrestore.models.lora import add_lora, merged_state_dict
@@ -82,7 +81,8 @@ from rlrestore.models.policy import (
     encoder_states,
 )
 from rlrestore.nft import ema_decay, ema_update, nft_loss
-from rlrestore.precision import Precision, PrecisionName
+from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
+from rlrestore.runtime.precision import Precision, PrecisionName
 from trainers.stage1 import derived_seed, lr_lambda
 
 LEARNER_STATE = "learner_state.json"

@@ -1,6 +1,6 @@
 """Stage 1 (1.1 and 1.2) training loop, run by every Ray Train worker.
 
-Each worker builds the policy on the device Ray Train gave it (``rlrestore.devices``), wraps the
+Each worker builds the policy on the device Ray Train gave it (``rlrestore.runtime.devices``), wraps the
 stage objective in DistributedDataParallel over the process group Ray Train set up (gloo on CPU,
 nccl on GPU), reads its share of every batch from the Parquet shards, and steps AdamW with
 warm-up + cosine/constant schedule and gradient clipping. Rank 0 writes metrics (Parquet + W&B),
@@ -47,10 +47,10 @@ from rlrestore.config import (
     TextureAlignmentConfig,
 )
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
-from rlrestore.devices import DeviceRecord, train_worker_device, write_devices
 from rlrestore.losses import stage1_losses
 from rlrestore.models.policy import PrefRestorePolicy
-from rlrestore.precision import Precision
+from rlrestore.runtime.devices import DeviceRecord, train_worker_device, write_devices
+from rlrestore.runtime.precision import Precision
 from rlrestore.tracking import MetricsWriter, WandbRun
 
 log = logging.getLogger(__name__)

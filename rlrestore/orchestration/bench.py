@@ -35,11 +35,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rewards.base import Reward, RewardBatch
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
-from rlrestore.devices import DeviceRecord, local_device, write_devices
 from rlrestore.flow import shifted_timesteps
 from rlrestore.models.policy import Condition, PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
-from rlrestore.precision import Precision
+from rlrestore.runtime.devices import DeviceRecord, local_device, write_devices
+from rlrestore.runtime.precision import Precision
 from trainers.nft_learner import NFTSamples
 
 FIGURE_PARTS = ("rollout", "learner", "stage2")
@@ -277,7 +277,7 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
 
     from rewards import RewardWorker
     from rewards.pool import reward_actor_count
-    from rlrestore.stage2 import (
+    from rlrestore.orchestration.stage2 import (
         Stage2Run,
         candidate_reward_batch,
         candidate_seeds,
@@ -511,7 +511,7 @@ def run_bench(
     images (count, side in px) each scores.
     """
     from rlrestore.checkpoints import save_checkpoint
-    from rlrestore.jobs import prepare_shards, ray_session
+    from rlrestore.orchestration.jobs import prepare_shards, ray_session
 
     parts = PARTS if parts is None else tuple(parts)
     unknown = sorted(set(parts) - set(PARTS))

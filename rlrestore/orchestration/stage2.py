@@ -17,7 +17,7 @@ With ``stage2.async_rollouts`` the rollouts of step i+1 run while the learners t
 is rolled out again with the current weights. Resume: the same command continues from the newest
 checkpoint (policy, learner state with v_old and optimizer, step).
 
-Every role runs on the device its resources give it (``rlrestore.devices``) in the run's
+Every role runs on the device its resources give it (``rlrestore.runtime.devices``) in the run's
 ``precision``; ``<run_dir>/devices.json`` lists them.
 
 Faults: a rollout actor that dies is replaced in its bundle, given the weights its chunk was
@@ -50,9 +50,9 @@ from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, reward_
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint, write_policy_with_dit
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
-from rlrestore.devices import DeviceRecord, write_devices
-from rlrestore.jobs import prepare_shards
 from rlrestore.models.policy import Condition
+from rlrestore.orchestration.jobs import prepare_shards
+from rlrestore.runtime.devices import DeviceRecord, write_devices
 from rlrestore.tracking import MetricsWriter, WandbRun
 from rollouts import RolloutBatch, make_rollout_actor
 from trainers.nft_learner import LearnerGroup, LearnerLost, NFTSamples, gather

@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from rlrestore.config import RunConfig
-from rlrestore.evaluation import EvalReport, Metric, format_value, run_evaluation
-from rlrestore.plotting import plot_determinism
+from rlrestore.orchestration.evaluation import EvalReport, Metric, format_value, run_evaluation
+from rlrestore.orchestration.plotting import plot_determinism
 
 
 @dataclass

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from rewards import RewardBatch, RewardWorker
-from rlrestore.analysis import DeterminismReport, run_determinism
 from rlrestore.checkpoints import latest_checkpoint
 from rlrestore.config import RunConfig
 from rlrestore.data import (
@@ -32,9 +31,10 @@ from rlrestore.data import (
     to_tensor,
 )
 from rlrestore.data.degradation import sample_seed
-from rlrestore.evaluation import EvalReport, run_evaluation
-from rlrestore.jobs import prepare_shards, ray_session, run_stage1
-from rlrestore.plotting import plot_run
+from rlrestore.orchestration.analysis import DeterminismReport, run_determinism
+from rlrestore.orchestration.evaluation import EvalReport, run_evaluation
+from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
+from rlrestore.orchestration.plotting import plot_run
 from rlrestore.restore import restore_files
 
 DEMO_STAGES = ("autoencoder", "stage1.1", "stage1.2")
@@ -83,7 +83,7 @@ def evaluate_variants(
 
 def run_demo(config: RunConfig) -> dict:
     """Train every stage on the embedded faces, restore the held-back ones with F and Q, report."""
-    from rlrestore.stage2 import run_stage2
+    from rlrestore.orchestration.stage2 import run_stage2
 
     run_dir = Path(config.run_dir)
     with ray_session(config.ray):

@@ -19,12 +19,12 @@ command skips finished chunks.
 
 Devices and numerics: an eval actor runs on the GPU Ray assigned it when ``eval.num_gpus`` > 0,
 else on the CPU; in-process evaluation uses CUDA when ``device`` is ``cuda`` or ``auto`` with a
-GPU present (``rlrestore.devices``). The policy is loaded in float32 and cast to the compute dtype
+GPU present (``rlrestore.runtime.devices``). The policy is loaded in float32 and cast to the compute dtype
 of ``precision`` (bf16 under bf16-mixed; the sampler state and t stay float32); the metrics always
 compute in float32, so numbers stay comparable across precisions. Layout of ``OUT``::
 
     eval_manifest.json                  settings and checkpoints; a rerun with other settings is refused
-    devices.json                        device, node and dtype of each eval worker (rlrestore.devices)
+    devices.json                        device, node and dtype of each eval worker (rlrestore.runtime.devices)
     inputs.json                         every input (id, source, Eq. 16 parameters) and skipped files
     inputs/lq/<id>.png, inputs/gt/<id>.png   what the policy restored, and the ground truth
     restored/<model>/<id>_s<seed>.png   every restoration
@@ -70,7 +70,10 @@ from rlrestore.data import (
     square_resize,
     to_tensor,
 )
-from rlrestore.devices import (
+from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.orchestration.plotting import captioned_grid
+from rlrestore.restore import restore_arrays
+from rlrestore.runtime.devices import (
     DeviceName,
     DeviceRecord,
     actor_device,
@@ -79,10 +82,7 @@ from rlrestore.devices import (
     local_device,
     write_devices,
 )
-from rlrestore.models.policy import PrefRestorePolicy
-from rlrestore.plotting import captioned_grid
-from rlrestore.precision import Precision, PrecisionName
-from rlrestore.restore import restore_arrays
+from rlrestore.runtime.precision import Precision, PrecisionName
 
 log = logging.getLogger(__name__)
 
@@ -766,7 +766,7 @@ def _run_on_ray(
     images go through the object store), saving each result here as it arrives."""
     import ray
 
-    from rlrestore.jobs import ray_session
+    from rlrestore.orchestration.jobs import ray_session
 
     ev = config.eval
     with ray_session(config.ray):

@@ -11,7 +11,7 @@ from pathlib import Path
 from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
 from rlrestore.data.shards import check_shards
-from rlrestore.devices import check_run_devices
+from rlrestore.runtime.devices import check_run_devices
 
 log = logging.getLogger(__name__)
 

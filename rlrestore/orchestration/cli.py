@@ -43,22 +43,22 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rlrestore.checkpoints import configured_policy_dir
-    from rlrestore.devices import check_cluster_gpus, check_run_devices
-    from rlrestore.jobs import ray_session, run_stage1
+    from rlrestore.orchestration.jobs import ray_session, run_stage1
+    from rlrestore.runtime.devices import check_cluster_gpus, check_run_devices
 
     config = _config(args)
     stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0] if args.stage == "stage1" else [args.stage]
     check_run_devices(config, stages)  # before Ray starts: each role's device request can be met
     configured_policy_dir(config.policy.checkpoint)
     if stages == ["stage2"]:
-        from rlrestore.stage2 import check_stage2_inputs
+        from rlrestore.orchestration.stage2 import check_stage2_inputs
 
         check_stage2_inputs(config)  # before Ray starts: missing checkpoint, rewards, weight files
     with ray_session(config.ray):
         check_cluster_gpus(config, stages)
         for stage in stages:
             if stage == "stage2":
-                from rlrestore.stage2 import run_stage2
+                from rlrestore.orchestration.stage2 import run_stage2
 
                 run_stage2(config)
             else:
@@ -94,7 +94,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rlrestore.demo import run_demo
+    from rlrestore.orchestration.demo import run_demo
 
     config = load_config(args.config or default_config_path(), args.overrides)
     config = config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rlrestore.evaluation import run_evaluation
+    from rlrestore.orchestration.evaluation import run_evaluation
 
     config = load_config(args.config, args.overrides)
     report = run_evaluation(
@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from rlrestore.analysis import run_determinism
+    from rlrestore.orchestration.analysis import run_determinism
 
     config = load_config(args.config, args.overrides)
     report = run_determinism(
@@ -144,7 +144,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from rlrestore.plotting import plot_run
+    from rlrestore.orchestration.plotting import plot_run
 
     for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
         print(path)
@@ -162,7 +162,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rlrestore.bench import REWARD_BENCH_DEFAULT, format_report, run_bench
+    from rlrestore.orchestration.bench import REWARD_BENCH_DEFAULT, format_report, run_bench
 
     # `rlrestore bench key=value` : the first override lands in the optional CONFIG slot.
     config_path, overrides = args.config, list(args.overrides)
@@ -195,7 +195,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def default_config_path() -> Path:
     """The embedded tiny config (CPU, minutes) used by the demo when no config is given."""
-    return Path(__file__).parent / "configs" / "tiny.yaml"
+    return Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +427,3 @@ def main(argv: list[str] | None = None) -> int:
         print("rlrestore: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
