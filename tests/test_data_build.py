@@ -26,13 +26,13 @@ from rlrestore.data import (
     iter_image_files,
     load_image,
     read_shards,
-    sample_seed,
     save_image,
     split_holdout,
     square_resize,
     to_tensor,
     to_uint8,
 )
+from rlrestore.runtime.seeds import sample_seed
 
 SIZE = 32
 

@@ -18,10 +18,10 @@ from rlrestore.data.degradation import (
     degrade_seeded,
     downsampled_side,
     sample_params,
-    sample_seed,
     scaled_sigma,
 )
 from rlrestore.data.images import square_resize
+from rlrestore.runtime.seeds import sample_seed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,8 @@ def test_sample_seed_and_lq_are_stable_across_processes() -> None:
     code = (
         "import hashlib, numpy as np\n"
         "from rlrestore.config import DegradationConfig\n"
-        "from rlrestore.data.degradation import degrade_seeded, sample_seed\n"
+        "from rlrestore.data.degradation import degrade_seeded\n"
+        "from rlrestore.runtime.seeds import sample_seed\n"
         "hq = np.random.default_rng(0).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)\n"
         "lq, _ = degrade_seeded(hq, DegradationConfig(), sample_seed(0, 'celebahq_ddnm_00234', 0))\n"
         "print(hashlib.sha256(lq.tobytes()).hexdigest())\n"

@@ -19,12 +19,12 @@ from rlrestore.data import (
     degrade_seeded,
     embedded_faces_dir,
     load_image,
-    sample_seed,
     save_image,
     square_resize,
 )
 from rlrestore.orchestration.cli import default_config_path, main
 from rlrestore.orchestration.evaluation import format_value, run_evaluation
+from rlrestore.runtime.seeds import sample_seed
 from tests.conftest import build_tiny_policy, tiny_config
 
 # 16 px SigLIP input (16 semantic tokens) and 2 sampler steps keep a restoration at a few ms.

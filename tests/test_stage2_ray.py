@@ -13,13 +13,14 @@ import torch
 
 from rlrestore.checkpoints import latest_checkpoint, list_checkpoints
 from rlrestore.data import read_shards, split_holdout
-from rlrestore.data.degradation import degrade_seeded, sample_seed
+from rlrestore.data.degradation import degrade_seeded
 from rlrestore.data.images import square_resize
 from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.orchestration.demo import score_restorations
 from rlrestore.orchestration.jobs import run_stage1
 from rlrestore.orchestration.stage2 import Stage2Run, run_stage2
 from rlrestore.restore import restore_arrays
+from rlrestore.runtime.seeds import sample_seed
 from rlrestore.tracking import read_metrics
 from tests.conftest import tiny_config
 

@@ -83,7 +83,8 @@ from rlrestore.models.policy import (
 from rlrestore.nft import ema_decay, ema_update, nft_loss
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.runtime.precision import Precision, PrecisionName
-from trainers.stage1 import derived_seed, lr_lambda
+from rlrestore.runtime.schedules import lr_lambda
+from rlrestore.runtime.seeds import derived_seed
 
 LEARNER_STATE = "learner_state.json"
 ENGINE_DIR = "engine"

@@ -19,9 +19,7 @@ a worker died or the user ran the same command again. Batches and noise are pure
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -49,8 +47,11 @@ from rlrestore.config import (
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
 from rlrestore.losses import stage1_losses
 from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.runtime.batches import EpochBatches
 from rlrestore.runtime.devices import DeviceRecord, train_worker_device, write_devices
 from rlrestore.runtime.precision import Precision
+from rlrestore.runtime.schedules import lr_lambda
+from rlrestore.runtime.seeds import derived_seed
 from rlrestore.tracking import MetricsWriter, WandbRun
 
 log = logging.getLogger(__name__)
@@ -71,43 +72,6 @@ class Stage1Objective(nn.Module):
 
     def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return stage1_losses(self.policy, batch, self.stage, generator)
-
-
-def lr_lambda(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
-    """Linear warm-up over ceil(warmup_ratio * total) steps, then cosine decay to 0 or constant."""
-    warmup = math.ceil(warmup_ratio * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def derived_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (same across processes and machines)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class EpochBatches:
-    """Which samples rank r uses at step s: epoch-wise permutations split across ranks."""
-
-    def __init__(self, num_samples: int, per_rank: int, rank: int, world: int, seed: int) -> None:
-        self.steps_per_epoch = (num_samples // world) // per_rank
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{num_samples} training faces cannot fill a batch of {per_rank} on each of {world} workers; "
-                "lower the stage's batch_size or add data"
-            )
-        self.num_samples, self.per_rank, self.rank, self.world, self.seed = num_samples, per_rank, rank, world, seed
-
-    def at(self, step: int) -> tuple[int, list[int]]:
-        """(epoch, sample indices) of this rank at ``step``."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
-        mine = order[self.rank :: self.world].tolist()
-        return epoch, mine[position * self.per_rank : (position + 1) * self.per_rank]
 
 
 def initial_policy(config: RunConfig, stage: str, dataset: FaceDataset) -> tuple[PrefRestorePolicy, Path | None]:

@@ -1,7 +1,7 @@
 """Face data: image I/O, Eq. 16 degradation, Parquet shards and the training dataset."""
 
 from rlrestore.data.dataset import FaceDataset, collate_faces
-from rlrestore.data.degradation import DegradationParams, degrade, degrade_seeded, sample_params, sample_seed
+from rlrestore.data.degradation import DegradationParams, degrade, degrade_seeded, sample_params
 from rlrestore.data.embedded import embedded_faces_dir
 from rlrestore.data.images import (
     ImageLoadError,
@@ -43,7 +43,6 @@ __all__ = [
     "load_image",
     "read_shards",
     "sample_params",
-    "sample_seed",
     "save_image",
     "split_holdout",
     "square_resize",

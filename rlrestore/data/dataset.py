@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from rlrestore.config import DegradationConfig
-from rlrestore.data.degradation import degrade_seeded, sample_seed
+from rlrestore.data.degradation import degrade_seeded
 from rlrestore.data.images import square_resize, to_tensor
 from rlrestore.data.shards import FaceRecord
+from rlrestore.runtime.seeds import sample_seed
 
 
 class FaceDataset(Dataset):

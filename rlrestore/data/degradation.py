@@ -13,13 +13,12 @@ is rounded and clamped to at least 1 pixel (tiny images with large r collapse to
 Resizing is bilinear both ways (as in the GFPGAN degradation the paper follows).
 
 Determinism: the only randomness is the numpy ``Generator`` passed in (parameters and noise),
-seeded per sample by ``sample_seed``, a blake2b hash, so the same (sample, seed, epoch) gives
+seeded per sample by ``rlrestore.runtime.seeds.sample_seed``, a blake2b hash, so the same (sample, seed, epoch) gives
 the same LQ bytes in every process and on every machine with the same library versions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -109,9 +108,3 @@ def degrade_seeded(hq: np.ndarray, cfg: DegradationConfig, seed: int) -> tuple[n
     rng = np.random.default_rng(seed)
     params = sample_params(cfg, rng)
     return degrade(hq, params, rng), params
-
-
-def sample_seed(base_seed: int, sample_id: str, epoch: int) -> int:
-    """Stable 63-bit seed of one sample in one epoch (blake2b, independent of PYTHONHASHSEED)."""
-    digest = hashlib.blake2b(f"{base_seed}\x1f{sample_id}\x1f{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1

@@ -65,7 +65,6 @@ from rlrestore.data import (
     iter_image_files,
     load_image,
     read_shards,
-    sample_seed,
     save_image,
     square_resize,
     to_tensor,
@@ -83,6 +82,7 @@ from rlrestore.runtime.devices import (
     write_devices,
 )
 from rlrestore.runtime.precision import Precision, PrecisionName
+from rlrestore.runtime.seeds import sample_seed
 
 log = logging.getLogger(__name__)
 

@@ -52,11 +52,12 @@ from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
 from rlrestore.models.policy import Condition
 from rlrestore.orchestration.jobs import prepare_shards
+from rlrestore.runtime.batches import EpochBatches
 from rlrestore.runtime.devices import DeviceRecord, write_devices
+from rlrestore.runtime.seeds import derived_seed
 from rlrestore.tracking import MetricsWriter, WandbRun
 from rollouts import RolloutBatch, make_rollout_actor
 from trainers.nft_learner import LearnerGroup, LearnerLost, NFTSamples, gather
-from trainers.stage1 import EpochBatches, derived_seed
 
 STAGE = "stage2"
 REWARD_ERRORS_FILE = "reward_errors.json"
