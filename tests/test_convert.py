@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from rlrestore.config import SamplerConfig
 from rlrestore.models.policy import PrefRestorePolicy
-from rlrestore.restore import restore_files
+from rlrestore.orchestration.restore import restore_files
 from tests.campaign import record
 from tests.official_layout import TOWER, reference_prompt_ids, write_official_checkpoint, write_shards
 from tests.test_bad_inputs import classify, error_message, run_cli

@@ -150,7 +150,7 @@ def _checkpoint(tmp_path: Path) -> Path:
 
 
 def test_restore_picks_cuda_when_present_and_records_it(cuda, moves, tmp_path: Path) -> None:
-    from rlrestore.restore import restore_files
+    from rlrestore.orchestration.restore import restore_files
 
     face = tmp_path / "in" / "face.png"
     save_image(np.full((40, 30, 3), 128, np.uint8), face)

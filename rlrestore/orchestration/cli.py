@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from rlrestore.restore import restore_files
+    from rlrestore.orchestration.restore import restore_files
 
     # --steps goes through the same validation as any sampler key (model_copy would skip it).
     overrides = [f"sampler.{o}" for o in args.sampler]

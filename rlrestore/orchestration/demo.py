@@ -34,7 +34,7 @@ from rlrestore.orchestration.analysis import DeterminismReport, run_determinism
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation
 from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.orchestration.plotting import plot_run
-from rlrestore.restore import restore_files
+from rlrestore.orchestration.restore import restore_files
 from rlrestore.runtime.seeds import sample_seed
 
 DEMO_STAGES = ("autoencoder", "stage1.1", "stage1.2")
