@@ -199,6 +199,7 @@ def default_config_path() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rlrestore`` argument parser, one subcommand per ``cmd_*`` function."""
     parser = argparse.ArgumentParser(
         prog="rlrestore",
         description="Pref-Restore on Ray: data, Stage 1 alignment, restoration.",
@@ -206,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_restore_parser(sub)
+    _add_demo_parser(sub)
+    _add_eval_parser(sub)
+    _add_plot_parser(sub)
+    _add_config_parser(sub)
+    _add_bench_parser(sub)
+    _add_convert_parser(sub)
+    return parser
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """Face data tools: ``data build``."""
     data = sub.add_parser("data", help="Face data tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser(
@@ -218,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="No progress bar.")
     build.set_defaults(func=cmd_data_build)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """``train STAGE CONFIG [key=value ...]``."""
     train = sub.add_parser("train", help="Run a training stage as a Ray Train job (resumes automatically).")
     train.add_argument(
         "stage",
@@ -229,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.num_workers=4.")
     train.set_defaults(func=cmd_train)
 
+
+def _add_restore_parser(sub: argparse._SubParsersAction) -> None:
+    """``restore``: any images with a checkpoint."""
     restore = sub.add_parser("restore", help="Restore face images or folders with a checkpoint or run directory.")
     restore.add_argument("inputs", nargs="+", help="Image files and/or folders.")
     restore.add_argument("--ckpt", required=True, help="Run directory, checkpoint directory or policy directory.")
@@ -252,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--quiet", action="store_true", help="No progress bar.")
     restore.set_defaults(func=cmd_restore)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """``demo``: the whole pipeline on tiny models."""
     demo = sub.add_parser(
         "demo", help="Data build -> Stage 1.1 -> Stage 1.2 -> Stage 2 -> F vs Q on held-back faces, tiny models."
     )
@@ -259,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/demo2.")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """``eval`` and ``analyze determinism`` (they share the eval arguments)."""
     evaluate = sub.add_parser(
         "eval",
         help="Restore a test set with one or more checkpoints and score them: per-image Parquet table, "
@@ -288,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     determinism.set_defaults(func=cmd_analyze)
 
+
+def _add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    """``plot RUN_DIR``."""
     plot = sub.add_parser(
         "plot", help="Draw a run's metric curves (and Stage 2 rewards, Fig. 6 style) to PNG."
     )
@@ -295,12 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="Output folder (default RUN_DIR/plots).")
     plot.set_defaults(func=cmd_plot)
 
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
+    """``config {show,keys}``."""
     cfg = sub.add_parser("config", help="Show the resolved config or list every config key.")
     cfg.add_argument("action", choices=["show", "keys"], help="show: resolved YAML; keys: every key documented.")
     cfg.add_argument("config", nargs="?", default=None, help="YAML config file (show).")
     cfg.add_argument("overrides", nargs="*", help="key=value overrides.")
     cfg.set_defaults(func=cmd_config)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``bench``: throughput ratios against plain baselines."""
     bench = sub.add_parser(
         "bench",
         help="Benchmark rollouts, the learner step, a Stage 2 step on Ray and reward throughput, each as a "
@@ -324,8 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reward-size", type=int, default=64, help="Side of those images in px (default 64).")
     bench.add_argument("--threads", type=int, default=1, help="Torch threads of this process (default 1).")
     bench.set_defaults(func=cmd_bench)
-    _add_convert_parser(sub)
-    return parser
 
 
 def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
