@@ -2,7 +2,7 @@
 
 Both compare each image with ``batch.clean`` (same shape), after mapping [-1, 1] to [0, 1]
 with clamping. They guard against the policy drifting from the face while a no-reference term
-is optimised (design.md §4: weight the preference/quality term, report fidelity).
+is optimised (weight the preference/quality term, report fidelity).
 """
 
 from __future__ import annotations

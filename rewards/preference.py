@@ -1,4 +1,4 @@
-"""Preference rewards: HPSv2 / HPSv2.1, PickScore, CLIP score and CLIP image similarity (design.md §7).
+"""Preference rewards: HPSv2 / HPSv2.1, PickScore, CLIP score and CLIP image similarity.
 
 Each scores faces with a CLIP model: HPSv2 with open_clip (``ViT-H-14`` and the HPS checkpoint),
 the others with transformers' ``CLIPModel``. All preprocess on the reward's device, in torch:

@@ -2,7 +2,7 @@
 
 Both reward high-frequency content, including noise and artefacts a sharpening policy may
 invent; train on them next to a fidelity reward (``psnr``/``ssim``) that at least reports the
-drift (design.md §4).
+drift (the paper's quality/fidelity trade-off).
 """
 
 from __future__ import annotations

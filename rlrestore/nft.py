@@ -1,10 +1,10 @@
 """DiffusionNFT math for Stage 2: flow interpolation, NFT loss, reward normalisation, EMA of v_old.
 
 Pure torch, no Ray: the learner and the rollout workers call these functions; tests check them
-against the float64 golden vectors. Equation numbers refer to Pref-Restore
-(``seeds/pref-restore.txt``); the paper's gamma is our ``beta``.
+against float64 golden vectors (``tests/data/nft_golden.json``). Equation numbers refer to the
+Pref-Restore paper; the paper's gamma is our ``beta``.
 
-Flow convention (design.md §3, ``rlrestore.flow``, whose ``interpolate`` and
+Flow convention (``rlrestore.flow``, whose ``interpolate`` and
 ``target_velocity`` are re-exported here): ``x_t = (1 - t) x0 + t eps``, t = 1 is pure noise,
 the network predicts the velocity ``u = eps - x0`` and ``x0_pred = x_t - t v``.
 """
@@ -82,7 +82,7 @@ def nft_loss(
     is scaled by ``adaptive_scale / beta`` (the reference uses its advantage clip, 5).
 
     Stats: ``old_deviation`` = mean |v_theta - v_old| (0 means the loss has collapsed to a
-    (2r - 1)-weighted flow-matching loss, design.md §4), ``loss_positive`` and ``loss_negative``
+    (2r - 1)-weighted flow-matching loss: v_old equals v_theta), ``loss_positive`` and ``loss_negative``
     (the r and 1 - r parts; they sum to the loss).
     """
     if beta <= 0:

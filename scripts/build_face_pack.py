@@ -1,4 +1,4 @@
-"""Build the embedded face pack ``rlrestore/assets/faces/`` from the shared HQ faces.
+"""Build the embedded face pack ``rlrestore/assets/faces/`` from a folder of HQ faces.
 
 Each face is centre-cropped, resized to ``--size`` px (Lanczos) and saved as an optimized PNG
 with the same file stem; ``SOURCES.md`` (the licence attribution, which must travel with every
@@ -7,7 +7,7 @@ only on the inputs and the Pillow/zlib versions. Fails if the pack exceeds ``--m
 
 Run from the repository root with the package importable::
 
-    PYTHONPATH=. python scripts/build_face_pack.py [--src DIR] [--size 128] [--out DIR]
+    PYTHONPATH=. python scripts/build_face_pack.py --src DIR [--size 128] [--out DIR]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--src",
         type=Path,
-        default=REPO_ROOT / ".." / "shared" / "faces" / "hq",
-        help="folder of HQ faces (default: ../shared/faces/hq from the repo root)",
+        required=True,
+        help="folder of HQ faces, with their SOURCES.md (licence attribution) in it or in its parent",
     )
     parser.add_argument("--size", type=int, default=128, help="side of the square output faces in px")
     parser.add_argument(
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def find_sources(src: Path) -> Path:
-    """SOURCES.md in the face folder or its parent (the shared tree keeps it next to hq/ and lq/)."""
+    """SOURCES.md in the face folder or its parent (a tree of hq/ and lq/ folders keeps it beside them)."""
     for candidate in (src / SOURCES, src.parent / SOURCES):
         if candidate.is_file():
             return candidate

@@ -1,4 +1,4 @@
-"""Flow-matching conventions (design.md section 3) and the Euler / CFG / SDE sampler."""
+"""Flow-matching conventions (x_t = (1 - t) x0 + t eps, v = eps - x0) and the Euler / CFG / SDE sampler."""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""DiffusionNFT math: golden vectors (float64, 1e-9), gradient properties, normalisation, EMA."""
+"""DiffusionNFT math: golden vectors (float64, 1e-9), gradient properties, normalisation, EMA.
+
+``tests/data/nft_golden.json`` is a verbatim copy of the golden vectors supplied with the
+project's design notes: inputs and float64 results of both loss forms (beta 1.0 and 0.1) and of
+the group normalisation, computed independently of this code; its ``conventions`` field states
+the equations they follow.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Numerics of every role from one config key, ``precision`` (fp32 | bf16-mixed | fp16-mixed).
 
-What mixed precision means here (design.md section 10):
+What mixed precision means here:
 
 * Trained weights are float32 masters. Stage 1 (DDP) keeps float32 parameters and runs the
   forward under ``torch.autocast``; the Stage 2 learners use DeepSpeed's bf16 / fp16 mode, which
