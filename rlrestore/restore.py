@@ -12,7 +12,7 @@ from PIL import Image
 
 from rlrestore.config import SamplerConfig
 from rlrestore.data.images import to_tensor, to_uint8
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies import RestorationPolicy
 
 
 def to_square(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -30,7 +30,7 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def restore_arrays(
-    policy: PrefRestorePolicy,
+    policy: RestorationPolicy,
     images: list[np.ndarray],
     captions: list[str],
     seeds: torch.Tensor,
@@ -43,7 +43,7 @@ def restore_arrays(
     restored, resized back and cropped to the original frame.
     """
     squares = [to_square(image) for image in images]
-    resolution = policy.config.resolution
+    resolution = policy.resolution
     lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
     result = policy.restore(lq, captions, seeds, sampler)
     restored = []

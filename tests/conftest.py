@@ -28,8 +28,8 @@ os.environ.update(
 import torch
 
 from rlrestore.config import RunConfig, load_config
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.orchestration.cli import default_config_path
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 
 TINY_CONFIG = default_config_path()
 

@@ -8,6 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from rlrestore.config import (
+    POLICY_SECTIONS,
     ConfigError,
     RunConfig,
     describe_schema,
@@ -15,7 +16,7 @@ from rlrestore.config import (
     parse_override,
     save_config,
 )
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from tests.conftest import TINY_CONFIG, tiny_config
 
 
@@ -29,6 +30,10 @@ def _leaf_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        if model is RunConfig and name == "policy":  # one section per policy type
+            for section in POLICY_SECTIONS.values():
+                keys.extend(key for key in _leaf_keys(section, "policy.") if key not in keys)
+            continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(_leaf_keys(annotation, f"{prefix}{name}."))
         else:

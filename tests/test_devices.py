@@ -13,9 +13,9 @@ import torch
 from rewards.worker import RewardActor
 from rlrestore.config import RewardSpec, RunConfig, SamplerConfig
 from rlrestore.data import save_image
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.orchestration.cli import main
 from rlrestore.orchestration.evaluation import EvalWorker
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.runtime.devices import (
     DEVICES_FILE,
     DeviceError,

@@ -134,4 +134,4 @@ def test_the_checker_catches_planted_wrong_arrows() -> None:
     # Relative imports resolve against the importing package.
     relative = wrong_arrows("rlrestore.models", "from ..orchestration import cli\n", is_package=True)
     assert [a.imported for a in relative] == ["rlrestore.orchestration.cli"]
-    assert [a.imported for a in wrong_arrows("rlrestore.models.policy", "from . import lora\n")] == []
+    assert [a.imported for a in wrong_arrows("rlrestore.models.lora", "from . import loading\n")] == []

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlrestore.checkpoints import list_checkpoints, load_trainer_state
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.orchestration.jobs import run_stage1
 from rlrestore.orchestration.stage2 import FAULTS_FILE, Stage2Run, run_stage2
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.tracking import read_metrics
 from tests.conftest import TINY_CONFIG, tiny_config
 

@@ -15,10 +15,10 @@ from rlrestore.checkpoints import latest_checkpoint, list_checkpoints
 from rlrestore.data import read_shards, split_holdout
 from rlrestore.data.degradation import degrade_seeded
 from rlrestore.data.images import square_resize
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.orchestration.demo import score_restorations
 from rlrestore.orchestration.jobs import run_stage1
 from rlrestore.orchestration.stage2 import Stage2Run, run_stage2
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.restore import restore_arrays
 from rlrestore.runtime.seeds import sample_seed
 from rlrestore.tracking import read_metrics
@@ -61,7 +61,7 @@ def run_and_check_the_sync(config) -> None:
         run.learners.check_in_sync()
         v_old = run.learners.rollout_weights()
         for actor in run.rollouts:
-            held = ray.get(actor.transformer_state.remote())
+            held = ray.get(actor.velocity_state.remote())
             assert held.keys() == v_old.keys()
             assert all(torch.equal(held[key], v_old[key]) for key in held)
     finally:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from rlrestore.checkpoints import resolve_policy_dir
 from rlrestore.config import SamplerConfig
 from rlrestore.data.images import ImageLoadError, iter_image_files, load_image, save_image
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies import load_policy
 from rlrestore.restore import restore_arrays
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, local_device, write_devices
 from rlrestore.runtime.precision import Precision, PrecisionName
@@ -75,7 +75,7 @@ def restore_files(
     target = local_device(device)
     numerics = Precision(precision)
     policy_dir = resolve_policy_dir(checkpoint)
-    policy = numerics.for_inference(PrefRestorePolicy.from_pretrained(policy_dir)).to(target).eval()
+    policy = numerics.for_inference(load_policy(policy_dir)).to(target).eval()
     out_dir = Path(out_dir)
     files, skipped = collect_inputs(inputs)
     inside = [f for f in files if out_dir.resolve() in f.resolve().parents]

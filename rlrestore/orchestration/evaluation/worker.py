@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from rewards import RewardBatch, build_reward
 from rlrestore.config import EvalConfig, SamplerConfig
 from rlrestore.data import to_tensor
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.orchestration.evaluation.metrics import Metric
+from rlrestore.policies import RestorationPolicy, load_policy
 from rlrestore.restore import restore_arrays
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device, local_device
 from rlrestore.runtime.precision import Precision, PrecisionName
@@ -84,13 +84,13 @@ class EvalWorker:
         self.sampler = sampler
         self.config = config
         self.seeds = [config.seed + k for k in range(config.samples)]
-        self._policy: tuple[str, PrefRestorePolicy] | None = None
+        self._policy: tuple[str, RestorationPolicy] | None = None
 
-    def policy(self, policy_dir: str) -> PrefRestorePolicy:
+    def policy(self, policy_dir: str) -> RestorationPolicy:
         """The policy of ``policy_dir``, loaded when it differs from the one held."""
         if self._policy is None or self._policy[0] != policy_dir:
             self._policy = None  # free the previous checkpoint first
-            policy = self.precision.for_inference(PrefRestorePolicy.from_pretrained(policy_dir))
+            policy = self.precision.for_inference(load_policy(policy_dir))
             self._policy = (policy_dir, policy.to(self.device).eval())
         return self._policy[1]
 
