@@ -14,10 +14,10 @@ reason in every summary, when its weights are missing (e.g. ``lmd``: facexlib's 
 weights, ``rewards.landmarks``) or when it needs ground truth on a real set.
 
 Work is split into chunks of ``eval.chunk_size`` inputs per checkpoint, run in this process or on
-``eval.num_actors`` Ray actors; a chunk's rows are saved when it completes, so a rerun of the same
+``eval.actors.num_actors`` Ray actors; a chunk's rows are saved when it completes, so a rerun of the same
 command skips finished chunks.
 
-Devices and numerics: an eval actor runs on the GPU Ray assigned it when ``eval.num_gpus`` > 0,
+Devices and numerics: an eval actor runs on the GPU Ray assigned it when ``eval.actors.num_gpus`` > 0,
 else on the CPU; in-process evaluation uses CUDA when ``device`` is ``cuda`` or ``auto`` with a
 GPU present (``rlrestore.devices``). The policy is loaded in float32 and cast to the compute dtype
 of ``precision`` (bf16 under bf16-mixed; the sampler state and t stay float32); the metrics always
@@ -393,7 +393,7 @@ class EvalWorker:
 
     Holds the per-image rewards (built once) and one policy at a time (chunks come model by model).
     ``device`` is the config's request (auto | cpu | cuda); ``num_gpus`` what the Ray actor
-    reserved (``eval.num_gpus``), None in this process. ``precision``: the policy's inference
+    reserved (``eval.actors.num_gpus``), None in this process. ``precision``: the policy's inference
     dtype (the metrics stay float32).
     """
 
@@ -412,7 +412,7 @@ class EvalWorker:
         if num_gpus is None:
             self.device = local_device(device)
         else:
-            self.device = actor_device(device, num_gpus, "eval actors", "eval.num_gpus")
+            self.device = actor_device(device, num_gpus, "eval actors", "eval.actors.num_gpus")
         self.precision = Precision(precision)
         self.metrics = [metric for metric in metrics if metric.reward is not None]
         self.rewards = {metric.key: build_reward(metric.reward, self.device) for metric in self.metrics}
@@ -652,7 +652,7 @@ def run_evaluation(
     if pending:
         log.info("eval: %d chunk(s) done earlier, %d to compute", len(reused), len(pending))
         worker_args = (metrics, config.sampler, ev, config.device, config.precision)
-        if ev.num_actors == 0:
+        if ev.actors.num_actors == 0:
             worker = EvalWorker(*worker_args)
             write_devices(out, "eval", [worker.device_record("local")])
             for task in pending:
@@ -665,7 +665,7 @@ def run_evaluation(
     per_image, notes = _merge_parts(out, tasks, columns)
     per_image.to_parquet(out / PER_IMAGE, index=False)
     # FID runs in this process: with eval actors (on other nodes, maybe) on a GPU only if it has one.
-    fid_device = local_device("auto" if ev.num_actors > 0 and config.device == "cuda" else config.device)
+    fid_device = local_device("auto" if ev.actors.num_actors > 0 and config.device == "cuda" else config.device)
     set_level = _set_level_metrics(metrics, models, out, inputs, reference, fid_device, notes)
     summary = summarize(per_image, metrics, set_level, list(models))
     best = best_models(summary, metrics)
@@ -762,20 +762,20 @@ def _run_on_ray(
     columns: list[str],
     bar: tqdm,
 ) -> None:
-    """Run ``pending`` chunks on ``eval.num_actors`` Ray actors, one chunk in flight per actor (its
+    """Run ``pending`` chunks on ``eval.actors.num_actors`` Ray actors, one chunk in flight per actor (its
     images go through the object store), saving each result here as it arrives."""
     import ray
 
     from rlrestore.jobs import ray_session
 
-    ev = config.eval
+    group = config.eval.actors
     with ray_session(config.ray):
         check_cluster_gpus(config, ["eval"])
-        actor_class = ray.remote(EvalWorker).options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus)
-        threads = max(1, int(ev.num_cpus))
+        actor_class = ray.remote(EvalWorker).options(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
+        threads = max(1, int(group.num_cpus))
         actors = [
-            actor_class.remote(*worker_args, num_gpus=ev.num_gpus, threads=threads)
-            for _ in range(min(ev.num_actors, len(pending)))
+            actor_class.remote(*worker_args, num_gpus=group.num_gpus, threads=threads)
+            for _ in range(min(group.num_actors, len(pending)))
         ]
         queue = deque(pending)
         running: dict[Any, Any] = {}
