@@ -39,8 +39,8 @@ from rewards.pool import RewardOutcome, reward_actor_count
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
 from rlrestore.devices import DeviceRecord, local_device, write_devices
 from rlrestore.flow import shifted_timesteps
-from rlrestore.models.policy import Condition, PrefRestorePolicy
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
+from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
 from rlrestore.precision import Precision
 from rlrestore.stage2 import RolloutCall, RolloutPlan, Stage2Run, Stage2Step, concat_rollouts
 from rollouts import RolloutBatch, RolloutWorker
@@ -111,7 +111,7 @@ def sample_one_at_a_time(
     rows = []
     for b in range(lq.shape[0]):
         generator = torch.Generator(device="cpu").manual_seed(int(seeds[0, 0]))
-        states = policy.condition(lq[b : b + 1], captions[b : b + 1], sampler=sampler, generator=generator)
+        states = policy.conditioning(lq[b : b + 1], captions[b : b + 1], sampler=sampler, generator=generator)
         states = states.encoder_hidden_states
         row = []
         for seed in seeds[b].tolist():
@@ -169,10 +169,12 @@ def random_samples(policy: PrefRestorePolicy, count: int, seed: int = 0) -> NFTS
     generator = torch.Generator().manual_seed(seed)
     channels = policy.transformer.config.caption_channels
     semantic = torch.randn(count, policy.num_semantic_tokens + 1, channels, generator=generator)
+    z_low = torch.randn(count, *policy.latent_shape(), generator=generator)
+    codes = torch.zeros(count, policy.num_semantic_tokens, dtype=torch.long)
     return NFTSamples(
         x0=torch.randn(count, *policy.latent_shape(), generator=generator),
         group=torch.arange(count),
-        condition=Condition(semantic, torch.randn(count, *policy.latent_shape(), generator=generator)),
+        condition=PrefRestoreCondition(semantic, z_low, codes),
         r=torch.rand(count, generator=generator),
         valid=torch.ones(count, dtype=torch.bool),
     )
@@ -184,12 +186,12 @@ class PlainNFTStep:
 
     def __init__(self, policy: PrefRestorePolicy, stage2: Stage2Config, device: torch.device) -> None:
         self.stage2 = stage2
-        self.model = copy.deepcopy(policy.transformer).to(device).train().requires_grad_(True)
+        self.model = copy.deepcopy(policy.velocity_model).to(device).train().requires_grad_(False)
+        self.model.transformer.requires_grad_(True)  # Stage 2 trains the DiT
         self.v_old = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.vae_connector = copy.deepcopy(policy.vae_connector).to(device).requires_grad_(False)
         optim = stage2.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            self.model.transformer.parameters(),
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
@@ -197,10 +199,6 @@ class PlainNFTStep:
         )
         self.grid = shifted_timesteps(stage2.rollout.sampler_steps, policy.config.flow_shift)[:-1].to(device)
         self.device = device
-
-    def _velocity(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        states = torch.cat([cond.semantic, self.vae_connector(model.patch_embed(cond.z_low))], dim=1)
-        return model(hidden_states=x_t, encoder_hidden_states=states, timestep=t * 1000.0, return_dict=False)[0]
 
     def train_step(self, samples: NFTSamples, step: int) -> None:
         x0 = samples.x0.to(self.device)
@@ -218,18 +216,20 @@ class PlainNFTStep:
             part = slice(start, start + micro)
             for j in range(timesteps):
                 x_t = interpolate(x0[part], eps[part, j], t[part, j])
-                cond = Condition(condition.semantic[part], condition.z_low[part])
-                v_theta = self._velocity(self.model, x_t, t[part, j], cond)
+                cond = condition.select(torch.arange(count, device=self.device)[part])
+                v_theta = self.model(x_t, t[part, j], cond)
                 with torch.no_grad():
-                    v_old = self._velocity(self.v_old, x_t, t[part, j], cond)
+                    v_old = self.v_old(x_t, t[part, j], cond)
                 loss, _ = nft_loss(
                     v_theta, v_old, x0[part], eps[part, j], t[part, j], r[part], beta=self.stage2.nft.beta
                 )
                 (loss * (len(r[part]) / (count * timesteps))).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage2.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.model.transformer.parameters(), self.stage2.optim.grad_clip)
         self.optimizer.step()
         ema_update(
-            self.v_old.parameters(), self.model.parameters(), ema_decay(step, self.stage2.nft.ema_schedule)
+            self.v_old.transformer.parameters(),
+            self.model.transformer.parameters(),
+            ema_decay(step, self.stage2.nft.ema_schedule),
         )
 
 

@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from rlrestore.models.loading import CheckpointError
-from rlrestore.models.policy import POLICY_CONFIG, PrefRestorePolicy
+from rlrestore.policies.base import POLICY_CONFIG, RestorationPolicy
 
 STAGES = ("stage1.1", "stage1.2", "stage2")
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
-DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the file name diffusers loads
 
 
 def checkpoint_root(run_dir: str | Path, stage: str) -> Path:
@@ -54,25 +52,11 @@ def latest_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
     return found[-1][1] if found else None
 
 
-def write_policy_with_dit(base: Path, transformer_state: dict[str, torch.Tensor], out: Path) -> None:
-    """A policy directory equal to ``base`` except for the DiT weights, written without building
-    any model: every other component is copied file by file and the DiT's weights are written as
-    one safetensors file next to its ``config.json`` (Stage 2 trains only the DiT)."""
-    base, out = Path(base), Path(out)
-    if not (base / POLICY_CONFIG).is_file():
-        raise CheckpointError(f"{base} is not a policy directory: {POLICY_CONFIG} is missing")
-    shutil.copytree(base, out, ignore=shutil.ignore_patterns("transformer"))
-    (out / "transformer").mkdir()
-    shutil.copy2(base / "transformer" / "config.json", out / "transformer" / "config.json")
-    weights = {key: value.contiguous() for key, value in transformer_state.items()}
-    save_file(weights, str(out / "transformer" / DIT_WEIGHTS), metadata={"format": "pt"})
-
-
 def save_checkpoint(
     run_dir: str | Path,
     stage: str,
     step: int,
-    policy: PrefRestorePolicy | Callable[[Path], None],
+    policy: RestorationPolicy | Callable[[Path], None],
     state: dict[str, Any],
     keep: int,
     extra: Callable[[Path], None] | None = None,
@@ -85,7 +69,7 @@ def save_checkpoint(
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(policy, PrefRestorePolicy):
+    if isinstance(policy, RestorationPolicy):
         policy.save_pretrained(tmp / "policy")
     else:
         policy(tmp / "policy")

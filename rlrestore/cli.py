@@ -45,9 +45,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rlrestore.checkpoints import configured_policy_dir
     from rlrestore.devices import check_cluster_gpus, check_run_devices
     from rlrestore.jobs import ray_session, run_stage1
+    from rlrestore.policies.registry import check_stage, trains_in
 
     config = _config(args)
-    stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0] if args.stage == "stage1" else [args.stage]
+    if args.stage == "stage1":  # the policy's own Stage 1 stages that have steps
+        stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0 and trains_in(config.policy.type, s)]
+    else:
+        stages = [args.stage]
+        if args.stage != "stage2":
+            check_stage(config.policy.type, args.stage)
     check_run_devices(config, stages)  # before Ray starts: each role's device request can be met
     configured_policy_dir(config.policy.checkpoint)
     if stages == ["stage2"]:

@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -43,10 +52,32 @@ class ComponentSpec(_Section):
     )
 
 
-class PolicyConfig(_Section):
-    """The Pref-Restore policy: visual tokenizer, AR integrator, connectors, SANA DiT, DC-AE."""
+class PolicyBaseConfig(_Section):
+    """What every restoration policy's section has; ``type`` names the policy (``rlrestore.policies``)."""
 
+    type: str
     resolution: int = Field(512, gt=0, description="Generation resolution in pixels (square).")
+    flow_shift: float = Field(3.0, gt=0, description="Timestep shift of the flow sampler (SANA uses 3.0).")
+    checkpoint: str | None = Field(
+        None,
+        description="A policy directory to start from instead of building the networks from the component "
+        "specs: one written by `rlrestore convert` (e.g. the released Pref-Restore model) or the `policy/` of "
+        "any rlrestore checkpoint. Stage 1.1 starts from it (unless the run has its own checkpoints), and "
+        "Stage 1.2 / Stage 2 start from it when the run directory holds no earlier stage.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Deprecated, kept so older configs and checkpoints load: weights are always held in "
+        "float32 where they train and in the compute dtype where they only infer; set the top-level "
+        "`precision` instead (bfloat16 here means precision=bf16-mixed).",
+    )
+
+
+class PolicyConfig(PolicyBaseConfig):
+    """The Pref-Restore policy (``type: prefrestore``, the default): visual tokenizer, AR integrator,
+    connectors, SANA DiT, DC-AE."""
+
+    type: Literal["prefrestore"] = Field("prefrestore", description="The policy: Pref-Restore.")
     tokenizer_resolution: int = Field(384, gt=0, description="Input size of the SigLIP2 tower.")
     vision: ComponentSpec = Field(
         default_factory=ComponentSpec, description="SigLIP2 vision tower (transformers SiglipVisionModel)."
@@ -78,7 +109,6 @@ class PolicyConfig(_Section):
         "<image>\nPlease reconstruct the given image based on the image content: {caption}",
         description="AR prompt when the sample has a caption; `{caption}` is replaced by it.",
     )
-    flow_shift: float = Field(3.0, gt=0, description="Timestep shift of the flow sampler (SANA uses 3.0).")
     connector_norm_init: float = Field(
         5.5**0.5, gt=0, description="Initial RMSNorm weight of the diffusion connector (sqrt(5.5))."
     )
@@ -114,26 +144,41 @@ class PolicyConfig(_Section):
     connector_norm_eps: float = Field(
         1e-6, gt=0, description="Epsilon of both connectors' RMSNorm (1e-5 in the released model)."
     )
-    checkpoint: str | None = Field(
-        None,
-        description="A policy directory to start from instead of building the networks from the component "
-        "specs: one written by `rlrestore convert` (e.g. the released Pref-Restore model) or the `policy/` of "
-        "any rlrestore checkpoint. Stage 1.1 starts from it (unless the run has its own checkpoints), and "
-        "Stage 1.2 / Stage 2 start from it when the run directory holds no earlier stage.",
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None,
-        description="Deprecated, kept so older configs and checkpoints load: weights are always held in "
-        "float32 where they train and in the compute dtype where they only infer; set the top-level "
-        "`precision` instead (bfloat16 here means precision=bf16-mixed).",
-    )
-
     @field_validator("caption_prompt")
     @classmethod
     def _caption_slot(cls, value: str) -> str:
         if "{caption}" not in value:
             raise ValueError("must contain the placeholder '{caption}'")
         return value
+
+
+class FlowUNetConfig(PolicyBaseConfig):
+    """A small conditional UNet flow in pixel space (``type: flow_unet``), written only against the
+    policy interface: the path runs from the clean face (t = 0) to the degraded one plus noise,
+    ``y + source_noise * eps`` (t = 1, a posterior-mean-flow-style source), and a diffusers
+    UNet2DModel sees x_t next to y. Stage 1 trains it in ``stage1_2`` (trainable: [unet])."""
+
+    type: Literal["flow_unet"] = Field("flow_unet", description="The policy: the conditional UNet flow.")
+    resolution: int = Field(32, gt=0, description="Generation resolution in pixels (square).")
+    flow_shift: float = Field(1.0, gt=0, description="Timestep shift of the flow sampler.")
+    source_noise: float = Field(
+        1.0, gt=0, description="Noise scale of the path's far end y + source_noise * eps (candidates differ by it)."
+    )
+    unet: ComponentSpec = Field(
+        default_factory=ComponentSpec,
+        description="diffusers UNet2DModel; in_channels is 6 (x_t and the degraded image), out_channels 3.",
+    )
+
+
+def _policy_type(data: Any) -> str:
+    return data.get("type", "prefrestore") if isinstance(data, dict) else getattr(data, "type", "prefrestore")
+
+
+# Every policy section, told apart by `type` (a section without one is Pref-Restore's, as before).
+AnyPolicyConfig = Annotated[
+    Annotated[PolicyConfig, Tag("prefrestore")] | Annotated[FlowUNetConfig, Tag("flow_unet")],
+    Discriminator(_policy_type),
+]
 
 
 class SamplerConfig(_Section):
@@ -250,7 +295,8 @@ class EvalActorsConfig(ActorGroupConfig):
 
 
 StageName = Literal["autoencoder", "stage1.1", "stage1.2"]
-Component = Literal["integrator", "diffusion_connector", "vae_connector", "transformer", "lq_encoder", "vae"]
+# A stage's trainable components, checked against the policy's own names when it is built.
+Component = str
 
 
 class Stage1Config(_Section):
@@ -729,7 +775,10 @@ class RunConfig(_Section):
         "(rollouts, eval, restore, frozen components) hold weights in bf16/fp16 while the sampler state x "
         "and the time t stay float32.",
     )
-    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy networks.")
+    policy: AnyPolicyConfig = Field(
+        default_factory=PolicyConfig,
+        description="The policy networks; `policy.type` picks the model (prefrestore, the default, or flow_unet).",
+    )
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Restoration sampler.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     degradation: DegradationConfig = Field(default_factory=DegradationConfig, description="Eq. 16 ranges.")
@@ -879,15 +928,26 @@ def _overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
+POLICY_SECTIONS: dict[str, type[PolicyBaseConfig]] = {"prefrestore": PolicyConfig, "flow_unet": FlowUNetConfig}
+
+
+def _user_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error location as the user writes the key: without pydantic's union tag after ``policy``."""
+    if len(loc) > 1 and loc[0] == "policy" and loc[1] in POLICY_SECTIONS:
+        return (loc[0], *loc[2:])
+    return loc
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in err.errors():
-        key = ".".join(str(part) for part in item["loc"])
+        loc = item["loc"]
+        key = ".".join(str(part) for part in _user_loc(loc))
         value = item.get("input")
-        if not key or isinstance(value, dict):  # a section-wide error: the message names the keys
+        if not key or (item["type"] == "value_error" and isinstance(value, dict)):  # the message names the keys
             lines.append(f"  {key + ': ' if key else ''}{item['msg']}")
         elif item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {value!r}); {_allowed_keys_hint(item['loc'])}")
+            lines.append(f"  {key}: unknown key (value {value!r}); {_allowed_keys_hint(loc)}")
         else:
             lines.append(f"  {key} = {value!r}: {item['msg']}")
     return "\n".join(lines)
@@ -895,8 +955,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 def _allowed_keys_hint(loc: tuple[Any, ...]) -> str:
     model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = list(loc[:-1])
+    while parts:
+        part = str(parts.pop(0))
+        if model is RunConfig and part == "policy":
+            model = POLICY_SECTIONS[str(parts.pop(0))] if parts and parts[0] in POLICY_SECTIONS else PolicyConfig
+            continue
+        field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return "check the spelling"
@@ -990,6 +1055,12 @@ def describe_schema(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
+        if model is RunConfig and name == "policy":
+            lines.append(f"{key}: {field.description}")
+            for tag, section in POLICY_SECTIONS.items():
+                lines.append(f"{key} (type: {tag}): {section.__doc__.splitlines()[0]}")
+                lines.extend(describe_schema(section, prefix=f"{key}."))
+            continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines.append(f"{key}: {field.description}")
             lines.extend(describe_schema(annotation, prefix=f"{key}."))

@@ -79,8 +79,8 @@ from rlrestore.devices import (
     local_device,
     write_devices,
 )
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.plotting import captioned_grid
+from rlrestore.policies import RestorationPolicy, load_policy
 from rlrestore.precision import Precision, PrecisionName
 from rlrestore.restore import restore_arrays
 
@@ -419,13 +419,13 @@ class EvalWorker:
         self.sampler = sampler
         self.config = config
         self.seeds = [config.seed + k for k in range(config.samples)]
-        self._policy: tuple[str, PrefRestorePolicy] | None = None
+        self._policy: tuple[str, RestorationPolicy] | None = None
 
-    def policy(self, policy_dir: str) -> PrefRestorePolicy:
+    def policy(self, policy_dir: str) -> RestorationPolicy:
         """The policy of ``policy_dir``, loaded when it differs from the one held."""
         if self._policy is None or self._policy[0] != policy_dir:
             self._policy = None  # free the previous checkpoint first
-            policy = self.precision.for_inference(PrefRestorePolicy.from_pretrained(policy_dir))
+            policy = self.precision.for_inference(load_policy(policy_dir))
             self._policy = (policy_dir, policy.to(self.device).eval())
         return self._policy[1]
 

@@ -32,28 +32,37 @@ def shifted_timesteps(steps: int, shift: float) -> torch.Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
+def sampling_times(steps: int, shift: float, t_max: float = 1.0) -> torch.Tensor:
+    """The sampler grid of a model that starts at ``t_max``: ``t_max`` x the shifted grid from 1 to 0
+    (the grid itself when ``t_max`` is 1, as for every model that starts from the path's end)."""
+    times = shifted_timesteps(steps, shift)
+    return times if t_max == 1.0 else times * t_max
+
+
 def sample_flow(
     velocity: VelocityFn,
     noise: torch.Tensor,
     condition: torch.Tensor,
-    steps: int,
+    steps: int | None = None,
     shift: float = 3.0,
     guidance_scale: float = 1.0,
     sde_eta: float = 0.0,
     generators: list[torch.Generator] | None = None,
+    times: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate from noise (t=1) to a clean latent (t=0).
+    """Integrate from the start ``noise`` (at t = 1, or ``times[0]``) to a clean latent (t = 0).
 
-    Euler steps on the ODE; with ``guidance_scale != 1`` classifier-free guidance against an
-    all-zero condition (one batched call for both branches); with ``sde_eta > 0`` the Euler-Maruyama
-    step of the equivalent SDE (Flow-GRPO form) with per-sample noise drawn from ``generators``.
+    Euler steps on the ODE over ``shifted_timesteps(steps, shift)`` or the given ``times``; with
+    ``guidance_scale != 1`` classifier-free guidance against an all-zero condition (one batched call
+    for both branches); with ``sde_eta > 0`` the Euler-Maruyama step of the equivalent SDE
+    (Flow-GRPO form) with per-sample noise drawn from ``generators``.
     """
     if sde_eta > 0 and (generators is None or len(generators) != noise.shape[0]):
         raise ValueError("the SDE sampler needs one generator per sample")
-    times = shifted_timesteps(steps, shift).to(noise.device)
+    times = (shifted_timesteps(steps, shift) if times is None else times).to(noise.device)
     x = noise
     use_cfg = guidance_scale != 1.0
-    for i in range(steps):
+    for i in range(len(times) - 1):
         t, t_next = times[i], times[i + 1]
         t_batch = t.expand(x.shape[0])
         if use_cfg:
@@ -106,7 +115,7 @@ def sample_dpm2(
     velocity: VelocityFn,
     noise: torch.Tensor,
     condition: torch.Tensor,
-    steps: int,
+    steps: int | None = None,
     shift: float = 3.0,
     guidance_scale: float = 1.0,
     times: torch.Tensor | None = None,
@@ -148,14 +157,16 @@ def sample_latents(
     velocity: VelocityFn,
     noise: torch.Tensor,
     condition: torch.Tensor,
-    steps: int,
+    steps: int | None = None,
     shift: float = 3.0,
     guidance_scale: float = 1.0,
     sde_eta: float = 0.0,
     generators: list[torch.Generator] | None = None,
+    times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sampler ``method`` names (``sampler.method``): 'euler' (:func:`sample_flow`) or 'dpm2'
-    (:func:`sample_dpm2`, deterministic: no SDE noise)."""
+    (:func:`sample_dpm2`, deterministic: no SDE noise), over ``shifted_timesteps(steps, shift)`` or
+    the given ``times`` (e.g. :func:`sampling_times` of a model starting below t = 1)."""
     if method == "euler":
         return sample_flow(
             velocity,
@@ -166,9 +177,10 @@ def sample_latents(
             guidance_scale=guidance_scale,
             sde_eta=sde_eta,
             generators=generators,
+            times=times,
         )
     if method == "dpm2":
         if sde_eta > 0:
             raise ValueError(f"sampler method dpm2 is deterministic; sde_eta must be 0, got {sde_eta}")
-        return sample_dpm2(velocity, noise, condition, steps, shift=shift, guidance_scale=guidance_scale)
+        return sample_dpm2(velocity, noise, condition, steps, shift=shift, guidance_scale=guidance_scale, times=times)
     raise ValueError(f"unknown sampler method {method!r}; choose 'euler' or 'dpm2'")

@@ -12,6 +12,7 @@ from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
 from rlrestore.data.shards import check_shards
 from rlrestore.devices import check_run_devices
+from rlrestore.policies.registry import check_stage
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def run_stage1(config: RunConfig, stage: StageName) -> None:
     if config.stage(stage).steps == 0:
         log.info("%s: steps=0, skipped", stage)
         return
+    check_stage(config.policy.type, stage)
     check_run_devices(config, [stage])
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

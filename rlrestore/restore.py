@@ -32,7 +32,7 @@ from rlrestore.data.images import (
     to_uint8,
 )
 from rlrestore.devices import DeviceName, DeviceRecord, local_device, write_devices
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies import RestorationPolicy, load_policy
 from rlrestore.precision import Precision, PrecisionName
 
 
@@ -76,7 +76,7 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def restore_arrays(
-    policy: PrefRestorePolicy,
+    policy: RestorationPolicy,
     images: list[np.ndarray],
     captions: list[str],
     seeds: torch.Tensor,
@@ -89,7 +89,7 @@ def restore_arrays(
     restored, resized back and cropped to the original frame.
     """
     squares = [to_square(image) for image in images]
-    resolution = policy.config.resolution
+    resolution = policy.resolution
     lq = torch.stack([to_tensor(resize(square, resolution)) for square, _ in squares]).to(policy.device)
     result = policy.restore(lq, captions, seeds, sampler)
     restored = []
@@ -126,7 +126,7 @@ def restore_files(
     target = local_device(device)
     numerics = Precision(precision)
     policy_dir = resolve_policy_dir(checkpoint)
-    policy = numerics.for_inference(PrefRestorePolicy.from_pretrained(policy_dir)).to(target).eval()
+    policy = numerics.for_inference(load_policy(policy_dir)).to(target).eval()
     out_dir = Path(out_dir)
     files, skipped = collect_inputs(inputs)
     inside = [f for f in files if out_dir.resolve() in f.resolve().parents]

@@ -56,12 +56,12 @@ from tqdm import tqdm
 
 from rewards import AggregateResult, RewardAggregator, RewardBatch, check_reward_args, check_reward_weights
 from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, StepErrors, reward_actor_count
-from rlrestore.checkpoints import latest_checkpoint, save_checkpoint, write_policy_with_dit
+from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
 from rlrestore.devices import DeviceRecord, write_devices
 from rlrestore.jobs import prepare_shards
-from rlrestore.models.policy import Condition
+from rlrestore.policies import write_policy_with_velocity
 from rlrestore.tracking import MetricsWriter, WandbRun
 from rollouts import RolloutBatch, make_rollout_actor
 from trainers.nft_learner import LearnerGroup, LearnerLost, NFTSamples, gather
@@ -610,7 +610,7 @@ class Stage2Run(Stage2Step):
             self.run_dir,
             STAGE,
             step,
-            lambda directory: write_policy_with_dit(self.policy_dir, weights, directory),
+            lambda directory: write_policy_with_velocity(self.policy_dir, weights, directory),
             {"step": step},
             self.stage.outputs.keep_checkpoints,
             extra=extra,
@@ -637,10 +637,7 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         clean=torch.cat([part.clean for part in parts]),
         x0=torch.cat([part.x0 for part in parts]),
         images=torch.cat([part.images for part in parts]),
-        condition=Condition(
-            torch.cat([part.condition.semantic for part in parts]),
-            torch.cat([part.condition.z_low for part in parts]),
-        ),
+        condition=type(parts[0].condition).cat([part.condition for part in parts]),
         seeds=torch.cat([part.seeds for part in parts]),
         policy_version=min(part.policy_version for part in parts),
     )

@@ -23,7 +23,7 @@ import torch
 from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
 from rlrestore.devices import DeviceName, DeviceRecord, actor_device
-from rlrestore.models.policy import Condition, PrefRestorePolicy
+from rlrestore.policies import Condition, load_policy
 from rlrestore.precision import Precision, PrecisionName
 
 
@@ -37,7 +37,7 @@ class RolloutBatch:
     clean: torch.Tensor  # [B, 3, R, R] clean faces in [-1, 1]
     x0: torch.Tensor  # [B, K, C, h, w] clean latents of the candidates (float32)
     images: torch.Tensor  # [B, K, 3, R, R] decoded candidates in [-1, 1] (float32)
-    condition: Condition  # c = (S, z_low) of each input, shared by its K candidates
+    condition: Condition  # the policy's condition of each input, shared by its K candidates
     seeds: torch.Tensor  # [B, K]
     policy_version: int
 
@@ -60,7 +60,7 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         self.device = actor_device(device, num_gpus, "Stage 2 rollout actors", "stage2.resources.rollout.num_gpus")
         self.precision = Precision(precision)
-        policy = PrefRestorePolicy.from_pretrained(policy_dir).eval().to(self.device)
+        policy = load_policy(policy_dir).eval().to(self.device)
         self.policy = self.precision.for_inference(policy)
         train, _ = split_holdout(read_shards(Path(shards)), holdout)
         self.dataset = FaceDataset(
@@ -77,19 +77,18 @@ class RolloutWorker:
             "stage2", "rollout", actor, self.device, self.precision.name, self.precision.compute_dtype
         )
 
-    def transformer_state(self) -> dict[str, torch.Tensor]:
-        """The DiT weights this worker samples with (CPU copies, its compute dtype)."""
-        return {key: value.detach().cpu().clone() for key, value in self.policy.transformer.state_dict().items()}
+    def velocity_state(self) -> dict[str, torch.Tensor]:
+        """The velocity model's weights this worker samples with (CPU copies, its compute dtype)."""
+        state = self.policy.velocity_model.state_dict()
+        return {key: value.detach().cpu().clone() for key, value in state.items()}
 
-    def load_weights(
-        self, version: int, transformer_state: dict[str, torch.Tensor], rewind: bool = False
-    ) -> int:
-        """Adopt new DiT weights (from the learners) as policy ``version``; returns it.
+    def load_weights(self, version: int, velocity_state: dict[str, torch.Tensor], rewind: bool = False) -> int:
+        """Adopt new velocity-model weights (from the learners) as policy ``version``; returns it.
 
         Versions only move forward, unless ``rewind`` (the driver went back to a checkpoint)."""
         if version < self.version and not rewind:
             raise ValueError(f"weights version {version} is older than the worker's {self.version}")
-        self.policy.transformer.load_state_dict(transformer_state)
+        self.policy.velocity_model.load_state_dict(velocity_state)
         self.version = version
         return version
 

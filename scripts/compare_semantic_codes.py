@@ -61,7 +61,7 @@ from rlrestore.evaluation import EvalReport, run_evaluation
 from rlrestore.flow import interpolate, target_velocity
 from rlrestore.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.losses import stage1_losses
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.tracking import read_metrics
 
 FLOW_TIMES = (0.25, 0.5, 0.75, 0.95)
@@ -209,12 +209,12 @@ def held_out_flow_losses(
     lq = torch.stack([to_tensor(square_resize(load_image(lq_dir / f"{i}.png"), side)) for i in ids])
     hq = torch.stack([to_tensor(square_resize(load_image(gt_dir / f"{i}.png"), side)) for i in ids])
     captions = [""] * len(ids)
-    x0 = policy.encode_clean(hq)
+    x0 = policy.encode(hq)
     conditions = {
-        "generated": policy.condition(
+        "generated": policy.conditioning(
             lq, captions, sampler=sampler, generator=torch.Generator().manual_seed(seed)
         ).encoder_hidden_states,
-        "target": policy.condition(lq, captions, target_codes=policy.target_codes(hq)).encoder_hidden_states,
+        "target": policy.conditioning(lq, captions, target_codes=policy.target_codes(hq)).encoder_hidden_states,
     }
     losses: dict[str, dict[str, list[float]]] = {codes: {} for codes in conditions}
     for t_value in FLOW_TIMES:

@@ -29,7 +29,7 @@ import torch
 
 from rlrestore.cli import default_config_path
 from rlrestore.config import RunConfig, load_config
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 
 TINY_CONFIG = default_config_path()
 

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlrestore.config import (
+    POLICY_SECTIONS,
     RENAMED_KEYS,
     ActorGroupConfig,
     ConfigError,
@@ -22,7 +23,7 @@ from rlrestore.config import (
     parse_override,
     save_config,
 )
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from tests.conftest import TINY_CONFIG, tiny_config
 
 
@@ -36,6 +37,10 @@ def _leaf_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str
     keys = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        if model is RunConfig and name == "policy":  # one section per policy type
+            for section in POLICY_SECTIONS.values():
+                keys.extend(key for key in _leaf_keys(section, "policy.") if key not in keys)
+            continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(_leaf_keys(annotation, f"{prefix}{name}."))
         else:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from rlrestore.config import SamplerConfig
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.restore import restore_files
 from tests.campaign import record
 from tests.official_layout import TOWER, reference_prompt_ids, write_official_checkpoint, write_shards
@@ -107,7 +107,7 @@ def test_codes_and_prompt_match_their_computation(official) -> None:
     codes = policy.visual_tokenizer(images)
     assert torch.equal(codes, expected)
     source_tokenizer = AutoTokenizer.from_pretrained(layout.checkpoint, local_files_only=True)
-    ids, _ = policy.prompt_batch(codes[:1], [""])
+    ids, _ = policy.semantic.prompt_batch(codes[:1], [""])
     lq_ids = [layout.config["image_start_token_id"] + c for c in codes[0].tolist()]
     assert ids[0].tolist() == reference_prompt_ids(source_tokenizer, policy.config.prompt, lq_ids)
 

@@ -26,7 +26,7 @@ from rlrestore.devices import (
     write_devices,
 )
 from rlrestore.evaluation import EvalWorker
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from tests.conftest import TINY_CONFIG, build_tiny_policy, tiny_config
 
 CUDA0 = torch.device("cuda", 0)

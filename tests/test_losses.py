@@ -9,16 +9,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlrestore.config import ConfigError, RunConfig, SamplerConfig, load_config
-from rlrestore.losses import (
-    conditioning_codes,
-    drop_conditions,
-    flow_matching_loss,
-    generated_rows,
-    stage1_losses,
+from rlrestore.config import (
+    AutoencoderConfig,
+    ConfigError,
+    RunConfig,
+    SamplerConfig,
+    SemanticAlignmentConfig,
+    load_config,
 )
-from rlrestore.models import PrefRestorePolicy
+from rlrestore.losses import drop_conditions, flow_matching_loss, flow_noise
+from rlrestore.policies.prefrestore import PrefRestorePolicy
+from rlrestore.policies.prefrestore.training import conditioning_codes, generated_rows
 from tests.conftest import build_tiny_policy, tiny_config
+
+
+def stage1_losses(policy: PrefRestorePolicy, batch: dict, stage, generator: torch.Generator) -> dict:
+    """The policy's Stage 1 losses for a stage's config section."""
+    name = {AutoencoderConfig: "autoencoder", SemanticAlignmentConfig: "stage1.1"}.get(type(stage), "stage1.2")
+    return policy.stage1_losses(name, batch, stage, generator)
+
+
+def expected_diff_loss(policy: PrefRestorePolicy, hq: torch.Tensor, states: torch.Tensor, generator) -> torch.Tensor:
+    """L_diff by hand: fresh noise and t from ``generator``, the DiT on the composed condition."""
+    x0 = policy.encode(hq)
+    eps, t = flow_noise(x0, generator)
+    return flow_matching_loss(lambda x_t, t_: policy.velocity(x_t, t_, states), x0, eps, t)
 
 
 def _faces(batch: int, seed: int) -> torch.Tensor:
@@ -88,7 +103,7 @@ def test_stage1_2_losses(tiny_policy: PrefRestorePolicy, config: RunConfig) -> N
     assert set(losses) == {"loss", "diff_loss", "latent_loss"}
     assert all(torch.isfinite(v) for v in losses.values())
     torch.testing.assert_close(losses["loss"], 0.6 * losses["diff_loss"] + 2.0 * losses["latent_loss"])
-    expected = F.mse_loss(tiny_policy.encode_lq(batch["lq"]), tiny_policy.encode_clean(batch["hq"]))
+    expected = F.mse_loss(tiny_policy.encode_lq(batch["lq"]), tiny_policy.encode(batch["hq"]))
     torch.testing.assert_close(losses["latent_loss"], expected)
     assert losses["latent_loss"].item() > 0  # the LQ and HQ latents differ
 
@@ -155,9 +170,9 @@ def test_stage1_2_with_generated_codes(tiny_policy: PrefRestorePolicy, config: R
     losses = stage1_losses(tiny_policy, batch, stage, torch.Generator().manual_seed(0))
     target = stage1_losses(tiny_policy, batch, config.stage1_2, torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
-    cond = tiny_policy.condition(batch["lq"], batch["caption"], sampler=SamplerConfig(), generator=generator)
+    cond = tiny_policy.conditioning(batch["lq"], batch["caption"], sampler=SamplerConfig(), generator=generator)
     states = drop_conditions(cond.encoder_hidden_states, 0.0, generator)
-    expected = flow_matching_loss(tiny_policy, tiny_policy.encode_clean(batch["hq"]), states, generator)
+    expected = expected_diff_loss(tiny_policy, batch["hq"], states, generator)
     torch.testing.assert_close(losses["diff_loss"], expected)
     assert not torch.equal(cond.codes, tiny_policy.target_codes(batch["hq"]))
     assert abs(losses["diff_loss"].item() - target["diff_loss"].item()) > 1e-4
@@ -198,13 +213,13 @@ def test_mix_generates_codes_per_sample_and_only_for_those(
     every_row = torch.ones(8, dtype=torch.bool)
     everyone = conditioning_codes(tiny_policy, lq, batch["caption"], target, every_row, torch.Generator())
     batch_sizes: list[int] = []
-    generate = tiny_policy.generate_codes
+    generate = tiny_policy.semantic.generate_codes
 
     def counting(prompt_ids: torch.Tensor, *args: object) -> torch.Tensor:
         batch_sizes.append(prompt_ids.shape[0])
         return generate(prompt_ids, *args)
 
-    monkeypatch.setattr(tiny_policy, "generate_codes", counting)
+    monkeypatch.setattr(tiny_policy.semantic, "generate_codes", counting)
     codes = conditioning_codes(tiny_policy, lq, batch["caption"], target, rows, torch.Generator())
     assert batch_sizes == [int(rows.sum())]  # the AR pass runs over the picked samples only
     assert torch.equal(codes[rows], everyone[rows]) and torch.equal(codes[~rows], target[~rows])
@@ -215,9 +230,9 @@ def test_mix_generates_codes_per_sample_and_only_for_those(
     losses = stage1_losses(tiny_policy, batch, stage, generator)
     generator = torch.Generator().manual_seed(2)
     assert torch.equal(generated_rows(stage, 8, generator), rows)
-    states = tiny_policy.condition(lq, batch["caption"], target_codes=codes).encoder_hidden_states
+    states = tiny_policy.conditioning(lq, batch["caption"], target_codes=codes).encoder_hidden_states
     states = drop_conditions(states, 0.0, generator)
-    expected = flow_matching_loss(tiny_policy, tiny_policy.encode_clean(hq), states, generator)
+    expected = expected_diff_loss(tiny_policy, hq, states, generator)
     torch.testing.assert_close(losses["diff_loss"], expected)
     again = stage1_losses(tiny_policy, batch, stage, torch.Generator().manual_seed(2))
     assert all(torch.equal(losses[key], again[key]) for key in losses)
@@ -297,5 +312,5 @@ def test_adopt_fitted_vae(tiny_policy: PrefRestorePolicy) -> None:
     assert encoder.keys() == lq_encoder.keys()
     assert all(torch.equal(encoder[k], lq_encoder[k]) for k in encoder)
     assert tiny_policy.lq_encoder.conv_in.weight is not tiny_policy.vae.encoder.conv_in.weight  # a copy
-    assert tiny_policy.encode_clean(clean).std().item() == pytest.approx(1.0, rel=1e-4)
-    torch.testing.assert_close(tiny_policy.encode_lq(clean), tiny_policy.encode_clean(clean))
+    assert tiny_policy.encode(clean).std().item() == pytest.approx(1.0, rel=1e-4)
+    torch.testing.assert_close(tiny_policy.encode_lq(clean), tiny_policy.encode(clean))

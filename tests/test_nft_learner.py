@@ -19,8 +19,8 @@ from rlrestore.config import (
     Stage2Resources,
 )
 from rlrestore.models.loading import CheckpointError
-from rlrestore.models.policy import Condition, PrefRestorePolicy
 from rlrestore.nft import ema_update
+from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
 from tests.conftest import build_tiny_policy
 from trainers.nft_learner import LearnerGroup, NFTLearner, NFTSamples, split_samples
 
@@ -33,7 +33,11 @@ def make_samples(n: int = 8, r: float = 1.0, seed: int = 0, per_group: int = 2) 
     """n candidates in groups of ``per_group`` sharing their input's condition."""
     gen = torch.Generator().manual_seed(seed)
     groups = -(-n // per_group)
-    condition = Condition(torch.randn(groups, *SEMANTIC, generator=gen), torch.randn(groups, *LATENT, generator=gen))
+    condition = PrefRestoreCondition(
+        torch.randn(groups, *SEMANTIC, generator=gen),
+        torch.randn(groups, *LATENT, generator=gen),
+        torch.randint(0, 1024, (groups, SEMANTIC[0] - 1), generator=gen),
+    )
     return NFTSamples(
         x0=torch.randn(n, *LATENT, generator=gen),
         group=torch.arange(n) // per_group,
@@ -43,8 +47,10 @@ def make_samples(n: int = 8, r: float = 1.0, seed: int = 0, per_group: int = 2) 
     )
 
 
-def field_velocity(field: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-    return field(x_t, t, cond.semantic, cond.z_low)
+def field_velocity(
+    field: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: PrefRestoreCondition
+) -> torch.Tensor:
+    return field(x_t, t, cond)
 
 
 def make_learner(
@@ -220,8 +226,8 @@ def test_lora_trains_only_adapters_and_rollouts_get_merged_weights(
     learner = make_learner(policy, zero_stage=2, learner_args=LORA)
     trained = [name for name, p in learner.engine.module.named_parameters() if p.requires_grad]
     assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
-    base = policy.transformer.state_dict()
-    # B starts at zero: the adapted DiT is the base DiT, under the base DiT's keys.
+    base = policy.velocity_model.state_dict()
+    # B starts at zero: the adapted DiT is the base DiT, under the base model's keys.
     start = learner.state_dict_for_rollout()
     assert start.keys() == base.keys()
     assert all(torch.equal(start[key], base[key]) for key in base)
@@ -237,12 +243,12 @@ def test_lora_trains_only_adapters_and_rollouts_get_merged_weights(
     assert changed and all(key.endswith(("to_q.weight", "to_v.weight")) for key in changed)
     # The merged weights in a plain DiT give the adapted DiT's velocity.
     plain = build_tiny_policy(0)
-    plain.transformer.load_state_dict(merged)
+    plain.velocity_model.load_state_dict(merged)
     x, t = torch.randn(2, *LATENT), torch.tensor([0.3, 0.9])
-    cond = Condition(torch.randn(2, *SEMANTIC), torch.randn(2, *LATENT))
+    cond = PrefRestoreCondition(torch.randn(2, *SEMANTIC), torch.randn(2, *LATENT), torch.zeros(2, 64, dtype=torch.long))
     with torch.no_grad():
         torch.testing.assert_close(
-            plain.velocity(x, t, plain.encoder_states(cond)), field_velocity(learner.engine.module, x, t, cond)
+            plain.velocity_model(x, t, cond), field_velocity(learner.engine.module, x, t, cond)
         )
 
     learner.save(tmp_path)
@@ -342,17 +348,17 @@ def test_the_learner_composes_texture_tokens_with_its_own_patch_embed(policy: Pr
     for step in range(3):
         learner.train_step(samples, step)
     trained = learner.trained_state_dict()
-    patch = "patch_embed.proj.weight"
-    assert not torch.equal(trained[patch], policy.transformer.state_dict()[patch])
+    patch = "transformer.patch_embed.proj.weight"
+    assert not torch.equal(trained[patch], policy.velocity_model.state_dict()[patch])
 
     inference = build_tiny_policy(0)
-    inference.transformer.load_state_dict(trained)
+    inference.velocity_model.load_state_dict(trained)
     cond = samples.condition.select(samples.group[:2])
     x, t = torch.randn(2, *LATENT), torch.tensor([0.4, 0.8])
     with torch.no_grad():
         learned = field_velocity(learner.engine.module, x, t, cond)
-        torch.testing.assert_close(learned, inference.velocity(x, t, inference.encoder_states(cond)))
-        stale = inference.velocity(x, t, policy.encoder_states(cond))  # texture tokens of the old DiT
+        torch.testing.assert_close(learned, inference.velocity_model(x, t, cond))
+        stale = inference.velocity(x, t, policy.velocity_model.prepare(cond))  # texture tokens of the old DiT
     assert not torch.allclose(learned, stale, atol=1e-5)
 
 

@@ -18,9 +18,9 @@ from rlrestore.config import PolicyConfig, SamplerConfig, load_config
 from rlrestore.flow import sample_dpm2, sample_flow, sample_latents, shifted_timesteps
 from rlrestore.models.connectors import Connector
 from rlrestore.models.lora import add_lora
-from rlrestore.models.policy import PrefRestorePolicy
 from rlrestore.models.text_tokenizer import Vocabulary, load_text_tokenizer
 from rlrestore.models.visual_tokenizer import SimVQ
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from tests.conftest import build_tiny_policy
 from tests.official_layout import SANA_SCHEDULER, build_tokenizer, reference_prompt_ids
 
@@ -75,7 +75,7 @@ def test_chat_prompt_matches_their_chat_template(caption: str) -> None:
 def test_policy_prompt_uses_the_configured_format() -> None:
     policy = build_tiny_policy(0, *OFFICIAL)
     codes = policy.visual_tokenizer(torch.zeros(1, 3, 16, 16))
-    ids, mask = policy.prompt_batch(codes, [""])
+    ids, mask = policy.semantic.prompt_batch(codes, [""])
     expected = policy.vocabulary.prompt_ids(
         policy.config.prompt, codes[0].tolist(), "chat", policy.config.system_prompt
     )

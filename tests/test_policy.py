@@ -18,9 +18,11 @@ from diffusers import AutoencoderDC, SanaTransformer2DModel
 from transformers import AutoTokenizer, Qwen3ForCausalLM, SiglipVisionModel
 
 from rlrestore.config import ComponentSpec, SamplerConfig, load_config
-from rlrestore.models import CheckpointError, PrefRestorePolicy, RestoreOutput, count_parameters
+from rlrestore.models import CheckpointError, count_parameters
 from rlrestore.models.loading import load_component
-from rlrestore.models.policy import _pick_token
+from rlrestore.policies import RestoreOutput
+from rlrestore.policies.prefrestore import PrefRestorePolicy
+from rlrestore.policies.prefrestore.integrator import pick_token as _pick_token
 from tests.conftest import build_tiny_policy, tiny_config
 
 FULL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "prefrestore.yaml"
@@ -87,12 +89,12 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_restore_shapes_and_ranges(policy: PrefRestorePolicy, batched: RestoreOutput) -> None:
     assert batched.latents.shape == (2, 3, 32, 8, 8)
     assert batched.images.shape == (2, 3, 3, 64, 64)
-    assert batched.codes.shape == (2, 64) and batched.codes.dtype == torch.long
+    assert batched.condition.codes.shape == (2, 64) and batched.condition.codes.dtype == torch.long
     assert torch.equal(batched.seeds, SEEDS)
     assert batched.images.min() >= -1 and batched.images.max() <= 1
     assert batched.images.std() > 0.05
     assert torch.isfinite(batched.latents).all()
-    assert batched.codes.min() >= 0 and batched.codes.max() < policy.config.codebook_size
+    assert batched.condition.codes.min() >= 0 and batched.condition.codes.max() < policy.config.codebook_size
     decoded = policy.decode(batched.latents.flatten(0, 1)).view_as(batched.images)
     torch.testing.assert_close(decoded, batched.images)
 
@@ -102,7 +104,7 @@ def test_candidate_restored_alone_equals_the_batched_one(
     policy: PrefRestorePolicy, batched: RestoreOutput, b: int, k: int
 ) -> None:
     alone = policy.restore(LQ[b : b + 1], CAPTIONS[b : b + 1], SEEDS[b : b + 1, k : k + 1], SDE_SAMPLER)
-    assert torch.equal(alone.codes[0], batched.codes[b])
+    assert torch.equal(alone.condition.codes[0], batched.condition.codes[b])
     torch.testing.assert_close(alone.latents[0, 0], batched.latents[b, k], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone.images[0, 0], batched.images[b, k], rtol=1e-5, atol=1e-5)
 
@@ -120,7 +122,7 @@ def test_deterministic_sampler_repeats_exactly(
     again = policy.restore(LQ[:1], CAPTIONS[:1], torch.tensor([[5, 5, 9]]), ODE_SAMPLER)
     assert torch.equal(again.latents, ode_reference.latents)
     assert torch.equal(again.images, ode_reference.images)
-    assert torch.equal(again.codes, ode_reference.codes)
+    assert torch.equal(again.condition.codes, ode_reference.condition.codes)
     # Same seed within a batch, same candidate; another seed, another one.
     assert torch.equal(ode_reference.latents[0, 0], ode_reference.latents[0, 1])
     assert (ode_reference.latents[0, 0] - ode_reference.latents[0, 2]).abs().mean() > 0.1
@@ -149,7 +151,7 @@ def test_captioned_and_uncaptioned_prompts(policy: PrefRestorePolicy) -> None:
 def test_prompt_batch_pads_on_the_left(policy: PrefRestorePolicy) -> None:
     vocab = policy.vocabulary
     codes = torch.randint(0, vocab.codebook_size, (2, 64), generator=torch.Generator().manual_seed(1))
-    ids, mask = policy.prompt_batch(codes, CAPTIONS)
+    ids, mask = policy.semantic.prompt_batch(codes, CAPTIONS)
     plain = vocab.prompt_ids(policy.config.prompt, codes[0].tolist())
     captioned = vocab.prompt_ids(
         policy.config.caption_prompt.replace("{caption}", CAPTIONS[1]), codes[1].tolist()
@@ -166,12 +168,12 @@ def test_prompt_batch_pads_on_the_left(policy: PrefRestorePolicy) -> None:
 def test_condition_with_target_codes(policy: PrefRestorePolicy) -> None:
     codes = policy.target_codes(HQ)
     assert codes.shape == (2, 64) and codes.min() >= 0 and codes.max() < 1024
-    cond = policy.condition(LQ, CAPTIONS, target_codes=codes)
+    cond = policy.conditioning(LQ, CAPTIONS, target_codes=codes)
     assert cond.encoder_hidden_states.shape == (2, 64 + 1 + 64, 64)
     assert cond.logits.shape == (2, 64, policy.vocabulary.size)
     assert cond.logits.shape[-1] == 1287
     assert cond.codes is codes
-    torch.testing.assert_close(cond.encoder_hidden_states[:, 65:], policy.texture_tokens(LQ))
+    torch.testing.assert_close(cond.encoder_hidden_states[:, 65:], policy.velocity_model.texture_tokens(policy.encode_lq(LQ)))
     # The diffusion connector ends in an RMSNorm with weight sqrt(5.5): rms of each vector = sqrt(5.5).
     rms = cond.encoder_hidden_states[:, :65].pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, 5.5**0.5), rtol=1e-3, atol=1e-3)
@@ -179,16 +181,16 @@ def test_condition_with_target_codes(policy: PrefRestorePolicy) -> None:
 
 def test_teacher_forced_pass_is_padding_invariant_and_aligned(policy: PrefRestorePolicy) -> None:
     codes = policy.target_codes(HQ)
-    batch = policy.condition(LQ, CAPTIONS, target_codes=codes)
+    batch = policy.conditioning(LQ, CAPTIONS, target_codes=codes)
     for b in range(2):
-        alone = policy.condition(LQ[b : b + 1], CAPTIONS[b : b + 1], target_codes=codes[b : b + 1])
+        alone = policy.conditioning(LQ[b : b + 1], CAPTIONS[b : b + 1], target_codes=codes[b : b + 1])
         torch.testing.assert_close(alone.logits[0], batch.logits[b], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(
             alone.encoder_hidden_states[0], batch.encoder_hidden_states[b], rtol=1e-4, atol=1e-4
         )
     # logits[:, i] is the prediction made at the token before code i (a plain unpadded forward).
     lq_codes = policy.visual_tokenizer(policy.to_tokenizer_size(LQ[1:]))
-    prompt, _ = policy.prompt_batch(lq_codes, CAPTIONS[1:])
+    prompt, _ = policy.semantic.prompt_batch(lq_codes, CAPTIONS[1:])
     ids = torch.cat([prompt, codes[1:] + policy.vocabulary.first_image_id], dim=1)
     with torch.no_grad():
         full = policy.integrator(input_ids=ids).logits
@@ -201,27 +203,27 @@ def test_greedy_generation_agrees_with_the_teacher_forced_pass(
 ) -> None:
     """The KV-cached generation loop and the single teacher-forced pass see the same sequence."""
     vocab = policy.vocabulary
-    generated = batched.codes
+    generated = batched.condition.codes
     assert generated.min() >= 0 and generated.max() < vocab.codebook_size
     assert generated.unique().numel() > 1
-    cond = policy.condition(LQ, CAPTIONS, target_codes=generated)
+    cond = policy.conditioning(LQ, CAPTIONS, target_codes=generated)
     assert torch.equal(cond.logits[..., vocab.first_image_id :].argmax(-1), generated)
 
 
 def test_sampled_generation(policy: PrefRestorePolicy, batched: RestoreOutput) -> None:
     lq_codes = policy.visual_tokenizer(policy.to_tokenizer_size(LQ[1:]))
-    ids, mask = policy.prompt_batch(lq_codes, CAPTIONS[1:])
+    ids, mask = policy.semantic.prompt_batch(lq_codes, CAPTIONS[1:])
     sampler = SamplerConfig(ar_sampling="sample", ar_top_k=50, ar_top_p=0.9)
-    first = policy.generate_codes(ids, mask, sampler, torch.Generator().manual_seed(3))
-    second = policy.generate_codes(ids, mask, sampler, torch.Generator().manual_seed(3))
+    first = policy.semantic.generate_codes(ids, mask, sampler, torch.Generator().manual_seed(3))
+    second = policy.semantic.generate_codes(ids, mask, sampler, torch.Generator().manual_seed(3))
     assert first.shape == (1, 64)
     assert first.min() >= 0 and first.max() < policy.config.codebook_size
     assert torch.equal(first, second)
-    assert not torch.equal(first[0], batched.codes[1])  # not the greedy codes
-    top1 = policy.generate_codes(
+    assert not torch.equal(first[0], batched.condition.codes[1])  # not the greedy codes
+    top1 = policy.semantic.generate_codes(
         ids, mask, SamplerConfig(ar_sampling="sample", ar_top_k=1), torch.Generator()
     )
-    assert torch.equal(top1[0], batched.codes[1])  # top-k 1 is greedy
+    assert torch.equal(top1[0], batched.condition.codes[1])  # top-k 1 is greedy
 
 
 def test_top_k_top_p_token_choice() -> None:
@@ -248,7 +250,7 @@ def test_top_k_top_p_token_choice() -> None:
 
 def test_condition_without_codes_needs_a_sampler(policy: PrefRestorePolicy) -> None:
     with pytest.raises(ValueError, match="sampler config and a generator"):
-        policy.condition(LQ, CAPTIONS)
+        policy.conditioning(LQ, CAPTIONS)
 
 
 # ----------------------------------------------------------------------------- trainable components
@@ -264,7 +266,7 @@ def test_set_trainable(tiny_policy: PrefRestorePolicy) -> None:
     assert not any(p.requires_grad for p in tiny_policy.transformer.parameters())
     assert tiny_policy.set_trainable([]) == []
     assert not any(p.requires_grad for p in tiny_policy.parameters())
-    with pytest.raises(KeyError, match="'visual_tokenizer'.*choose from"):
+    with pytest.raises(KeyError, match="no component 'visual_tokenizer'; its components are"):
         tiny_policy.set_trainable(["visual_tokenizer"])
 
 
@@ -285,7 +287,7 @@ def test_save_and_load_round_trip(
     assert loaded.vocabulary.first_image_id == policy.vocabulary.first_image_id
     assert loaded.vocabulary.size == policy.vocabulary.size
     again = loaded.restore(LQ[:1], CAPTIONS[:1], torch.tensor([[5, 5, 9]]), ODE_SAMPLER)
-    assert torch.equal(again.codes, ode_reference.codes)
+    assert torch.equal(again.condition.codes, ode_reference.condition.codes)
     assert torch.equal(again.latents, ode_reference.latents)
     assert torch.equal(again.images, ode_reference.images)
     assert no_network == []
@@ -330,7 +332,7 @@ def test_fitted_scaling_factor_and_trained_weights_survive_a_checkpoint(
     loaded = PrefRestorePolicy.from_pretrained(tmp_path / "fitted")
     assert loaded.scaling_factor == pytest.approx(scale)
     _assert_same_state(tiny_policy, loaded)
-    torch.testing.assert_close(loaded.encode_clean(HQ), tiny_policy.encode_clean(HQ), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(HQ), tiny_policy.encode(HQ), rtol=0, atol=0)
 
 
 def test_checkpoint_subfolders_load_with_diffusers_and_transformers(
@@ -494,18 +496,18 @@ def test_full_size_policy_on_the_meta_device() -> None:
 
 
 def test_a_policy_with_new_dit_weights_is_written_without_building_a_model(tmp_path: Path) -> None:
-    from rlrestore.checkpoints import write_policy_with_dit
+    from rlrestore.policies import write_policy_with_velocity
 
     policy = build_tiny_policy(0)
     policy.save_pretrained(tmp_path / "base")
-    trained = {key: value + 0.5 for key, value in policy.transformer.state_dict().items()}
-    write_policy_with_dit(tmp_path / "base", trained, tmp_path / "out")
+    trained = {key: value + 0.5 for key, value in policy.velocity_model.state_dict().items()}
+    write_policy_with_velocity(tmp_path / "base", trained, tmp_path / "out")
 
     loaded = PrefRestorePolicy.from_pretrained(tmp_path / "out")
-    for key, value in loaded.transformer.state_dict().items():
+    for key, value in loaded.velocity_model.state_dict().items():
         assert torch.equal(value, trained[key]), key
-    for name in ("vae", "integrator", "diffusion_connector", "vae_connector"):
+    for name in ("vae", "integrator", "diffusion_connector", "lq_encoder"):
         ours, base = getattr(loaded, name).state_dict(), getattr(policy, name).state_dict()
         assert all(torch.equal(ours[key], base[key]) for key in base), name
-    with pytest.raises(CheckpointError, match="not a policy directory"):
-        write_policy_with_dit(tmp_path / "missing", trained, tmp_path / "out2")
+    with pytest.raises(CheckpointError, match="not a policy checkpoint"):
+        write_policy_with_velocity(tmp_path / "missing", trained, tmp_path / "out2")

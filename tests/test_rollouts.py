@@ -58,7 +58,7 @@ def test_new_weights_change_the_policy_and_versions_only_move_forward(setup: dic
     worker = RolloutWorker(**setup)
     seeds = torch.tensor([[5]])
     before = worker.rollout([1], epoch=0, seeds=seeds, sampler=SAMPLER)
-    state = {k: v + 0.01 * torch.randn_like(v) for k, v in worker.policy.transformer.state_dict().items()}
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in worker.velocity_state().items()}
     assert worker.load_weights(1, state) == 1
     after = worker.rollout([1], epoch=0, seeds=seeds, sampler=SAMPLER)
     assert after.policy_version == 1

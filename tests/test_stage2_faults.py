@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from rlrestore.checkpoints import list_checkpoints, load_trainer_state
 from rlrestore.jobs import run_stage1
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.stage2 import FAULTS_FILE, Stage2Run, run_stage2
 from rlrestore.tracking import read_metrics
 from tests.conftest import TINY_CONFIG, tiny_config

@@ -17,7 +17,7 @@ from rlrestore.data.degradation import degrade_seeded, sample_seed
 from rlrestore.data.images import square_resize
 from rlrestore.demo import score_restorations
 from rlrestore.jobs import run_stage1
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.restore import restore_arrays
 from rlrestore.stage2 import Stage2Run, run_stage2
 from rlrestore.tracking import read_metrics
@@ -60,7 +60,7 @@ def run_and_check_the_sync(config) -> None:
         run.learners.check_in_sync()
         v_old = run.learners.rollout_weights()
         for actor in run.rollouts.actors:
-            held = ray.get(actor.transformer_state.remote())
+            held = ray.get(actor.velocity_state.remote())
             assert held.keys() == v_old.keys()
             assert all(torch.equal(held[key], v_old[key]) for key in held)
     finally:

@@ -13,7 +13,7 @@ from rewards import RewardAggregator, RewardErrorLog
 from rewards.pool import RewardErrorCounts, RewardOutcome
 from rewards.worker import RewardFailure, RewardTimeout
 from rlrestore.config import RewardSpec
-from rlrestore.models.policy import Condition
+from rlrestore.policies.prefrestore import PrefRestoreCondition
 from rlrestore.stage2 import FaultLog, Stage2Step, phase
 from rollouts import RolloutBatch
 
@@ -28,7 +28,9 @@ def rollout_batch(version: int) -> RolloutBatch:
         clean=torch.zeros(GROUPS, 3, 8, 8),
         x0=torch.randn(GROUPS, K, 4, 2, 2),
         images=torch.zeros(GROUPS, K, 3, 8, 8),
-        condition=Condition(torch.zeros(GROUPS, 5, 6), torch.zeros(GROUPS, 4, 2, 2)),
+        condition=PrefRestoreCondition(
+            torch.zeros(GROUPS, 5, 6), torch.zeros(GROUPS, 4, 2, 2), torch.zeros(GROUPS, 4, dtype=torch.long)
+        ),
         seeds=torch.zeros(GROUPS, K, dtype=torch.long),
         policy_version=version,
     )

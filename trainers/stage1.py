@@ -48,14 +48,12 @@ from rlrestore.config import (
 )
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
 from rlrestore.devices import DeviceRecord, train_worker_device, write_devices
-from rlrestore.losses import stage1_losses
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies import RestorationPolicy, build_policy, load_policy, policy_class
 from rlrestore.precision import Precision
 from rlrestore.tracking import MetricsWriter, WandbRun
 
 log = logging.getLogger(__name__)
 
-PREVIOUS_STAGE = {"stage1.1": "autoencoder", "stage1.2": "stage1.1"}
 CALIBRATION_FACES = 32  # clean faces used to set the latent scale after the autoencoder stage
 
 
@@ -63,14 +61,18 @@ class Stage1Objective(nn.Module):
     """The stage's loss as a module, so DDP can synchronise the trainable parameters' gradients."""
 
     def __init__(
-        self, policy: PrefRestorePolicy, stage: AutoencoderConfig | SemanticAlignmentConfig | TextureAlignmentConfig
+        self,
+        policy: RestorationPolicy,
+        stage_name: str,
+        stage: AutoencoderConfig | SemanticAlignmentConfig | TextureAlignmentConfig,
     ) -> None:
         super().__init__()
         self.policy = policy
+        self.stage_name = stage_name
         self.stage = stage
 
     def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return stage1_losses(self.policy, batch, self.stage, generator)
+        return self.policy.stage1_losses(self.stage_name, batch, self.stage, generator)
 
 
 def lr_lambda(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
@@ -110,31 +112,38 @@ class EpochBatches:
         return epoch, mine[position * self.per_rank : (position + 1) * self.per_rank]
 
 
-def initial_policy(config: RunConfig, stage: str, dataset: FaceDataset) -> tuple[PrefRestorePolicy, Path | None]:
+def previous_stage(policy_type: str, stage: str) -> str | None:
+    """The Stage 1 stage before ``stage`` in the policy's own sequence (None for its first)."""
+    stages = policy_class(policy_type).stages
+    index = stages.index(stage)
+    return stages[index - 1] if index > 0 else None
+
+
+def initial_policy(config: RunConfig, stage: str, dataset: FaceDataset) -> tuple[RestorationPolicy, Path | None]:
     """Where a stage starts, first found: its newest checkpoint (resume), the previous stage's
-    final policy, ``policy.checkpoint``, else the networks built from the config (not Stage 1.2)."""
+    final policy, ``policy.checkpoint``, else the networks built from the config (only for a
+    policy's first stage, or one after the optional autoencoder stage)."""
     resume = latest_checkpoint(config.run_dir, stage)
     if resume is not None:
-        return PrefRestorePolicy.from_pretrained(resume / "policy"), resume
-    previous = PREVIOUS_STAGE.get(stage)
+        return load_policy(resume / "policy"), resume
+    previous = previous_stage(config.policy.type, stage)
     handoff = latest_checkpoint(config.run_dir, previous) if previous else None
     if handoff is not None:
-        policy = PrefRestorePolicy.from_pretrained(handoff / "policy")
-        if previous == "autoencoder":
-            calibration = torch.stack([dataset[i]["hq"] for i in range(min(len(dataset), CALIBRATION_FACES))])
-            policy.adopt_fitted_vae(calibration)
+        policy = load_policy(handoff / "policy")
+        calibration = torch.stack([dataset[i]["hq"] for i in range(min(len(dataset), CALIBRATION_FACES))])
+        policy.after_handoff(previous, calibration)
         return policy, None
     start = configured_policy_dir(config.policy.checkpoint)
     if start is not None:
-        return PrefRestorePolicy.from_pretrained(start), None
-    if stage == "stage1.2":
+        return load_policy(start), None
+    if previous not in (None, "autoencoder"):
         raise FileNotFoundError(
-            f"stage1.2 starts from the end of stage1.1, but {config.run_dir}/checkpoints/stage1.1 has no "
-            "checkpoint: run `rlrestore train stage1.1` first (or `rlrestore train stage1`), or set "
+            f"{stage} starts from the end of {previous}, but {config.run_dir}/checkpoints/{previous} has no "
+            f"checkpoint: run `rlrestore train {previous}` first (or `rlrestore train stage1`), or set "
             "policy.checkpoint to the policy to start from"
         )
     torch.manual_seed(config.seed)
-    return PrefRestorePolicy.from_config(config.policy), None
+    return build_policy(config.policy), None
 
 
 def optimizer_step(
@@ -237,7 +246,7 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
     batches = EpochBatches(len(dataset), stage.batch_size // world, rank, world, derived_seed(config.seed, stage_name))
     policy.float().to(device)  # float32 master weights whatever the checkpoint held
     params = policy.set_trainable(list(stage.trainable))
-    objective = Stage1Objective(policy, stage)
+    objective = Stage1Objective(policy, stage_name, stage)
     model = objective
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None

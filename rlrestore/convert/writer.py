@@ -22,7 +22,7 @@ from rlrestore.config import PolicyConfig
 from rlrestore.convert.keymap import IgnoredGroup, Plan, check
 from rlrestore.convert.sources import ConversionError
 from rlrestore.convert.tokenizer import TokenIds, convert_tokenizer
-from rlrestore.models.policy import PrefRestorePolicy
+from rlrestore.policies.prefrestore import PrefRestorePolicy
 
 REPORT = "convert_report.json"
 LM_HEAD, EMBED = "integrator.lm_head.weight", "integrator.model.embed_tokens.weight"
@@ -73,12 +73,27 @@ def _meta_policy(config: PolicyConfig, tokenizer_dir: Path) -> PrefRestorePolicy
         return PrefRestorePolicy.from_config(build)
 
 
+# The DiT and the z_low connector live in the policy's velocity model; conversion rules name them
+# as the policy directory does (transformer/, vae_connector.*).
+VELOCITY_PARTS = ("transformer.", "vae_connector.")
+
+
+def _module_key(key: str) -> str:
+    """A conversion key as the policy module's state-dict key."""
+    return f"velocity_model.{key}" if key.startswith(VELOCITY_PARTS) else key
+
+
+def _conversion_key(key: str) -> str:
+    """A policy module's state-dict key as the conversion rules name it."""
+    return key.removeprefix("velocity_model.")
+
+
 def _fresh_tensors(policy: PrefRestorePolicy, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """New modules' weights, initialised as PyTorch initialises them (seed 0)."""
     torch.manual_seed(0)
     tensors = {}
     for prefix in prefixes:
-        module = policy.get_submodule(prefix.rstrip("."))
+        module = policy.get_submodule(_module_key(prefix).rstrip("."))
         module.to_empty(device="cpu")
         for child in module.modules():
             if hasattr(child, "reset_parameters"):
@@ -106,7 +121,7 @@ def write_policy(
             policy = _meta_policy(config, Path(tokenizer_dir))
         except (OSError, ValueError) as exc:
             raise ConversionError(f"the converted configuration does not build: {exc}") from None
-        expected = {key: value.shape for key, value in policy.state_dict().items()}
+        expected = {_conversion_key(key): value.shape for key, value in policy.state_dict().items()}
         tied = bool(config.integrator.arch.get("tie_word_embeddings", False))
         if tied:
             expected.pop(LM_HEAD)
@@ -116,7 +131,7 @@ def write_policy(
         tensors.update(_fresh_tensors(policy, fresh))
         if tied:
             tensors[LM_HEAD] = tensors[EMBED]
-        policy.load_state_dict(tensors, strict=True, assign=True)
+        policy.load_state_dict({_module_key(k): v for k, v in tensors.items()}, strict=True, assign=True)
         if tied:
             policy.integrator.tie_weights()
         policy.config = config

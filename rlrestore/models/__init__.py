@@ -1,6 +1,5 @@
-"""The Pref-Restore policy networks, built from config or loaded from local weights."""
+"""The networks policies are built from (tokenizers, connectors, LoRA) and how they load."""
 
 from rlrestore.models.loading import CheckpointError, count_parameters
-from rlrestore.models.policy import Condition, Conditioning, PrefRestorePolicy, RestoreOutput
 
-__all__ = ["CheckpointError", "Condition", "Conditioning", "PrefRestorePolicy", "RestoreOutput", "count_parameters"]
+__all__ = ["CheckpointError", "count_parameters"]
