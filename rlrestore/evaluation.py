@@ -619,17 +619,7 @@ def run_evaluation(
         raise FileNotFoundError(f"--reference {reference} does not exist or is not a directory")
     metrics, skipped_metrics = plan_metrics(ev, has_gt=not real, has_reference=reference is not None)
     per_image_metrics = [metric for metric in metrics if metric.reward is not None]
-    settings = {
-        "data": str(Path(data).resolve()),
-        "kind": "real" if real else "synthetic",
-        "degradation": None if real else config.degradation.model_dump(mode="json"),
-        "sampler": config.sampler.model_dump(mode="json"),
-        "precision": config.precision,
-        "eval": ev.model_dump(
-            include={"seed", "samples", "noise_seed", "batch_size", "chunk_size", "upscale_small"}
-        ),
-        "metrics": {metric.key: metric.reward.args for metric in per_image_metrics},
-    }
+    settings = _settings(config, Path(data), real, per_image_metrics)
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, settings, models)
     inputs = prepare_inputs(Path(data), out, real, config, progress)
@@ -651,15 +641,7 @@ def run_evaluation(
     bar = tqdm(total=len(tasks), initial=len(reused), desc="eval chunks", disable=not progress)
     if pending:
         log.info("eval: %d chunk(s) done earlier, %d to compute", len(reused), len(pending))
-        worker_args = (metrics, config.sampler, ev, config.device, config.precision)
-        if ev.actors.num_actors == 0:
-            worker = EvalWorker(*worker_args)
-            write_devices(out, "eval", [worker.device_record("local")])
-            for task in pending:
-                _save_chunk(out, worker.run(load(task)), columns)
-                bar.update(1)
-        else:
-            _run_on_ray(config, worker_args, pending, load, out, columns, bar)
+        _compute_chunks(config, metrics, pending, load, out, columns, bar)
     bar.close()
 
     per_image, notes = _merge_parts(out, tasks, columns)
@@ -687,6 +669,43 @@ def run_evaluation(
     )
     _write_summaries(report)
     return report
+
+
+def _settings(config: RunConfig, data: Path, real: bool, per_image_metrics: list[Metric]) -> dict[str, Any]:
+    """What an evaluation's numbers depend on (an ``out`` folder holds one setting)."""
+    return {
+        "data": str(data.resolve()),
+        "kind": "real" if real else "synthetic",
+        "degradation": None if real else config.degradation.model_dump(mode="json"),
+        "sampler": config.sampler.model_dump(mode="json"),
+        "precision": config.precision,
+        "eval": config.eval.model_dump(
+            include={"seed", "samples", "noise_seed", "batch_size", "chunk_size", "upscale_small"}
+        ),
+        "metrics": {metric.key: metric.reward.args for metric in per_image_metrics},
+    }
+
+
+def _compute_chunks(
+    config: RunConfig,
+    metrics: list[Metric],
+    pending: list[tuple[str, int, list[str]]],
+    load: Callable[[tuple[str, int, list[str]]], ChunkTask],
+    out: Path,
+    columns: list[str],
+    bar: tqdm,
+) -> None:
+    """Restore and score ``pending`` chunks in this process (``eval.actors.num_actors`` 0) or on Ray
+    actors, saving each chunk as it completes."""
+    worker_args = (metrics, config.sampler, config.eval, config.device, config.precision)
+    if config.eval.actors.num_actors > 0:
+        _run_on_ray(config, worker_args, pending, load, out, columns, bar)
+        return
+    worker = EvalWorker(*worker_args)
+    write_devices(out, "eval", [worker.device_record("local")])
+    for task in pending:
+        _save_chunk(out, worker.run(load(task)), columns)
+        bar.update(1)
 
 
 def _check_manifest(out: Path, settings: dict[str, Any], models: dict[str, Path]) -> dict[str, Path]:
