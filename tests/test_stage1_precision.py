@@ -28,7 +28,7 @@ def _setup(config: RunConfig) -> tuple[Stage1Objective, list[nn.Parameter], torc
     stage = config.stage1_1
     params = policy.set_trainable(list(stage.trainable))
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    return Stage1Objective(policy, stage), params, optimizer
+    return Stage1Objective(policy, "stage1.1", stage), params, optimizer
 
 
 def _step(objective, params, optimizer, precision: str, scaler=None) -> tuple[dict, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,13 @@ class LearnerLost(RuntimeError):
     """A learner rank died (its process or node was lost): the group cannot go on and must be rebuilt."""
 
 
+DEAD_RANK_WAIT_S = 60.0  # how long a failed collective waits to learn whether a peer rank died
+
+
 def gather(refs: list[ray.ObjectRef]) -> list[Any]:
     """``ray.get`` that raises as soon as any rank fails, instead of waiting on ranks that are
-    blocked in a collective with the failed one. A dead rank raises :class:`LearnerLost`."""
+    blocked in a collective with the failed one. A dead rank raises :class:`LearnerLost`, also when
+    a surviving rank's broken collective (a gloo/NCCL error) is reported before the death is."""
     pending = list(refs)
     try:
         while pending:
@@ -90,6 +95,24 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
         return ray.get(refs)
     except ray.exceptions.RayActorError as exc:
         raise LearnerLost(f"a learner rank died: {type(exc).__name__}: {exc}") from exc
+    except ray.exceptions.RayTaskError as exc:
+        death = _dead_rank(pending)
+        if death is None:
+            raise
+        raise LearnerLost(f"a learner rank died: {type(death).__name__}: {death}") from exc
+
+
+def _dead_rank(refs: list[ray.ObjectRef]) -> ray.exceptions.RayActorError | None:
+    """The death of a rank among ``refs`` (still running calls), if Ray reports one in time."""
+    deadline = time.monotonic() + DEAD_RANK_WAIT_S
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError as exc:
+            return exc
+        except (ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError):
+            continue
+    return None
 
 
 class LearnerGroup:
