@@ -36,6 +36,7 @@ compute in float32, so numbers stay comparable across precisions. Layout of ``OU
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -632,16 +633,19 @@ def run_evaluation(
     pending = [task for task in tasks if (task[0], task[1]) not in reused]
     columns = [metric.key for metric in per_image_metrics]
 
-    def load(task: tuple[str, int, list[str]]) -> ChunkTask:
-        model, index, ids = task
-        gt = None if inputs.gt_dir is None else [load_image(inputs.gt_dir / f"{i}.png") for i in ids]
-        lq = [load_image(inputs.lq_dir / f"{i}.png") for i in ids]
-        return ChunkTask(model, str(models[model]), index, ids, [inputs.captions[i] for i in ids], lq, gt)
-
+    load = functools.partial(_load_chunk, inputs, models)
     bar = tqdm(total=len(tasks), initial=len(reused), desc="eval chunks", disable=not progress)
     if pending:
         log.info("eval: %d chunk(s) done earlier, %d to compute", len(reused), len(pending))
-        _compute_chunks(config, metrics, pending, load, out, columns, bar)
+        worker_args = (metrics, config.sampler, ev, config.device, config.precision)
+        if ev.actors.num_actors == 0:
+            worker = EvalWorker(*worker_args)
+            write_devices(out, "eval", [worker.device_record("local")])
+            for task in pending:
+                _save_chunk(out, worker.run(load(task)), columns)
+                bar.update(1)
+        else:
+            _run_on_ray(config, worker_args, pending, load, out, columns, bar)
     bar.close()
 
     per_image, notes = _merge_parts(out, tasks, columns)
@@ -686,26 +690,12 @@ def _settings(config: RunConfig, data: Path, real: bool, per_image_metrics: list
     }
 
 
-def _compute_chunks(
-    config: RunConfig,
-    metrics: list[Metric],
-    pending: list[tuple[str, int, list[str]]],
-    load: Callable[[tuple[str, int, list[str]]], ChunkTask],
-    out: Path,
-    columns: list[str],
-    bar: tqdm,
-) -> None:
-    """Restore and score ``pending`` chunks in this process (``eval.actors.num_actors`` 0) or on Ray
-    actors, saving each chunk as it completes."""
-    worker_args = (metrics, config.sampler, config.eval, config.device, config.precision)
-    if config.eval.actors.num_actors > 0:
-        _run_on_ray(config, worker_args, pending, load, out, columns, bar)
-        return
-    worker = EvalWorker(*worker_args)
-    write_devices(out, "eval", [worker.device_record("local")])
-    for task in pending:
-        _save_chunk(out, worker.run(load(task)), columns)
-        bar.update(1)
+def _load_chunk(inputs: EvalInputs, models: dict[str, Path], task: tuple[str, int, list[str]]) -> ChunkTask:
+    """What one chunk (checkpoint, index, input ids) of the evaluation restores and scores."""
+    model, index, ids = task
+    gt = None if inputs.gt_dir is None else [load_image(inputs.gt_dir / f"{i}.png") for i in ids]
+    lq = [load_image(inputs.lq_dir / f"{i}.png") for i in ids]
+    return ChunkTask(model, str(models[model]), index, ids, [inputs.captions[i] for i in ids], lq, gt)
 
 
 def _check_manifest(out: Path, settings: dict[str, Any], models: dict[str, Path]) -> dict[str, Path]:
