@@ -40,7 +40,7 @@ Conventions every reward follows:
   ``Reward.__call__`` negates its scores, so callers only ever see higher-is-better numbers;
 - a reward may return NaN for an image it cannot score (the aggregator drops that sample),
   and may raise for a batch it cannot score (its error policy decides what follows:
-  ``stage2.reward_errors``, ``rewards.worker``);
+  ``stage2.faults.reward_errors``, ``rewards.worker``);
 - ``resources`` says what one instance needs where it runs (``num_cpus``, ``num_gpus``,
   ``memory`` in bytes); a reward actor reserves the sum over the rewards it hosts unless the
   config sets its resources (``rewards.worker.make_reward_actor``);

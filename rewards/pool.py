@@ -1,8 +1,8 @@
 """The reward actors of a Stage 2 run, and the run's record of reward failures.
 
 The config decides how rewards share actors: every reward belongs to a reward-actor group
-(``RewardSpec.actor``; ``default`` is sized by ``stage2.reward_workers``, other groups by
-``stage2.reward_actors``), and each group runs its own ``num_actors`` actors, each in its own
+(``RewardSpec.actor``; ``default`` is sized by ``stage2.resources.reward``, other groups by
+``stage2.resources.reward_groups``), and each group runs its own ``num_actors`` actors, each in its own
 bundle of the Stage 2 placement group, reserving the group's CPUs/GPUs. Several rewards in one
 group share its actors; a group per reward gives each its own resources::
 
@@ -10,14 +10,16 @@ group share its actors; a group per reward gives each its own resources::
       rewards:
         - {name: sharpness, weight: 1.0}                  # default group
         - {name: my_pkg:Aesthetic, weight: 0.5, actor: gpu}
-      reward_workers: {num_actors: 1, num_cpus: 0.25}    # the default group
-      reward_actors:
-        gpu: {num_actors: 2, num_cpus: 1, num_gpus: 0.5}
+      resources:
+        reward: {num_actors: 1, num_cpus: 0.25}          # the default group
+        reward_groups:
+          gpu: {num_actors: 2, num_cpus: 1, num_gpus: 0.5}
 
 :class:`RewardActorPool` sends every group all of a step's images, split evenly over the
-group's actors, and merges the per-group score dicts. :class:`RewardErrorLog` turns the failed
-calls the actors report into per-step metrics and skip decisions, and writes the end-of-run
-summary ``<run_dir>/reward_errors.json``.
+group's actors, and merges the per-group score dicts. :class:`RewardErrorLog` turns the
+:class:`~rewards.worker.RewardFailure` records the actors report into per-step metrics and skip
+decisions, and writes the end-of-run summary ``<run_dir>/reward_errors.json`` (one
+:class:`RewardErrorCounts` per reward).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,19 @@ import torch
 from torch import Tensor
 
 from rewards.base import RewardBatch, RewardError, reward_name
-from rewards.worker import ErrorHandling, collect_scores, make_reward_actor, submit_scores
+from rewards.worker import ErrorHandling, RewardFailure, collect_scores, make_reward_actor, submit_scores
 from rlrestore.config import ActorGroupConfig, RewardSpec, Stage2Config
 from rlrestore.runtime.devices import DeviceName, DeviceRecord
 from rlrestore.runtime.precision import PrecisionName
 
-__all__ = ["RewardActorPool", "RewardErrorLog", "RewardOutcome", "StepErrors", "reward_actor_count"]
+__all__ = [
+    "RewardActorPool",
+    "RewardErrorCounts",
+    "RewardErrorLog",
+    "RewardOutcome",
+    "StepErrors",
+    "reward_actor_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,7 @@ class RewardOutcome:
     """Scores ``{name: float32 [N]}`` of one call, and the failed calls behind any NaN in them."""
 
     scores: dict[str, Tensor]
-    errors: list[dict[str, Any]]
+    errors: list[RewardFailure]
 
 
 @dataclass
@@ -109,7 +118,7 @@ class RewardActorPool:
             device=self.device,
             precision=self.precision,
             group=group.name,
-            errors=self.stage.reward_errors,
+            errors=self.stage.faults.reward_errors,
             scheduling_strategy=group.strategies[index],
         )
 
@@ -150,13 +159,11 @@ class RewardActorPool:
                     ref = submit_scores(actor, images[start:stop], batch.select(start, stop))
                     calls.append((group, index, start, stop, ref, actor.take_errors.remote()))
         parts: dict[str, list[Tensor]] = {}
-        errors: list[dict[str, Any]] = []
+        errors: list[RewardFailure] = []
         for group, index, start, stop, ref, errors_ref in calls:
             try:
                 scores = collect_scores(ref)
-                found = [
-                    {**e, "start": e["start"] + start, "stop": e["stop"] + start} for e in ray.get(errors_ref)
-                ]
+                found = [failure.shifted(start) for failure in ray.get(errors_ref)]
             except ray.exceptions.RayTaskError as exc:
                 if isinstance(exc.cause, RewardError):  # a reward with on_error=fail
                     raise RewardError(str(exc.cause)) from exc
@@ -166,32 +173,26 @@ class RewardActorPool:
             for name, values in scores.items():
                 parts.setdefault(name, []).append(values)
             errors.extend(found)
-            if any(error["timed_out"] or error.get("actor_lost") for error in found):
+            if any(failure.timed_out or failure.actor_lost for failure in found):
                 self._replace(group, index)
         return RewardOutcome({name: torch.cat(values) for name, values in parts.items()}, errors)
 
     def _lost_call(
         self, group: _Group, start: int, stop: int, exc: Exception
-    ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-        """NaN scores and one error per reward of ``group`` for a call its actor could not answer."""
+    ) -> tuple[dict[str, Tensor], list[RewardFailure]]:
+        """NaN scores and one failure per reward of ``group`` for a call its actor could not answer."""
         message = f"reward actor of group {group.name!r} died: {type(exc).__name__}: {exc}"
         scores, errors = {}, []
         for spec in group.specs:
             name = reward_name(spec)
-            policy = ErrorHandling.of(spec, self.stage.reward_errors).policy
+            policy = ErrorHandling.of(spec, self.stage.faults.reward_errors).policy
             if policy == "fail":
                 raise RewardError(
                     f"reward {name!r} failed on samples {start}:{stop} (on_error=fail): {message}"
                 )
             log.warning("reward %r: %s", name, message)
             scores[name] = torch.full((stop - start,), torch.nan)
-            errors.append(
-                {
-                    "reward": name, "start": start, "stop": stop, "attempts": 1, "failed": 1,
-                    "recovered": False, "timed_out": False, "actor_lost": True, "policy": policy,
-                    "error": message, "traceback": "",
-                }
-            )  # fmt: skip
+            errors.append(RewardFailure.of(name, (start, stop), [exc], policy, actor_lost=True, error=message))
         return scores, errors
 
     def _replace(self, group: _Group, index: int) -> None:
@@ -225,61 +226,91 @@ class StepErrors:
         return bool(self.skipped_by)
 
 
+@dataclass
+class FirstError:
+    """One of the first failures of a reward, as the summary lists them."""
+
+    step: int
+    samples: str  # "start:stop"
+    error: str
+
+
+@dataclass
+class RewardErrorCounts:
+    """One reward's failures over a run: its entry of ``reward_errors.json``."""
+
+    failed_calls: int = 0  # chunks left unscored
+    failed_attempts: int = 0  # every failed call, retried ones included
+    retried_calls: int = 0
+    recovered_calls: int = 0  # a retry succeeded
+    timeouts: int = 0
+    skipped_steps: int = 0  # steps not trained because of this reward
+    first_errors: list[FirstError] = field(default_factory=list)  # the first FIRST_ERRORS
+
+    def add(self, step: int, failure: RewardFailure) -> None:
+        """Count one failed chunk of ``step``."""
+        self.failed_attempts += failure.failed
+        self.retried_calls += failure.attempts > 1
+        self.recovered_calls += failure.recovered
+        self.timeouts += failure.timed_out
+        self.failed_calls += not failure.recovered
+        if len(self.first_errors) < FIRST_ERRORS:
+            self.first_errors.append(FirstError(step, failure.samples, failure.error))
+
+    def merge_earlier(self, earlier: RewardErrorCounts) -> None:
+        """Add the counts of an earlier session of the run (its errors come first)."""
+        for name in ("failed_calls", "failed_attempts", "retried_calls", "recovered_calls", "timeouts", "skipped_steps"):
+            setattr(self, name, getattr(earlier, name) + getattr(self, name))
+        self.first_errors = [*earlier.first_errors, *self.first_errors][:FIRST_ERRORS]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RewardErrorCounts:
+        """Counts read back from a ``reward_errors.json`` entry."""
+        first = [FirstError(**entry) for entry in data.get("first_errors", [])]
+        return cls(**{**data, "first_errors": first})
+
+
 class RewardErrorLog:
     """Per-reward failure counts of a run: per-step metrics, skip decisions and a summary.
 
     ``specs`` are the configured rewards (a failure of a weight-0 reward is counted but never
-    skips a step). The summary, per reward: ``failed_calls`` (chunks left unscored),
-    ``failed_attempts`` (every failed call, retried ones included), ``retried_calls``,
-    ``recovered_calls`` (a retry succeeded), ``timeouts``, ``skipped_steps`` and the first
-    ``FIRST_ERRORS`` messages with their step; ``skipped_steps`` lists the steps not trained.
+    skips a step). The summary holds a :class:`RewardErrorCounts` per reward and lists the steps
+    not trained (``skipped_steps``).
     """
 
     def __init__(self, specs: Sequence[RewardSpec]) -> None:
         self.weights = {reward_name(spec): spec.weight for spec in specs}
-        self.counts = {name: self._empty() for name in self.weights}
+        self.counts = {name: RewardErrorCounts() for name in self.weights}
         self.skipped_steps: list[int] = []
 
-    @staticmethod
-    def _empty() -> dict[str, Any]:
-        keys = ("failed_calls", "failed_attempts", "retried_calls", "recovered_calls", "timeouts")
-        return {**dict.fromkeys(keys, 0), "skipped_steps": 0, "first_errors": []}
-
-    def record(self, step: int, errors: Sequence[dict[str, Any]]) -> StepErrors:
+    def record(self, step: int, errors: Sequence[RewardFailure]) -> StepErrors:
         """Count the failed calls of ``step``; says whether the step trains."""
         metrics = {f"reward/errors/{name}": 0.0 for name in self.weights}
-        lost: dict[str, dict[str, Any]] = {}
-        for error in errors:
-            name = error["reward"]
-            counts = self.counts.setdefault(name, self._empty())
-            metrics[f"reward/errors/{name}"] = metrics.get(f"reward/errors/{name}", 0.0) + error["failed"]
-            counts["failed_attempts"] += error["failed"]
-            counts["retried_calls"] += error["attempts"] > 1
-            counts["recovered_calls"] += error["recovered"]
-            counts["timeouts"] += error["timed_out"]
-            if len(counts["first_errors"]) < FIRST_ERRORS:
-                span = f"{error['start']}:{error['stop']}"
-                counts["first_errors"].append({"step": step, "samples": span, "error": error["error"]})
-            if not error["recovered"]:
-                counts["failed_calls"] += 1
-                lost.setdefault(name, error)
+        lost: dict[str, RewardFailure] = {}
+        for failure in errors:
+            name = failure.reward
+            self.counts.setdefault(name, RewardErrorCounts()).add(step, failure)
+            metrics[f"reward/errors/{name}"] = metrics.get(f"reward/errors/{name}", 0.0) + failure.failed
+            if not failure.recovered:
+                lost.setdefault(name, failure)
         skipped_by = sorted(name for name in lost if self.weights.get(name, 0.0) != 0)
         for name in skipped_by:
-            self.counts[name]["skipped_steps"] += 1
+            self.counts[name].skipped_steps += 1
         if skipped_by:
             self.skipped_steps.append(step)
             log.warning(
                 "step %d is not trained: %s",
                 step,
-                "; ".join(f"reward {name!r} failed on samples {lost[name]['start']}:{lost[name]['stop']}: "
-                          f"{lost[name]['error']}" for name in skipped_by),
+                "; ".join(f"reward {name!r} failed on samples {lost[name].samples}: {lost[name].error}"
+                          for name in skipped_by),
             )  # fmt: skip
         metrics["reward/skipped_step"] = float(bool(skipped_by))
         return StepErrors(metrics, skipped_by)
 
     def summary(self) -> dict[str, Any]:
-        """Counts per reward and the skipped steps (JSON-serialisable)."""
-        return {"skipped_steps": list(self.skipped_steps), "rewards": self.counts}
+        """Counts per reward and the skipped steps: the JSON of ``reward_errors.json``."""
+        rewards = {name: asdict(counts) for name, counts in self.counts.items()}
+        return {"skipped_steps": list(self.skipped_steps), "rewards": rewards}
 
     def load(self, path: Path) -> None:
         """Add the counts of an earlier session's summary at ``path`` (a resumed run), if there is one."""
@@ -288,9 +319,7 @@ class RewardErrorLog:
         earlier = json.loads(path.read_text())
         self.skipped_steps = [*earlier.get("skipped_steps", []), *self.skipped_steps]
         for name, counts in earlier.get("rewards", {}).items():
-            mine = self.counts.setdefault(name, self._empty())
-            for key, value in counts.items():
-                mine[key] = (value + mine[key])[:FIRST_ERRORS] if key == "first_errors" else value + mine[key]
+            self.counts.setdefault(name, RewardErrorCounts()).merge_earlier(RewardErrorCounts.from_json(counts))
 
     def write(self, path: Path) -> None:
         """Write :meth:`summary` as JSON to ``path``."""
@@ -298,16 +327,16 @@ class RewardErrorLog:
 
     def format(self) -> str:
         """The summary as a few lines of text."""
-        failing = {name: counts for name, counts in self.counts.items() if counts["failed_attempts"]}
+        failing = {name: counts for name, counts in self.counts.items() if counts.failed_attempts}
         if not failing:
             return "reward errors: none"
         lines = [f"reward errors ({len(self.skipped_steps)} steps not trained):"]
-        for name, counts in failing.items():
-            first = counts["first_errors"][0]
+        for name, c in failing.items():
+            first = c.first_errors[0]
             lines.append(
-                f"  {name}: {counts['failed_attempts']} failed attempts, {counts['failed_calls']} chunks "
-                f"unscored ({counts['retried_calls']} retried, {counts['recovered_calls']} recovered, "
-                f"{counts['timeouts']} timed out), {counts['skipped_steps']} steps not trained; first "
-                f"(step {first['step']}, samples {first['samples']}): {first['error']}"
+                f"  {name}: {c.failed_attempts} failed attempts, {c.failed_calls} chunks unscored "
+                f"({c.retried_calls} retried, {c.recovered_calls} recovered, {c.timeouts} timed out), "
+                f"{c.skipped_steps} steps not trained; first (step {first.step}, samples {first.samples}): "
+                f"{first.error}"
             )
         return "\n".join(lines)

@@ -3,14 +3,14 @@
 ``RewardWorker`` builds the configured rewards on one device and scores batches in chunks of
 ``batch_size`` images. A reward that raises, returns a malformed result or hangs does not take
 the worker down; per reward, its error policy (``RewardSpec.on_error``, default
-``stage2.reward_errors``) decides:
+``stage2.faults.reward_errors``) decides:
 
 - ``retry``: the failed chunk is called again up to ``retries`` times; if every attempt fails,
   the chunk scores NaN and the failure is reported (the Stage 2 driver then skips the step);
 - ``skip_step``: the chunk scores NaN at once and the failure is reported;
 - ``fail``: :class:`~rewards.base.RewardError` is raised, naming the reward and the error.
 
-Every failed chunk is kept in ``worker.errors`` (see :class:`RewardWorker`). Timeouts: each
+Every failed chunk is kept in ``worker.errors`` as a :class:`RewardFailure`. Timeouts: each
 call runs in a daemon thread that the worker waits on for at most ``timeout_s``; Python cannot
 stop a thread, so a call past its timeout is abandoned (left running), counts as failed, and the
 reward's remaining chunks of that ``score`` call are not attempted. In Stage 2 the actor of a
@@ -20,7 +20,7 @@ frees what it holds.
 ``make_reward_actor`` runs a worker as a Ray actor with the resources the rewards declare (or
 the configured ones) and restarts. Images cross the object store as numpy arrays::
 
-    actor = make_reward_actor(stage2.rewards, stage2.reward_workers, errors=stage2.reward_errors)
+    actor = make_reward_actor(stage2.rewards, stage2.resources.reward, errors=stage2.faults.reward_errors)
     ref = submit_scores(actor, images, RewardBatch(captions, clean=clean_faces))
     scores = collect_scores(ref)  # {"sharpness": Tensor[N], "psnr": Tensor[N]}
 
@@ -38,7 +38,7 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -60,6 +60,7 @@ from rlrestore.runtime.precision import Precision, PrecisionName
 __all__ = [
     "ErrorHandling",
     "RewardActor",
+    "RewardFailure",
     "RewardTimeout",
     "RewardWorker",
     "call_with_timeout",
@@ -103,6 +104,62 @@ def call_with_timeout(function: Callable[[], T], timeout_s: float, name: str = "
 
 
 @dataclass(frozen=True)
+class RewardFailure:
+    """One chunk of samples whose reward calls failed at least once: what the reward actors report
+    to the driver and ``reward_errors.json`` counts (built by :meth:`of`)."""
+
+    reward: str
+    start: int  # the chunk's samples in the scored batch: start:stop
+    stop: int
+    attempts: int  # calls made
+    failed: int  # of them failed
+    recovered: bool  # a retry succeeded: the scores are real (else they are NaN)
+    timed_out: bool  # an attempt was abandoned at its timeout
+    policy: ErrorPolicy
+    error: str  # the last failure, "Type: message"
+    traceback: str = ""
+    actor_lost: bool = False  # the reward actor died and never answered
+
+    @classmethod
+    def of(
+        cls,
+        reward: str,
+        samples: tuple[int, int],
+        failures: Sequence[BaseException],
+        policy: ErrorPolicy,
+        *,
+        recovered: bool = False,
+        actor_lost: bool = False,
+        error: str | None = None,
+    ) -> RewardFailure:
+        """The record of a chunk's failed ``failures`` (in call order; the last one is reported,
+        as ``error`` when given); ``recovered``: a further call succeeded."""
+        last = failures[-1]
+        return cls(
+            reward=reward,
+            start=samples[0],
+            stop=samples[1],
+            attempts=len(failures) + recovered,
+            failed=len(failures),
+            recovered=recovered,
+            timed_out=any(isinstance(exc, RewardTimeout) for exc in failures),
+            policy=policy,
+            error=error or f"{type(last).__name__}: {last}",
+            traceback="" if actor_lost else "".join(traceback.format_exception(last)),
+            actor_lost=actor_lost,
+        )
+
+    @property
+    def samples(self) -> str:
+        """``start:stop``, as messages and the summary name the chunk."""
+        return f"{self.start}:{self.stop}"
+
+    def shifted(self, offset: int) -> RewardFailure:
+        """The same failure with its samples counted from ``offset`` (a part of a larger batch)."""
+        return replace(self, start=self.start + offset, stop=self.stop + offset)
+
+
+@dataclass(frozen=True)
 class ErrorHandling:
     """The error policy of one reward, resolved from its spec and the run-wide defaults."""
 
@@ -127,11 +184,8 @@ class RewardWorker:
     ``timeout_s`` override it) says how failures are handled; see the module docstring.
     ``precision``: rewards with ``autocast`` run under its autocast (a no-op under fp32).
 
-    ``errors`` after a call lists each chunk whose calls failed at least once, as a dict:
-    ``reward``; ``start``, ``stop`` (its samples); ``attempts`` (calls made) and ``failed`` (of
-    them failed); ``recovered`` (a retry succeeded: the scores are real, else they are NaN);
-    ``timed_out`` (an attempt was abandoned at its timeout); ``policy``; ``error`` and
-    ``traceback`` of the last failure. ``take_errors`` returns and clears them.
+    ``errors`` after a call lists each chunk whose calls failed at least once, as a
+    :class:`RewardFailure`; ``take_errors`` returns and clears them.
     """
 
     def __init__(
@@ -157,7 +211,7 @@ class RewardWorker:
         }
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.errors: list[dict[str, Any]] = []
+        self.errors: list[RewardFailure] = []
 
     @property
     def names(self) -> list[str]:
@@ -188,9 +242,9 @@ class RewardWorker:
                     reward, images[start:stop], batch.select(start, stop), start
                 )
                 if error is not None:
-                    if error["timed_out"] and not error["recovered"]:
-                        stop = error["stop"] = count  # the reward hangs: skip its remaining chunks
-                        error["error"] += f"; samples {start}:{count} not scored"
+                    if error.timed_out and not error.recovered:  # the reward hangs: skip its remaining chunks
+                        stop = count
+                        error = replace(error, stop=count, error=f"{error.error}; samples {start}:{count} not scored")
                     self.errors.append(error)
                 chunks.append(torch.full((stop - start,), torch.nan) if scores is None else scores)
                 if stop == count:
@@ -198,8 +252,8 @@ class RewardWorker:
             results[reward.name] = torch.cat(chunks) if chunks else torch.empty(0)
         return results
 
-    def take_errors(self) -> list[dict[str, Any]]:
-        """The recorded errors since the last call; clears them."""
+    def take_errors(self) -> list[RewardFailure]:
+        """The recorded failures since the last call; clears them."""
         errors, self.errors = self.errors, []
         return errors
 
@@ -215,8 +269,8 @@ class RewardWorker:
 
     def _score_chunk(
         self, reward: Reward, images: Tensor, batch: RewardBatch, start: int
-    ) -> tuple[Tensor | None, dict[str, Any] | None]:
-        """(scores, or None when every attempt failed; the error record, or None when none failed)."""
+    ) -> tuple[Tensor | None, RewardFailure | None]:
+        """(scores, or None when every attempt failed; the failure, or None when none failed)."""
         handling = self.handling[reward.name]
         span = f"samples {start}:{start + len(batch)}"
         failures: list[Exception] = []
@@ -240,19 +294,8 @@ class RewardWorker:
                 )  # fmt: skip
         if not failures:
             return scores, None
-        last = failures[-1]
-        return scores, {
-            "reward": reward.name,
-            "start": start,
-            "stop": start + len(batch),
-            "attempts": len(failures) + (scores is not None),
-            "failed": len(failures),
-            "recovered": scores is not None,
-            "timed_out": any(isinstance(exc, RewardTimeout) for exc in failures),
-            "policy": handling.policy,
-            "error": f"{type(last).__name__}: {last}",
-            "traceback": "".join(traceback.format_exception(last)),
-        }
+        samples = (start, start + len(batch))
+        return scores, RewardFailure.of(reward.name, samples, failures, handling.policy, recovered=scores is not None)
 
 
 class RewardActor:
@@ -304,7 +347,7 @@ class RewardActor:
         scores = self.worker.score(torch.from_numpy(np.array(images)), batch)
         return {name: values.numpy() for name, values in scores.items()}
 
-    def take_errors(self) -> list[dict[str, Any]]:
+    def take_errors(self) -> list[RewardFailure]:
         return self.worker.take_errors()
 
 

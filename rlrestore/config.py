@@ -2,7 +2,7 @@
 
 A run is described by a YAML file plus ``key=value`` overrides (dotted keys, YAML values)::
 
-    rlrestore train stage1 configs/tiny.yaml stage1_1.steps=50 ray.num_workers=2
+    rlrestore train stage1 configs/tiny.yaml stage1_1.steps=50 ray.train_workers.num_actors=2
 
 Every field has a type, a default and a description; unknown keys and bad values are rejected
 with a message naming the key, the value and what is allowed.
@@ -272,6 +272,28 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
 
 
+class ActorGroupConfig(_Section):
+    """The one resource vocabulary of every Ray role (Stage 1 workers, Stage 2 actors, eval actors):
+    how many actors run, and what each reserves."""
+
+    num_actors: int = Field(1, ge=1, description="Number of actors (Ray Train workers for Stage 1) of this role.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor (fractions allowed).")
+
+    def bundle(self) -> dict[str, float]:
+        """What one actor reserves, as a Ray resource bundle (``GPU`` only when it reserves some)."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus else {})}
+
+
+class EvalActorsConfig(ActorGroupConfig):
+    """Eval actors: as every role, but 0 actors restores and scores in this process, without Ray."""
+
+    num_actors: int = Field(
+        0, ge=0, description="Ray actors restoring and scoring chunks in parallel; 0 runs in-process without Ray."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per eval actor (fractions allowed).")
+
+
 StageName = Literal["autoencoder", "stage1.1", "stage1.2"]
 # A stage's trainable components, checked against the policy's own names when it is built.
 Component = str
@@ -356,7 +378,7 @@ ErrorPolicy = Literal["retry", "skip_step", "fail"]
 
 def reward_group_key(group: str) -> str:
     """The config section that sizes reward-actor group ``group``."""
-    return "stage2.reward_workers" if group == DEFAULT_REWARD_ACTOR else f"stage2.reward_actors.{group}"
+    return "stage2.resources.reward" if group == DEFAULT_REWARD_ACTOR else f"stage2.resources.reward_groups.{group}"
 
 
 class RewardSpec(_Section):
@@ -372,17 +394,17 @@ class RewardSpec(_Section):
     actor: str = Field(
         DEFAULT_REWARD_ACTOR,
         min_length=1,
-        description="Reward-actor group hosting this reward: 'default' (sized by stage2.reward_workers) "
-        "or a key of stage2.reward_actors. Rewards of one group share its actors.",
+        description="Reward-actor group hosting this reward: 'default' (sized by stage2.resources.reward) "
+        "or a key of stage2.resources.reward_groups. Rewards of one group share its actors.",
     )
     on_error: ErrorPolicy | None = Field(
-        None, description="Error policy of this reward; None uses stage2.reward_errors.policy."
+        None, description="Error policy of this reward; None uses stage2.faults.reward_errors.policy."
     )
     timeout_s: float | None = Field(
         None,
         gt=0,
         description="Seconds one scoring call (one chunk of images) may take before it counts as failed; "
-        "None uses stage2.reward_errors.timeout_s.",
+        "None uses stage2.faults.reward_errors.timeout_s.",
     )
 
 
@@ -410,14 +432,6 @@ class RewardErrorConfig(_Section):
     )
 
 
-class ActorGroupConfig(_Section):
-    """How many Ray actors of one role run, and what each reserves."""
-
-    num_actors: int = Field(1, ge=1, description="Number of actors of this role.")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per actor (fractions allowed).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed).")
-
-
 class NFTConfig(_Section):
     """DiffusionNFT loss (Eq. 13-15) and the v_old EMA, as the reference implementation does them."""
 
@@ -439,34 +453,42 @@ class NFTConfig(_Section):
     ema_schedule: Literal["linear", "delayed"] = Field("linear", description="Decay schedule of v_old.")
 
 
-class Stage2Config(_Section):
-    """Stage 2: preference RL with DiffusionNFT on rollout, reward and learner actors."""
+class RolloutConfig(_Section):
+    """How the rollout actors sample: chunk size, sampler, and rollouts overlapping the learners."""
 
-    steps: int = Field(100, ge=1, description="RL steps (rollout -> reward -> learn -> sync).")
-    inputs_per_step: int = Field(48, ge=1, description="Degraded inputs per step (groups).")
-    candidates: int = Field(24, ge=1, description="K candidates per input.")
-    rollout_batch: int = Field(4, ge=1, description="Inputs per batched rollout call.")
+    batch_size: int = Field(
+        4, ge=1, description="Inputs per batched rollout call (one chunk, sent to one rollout actor)."
+    )
     sampler_steps: int = Field(
-        10, ge=1, description="Sampler steps of rollouts (deterministic ODE, CFG off)."
+        10, ge=1, description="Sampler steps of rollouts (deterministic ODE, CFG off); also the learners' timestep grid."
     )
     sampler_method: Literal["euler", "dpm2"] = Field(
         "euler",
         description="Rollout sampler: 'euler' or 'dpm2' (the released model's Stage 2), see sampler.method.",
     )
-    rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [
-            RewardSpec(name="sharpness", weight=1.0),
-            RewardSpec(name="psnr", weight=0.0),
-        ],
-        description="Reward components; a weight of 0 reports a component without training on it.",
+    asynchronous: bool = Field(False, description="Roll out step i+1 while the learners train on step i.")
+    max_policy_lag: int = Field(
+        1,
+        ge=0,
+        description="Most policy versions a rollout may lag behind the weights it is trained with; a rollout "
+        "lagging more is redone with the current weights. Asynchronous rollouts lag 1 by design (need >= 1); "
+        "synchronous rollouts lag 0.",
     )
-    nft: NFTConfig = Field(default_factory=NFTConfig, description="NFT loss and v_old EMA.")
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(
-            lr=3e-4, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0
-        ),
-        description="Learner optimizer (Table I: AdamW 3e-4 constant, wd 1e-4).",
-    )
+
+    @model_validator(mode="after")
+    def _async_needs_lag(self) -> RolloutConfig:
+        if self.asynchronous and self.max_policy_lag < 1:
+            raise ValueError(
+                "stage2.rollout.asynchronous=true rolls out step i+1 with the weights of step i (policy lag 1), "
+                f"but stage2.rollout.max_policy_lag={self.max_policy_lag}: set max_policy_lag >= 1 or "
+                "asynchronous=false"
+            )
+        return self
+
+
+class LearnerConfig(_Section):
+    """What the DeepSpeed learner ranks train and how: micro-batches, full fine-tuning or LoRA, ZeRO."""
+
     micro_batch: int = Field(8, ge=1, description="Samples per learner forward/backward.")
     finetune: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA of the DiT.")
     lora_rank: int = Field(32, ge=1, description="LoRA rank (finetune=lora).")
@@ -489,22 +511,25 @@ class Stage2Config(_Section):
         le=2,
         description="DeepSpeed ZeRO stage of the learners (0-2; ZeRO-3 would split the DiT the EMA reads whole).",
     )
-    rollout_workers: ActorGroupConfig = Field(
-        default_factory=lambda: ActorGroupConfig(num_actors=2), description="Rollout worker actors."
+
+
+class Stage2Resources(_Section):
+    """Ray resources of every Stage 2 role, one ``ActorGroupConfig`` each, reserved up front in one
+    placement group (a bundle per actor)."""
+
+    rollout: ActorGroupConfig = Field(
+        default_factory=lambda: ActorGroupConfig(num_actors=2), description="Rollout actors."
     )
-    reward_workers: ActorGroupConfig = Field(
+    reward: ActorGroupConfig = Field(
         default_factory=ActorGroupConfig,
         description="Actors of the 'default' reward-actor group (rewards without `actor`).",
     )
-    reward_actors: dict[str, ActorGroupConfig] = Field(
+    reward_groups: dict[str, ActorGroupConfig] = Field(
         default_factory=dict,
         description="Further reward-actor groups by name (a reward joins one with `actor: NAME`), each "
         "with its own actors and CPU/GPU reservation; e.g. one GPU group per large model.",
     )
-    reward_errors: RewardErrorConfig = Field(
-        default_factory=RewardErrorConfig, description="Error policy and timeout of reward scoring."
-    )
-    learners: ActorGroupConfig = Field(
+    learner: ActorGroupConfig = Field(
         default_factory=lambda: ActorGroupConfig(num_actors=2), description="DeepSpeed learner ranks."
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -513,6 +538,20 @@ class Stage2Config(_Section):
     placement_timeout_s: float = Field(
         120.0, gt=0, description="Seconds to wait for the cluster to fit the placement group before failing."
     )
+
+    @model_validator(mode="after")
+    def _default_group_is_reward(self) -> Stage2Resources:
+        if DEFAULT_REWARD_ACTOR in self.reward_groups:
+            raise ValueError(
+                f"stage2.resources.reward_groups.{DEFAULT_REWARD_ACTOR}: the default group is sized by "
+                "stage2.resources.reward; set that instead or give this group another name"
+            )
+        return self
+
+
+class FaultConfig(_Section):
+    """What a Stage 2 run survives: actor deaths, and rewards that raise, hang or return garbage."""
+
     max_actor_failures: int = Field(
         10,
         ge=0,
@@ -520,40 +559,66 @@ class Stage2Config(_Section):
         "dead rollout actor is replaced and its chunk redone; a lost learner rank rebuilds the learner "
         "group from the newest checkpoint and redoes the steps after it).",
     )
-    async_rollouts: bool = Field(False, description="Roll out step i+1 while the learners train on step i.")
-    max_policy_lag: int = Field(
-        1,
-        ge=0,
-        description="Most policy versions a rollout may lag behind the weights it is trained with; a rollout "
-        "lagging more is redone with the current weights. Async mode lags 1 by design (needs >= 1); "
-        "synchronous rollouts lag 0.",
+    reward_errors: RewardErrorConfig = Field(
+        default_factory=RewardErrorConfig, description="Error policy and timeout of reward scoring."
     )
+
+
+class OutputConfig(_Section):
+    """What a Stage 2 run writes besides its metrics, and how often."""
+
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
     sample_grid_every: int = Field(10, ge=1, description="Write an LQ | candidates | GT grid every N steps.")
 
-    @model_validator(mode="after")
-    def _async_needs_lag(self) -> Stage2Config:
-        if self.async_rollouts and self.max_policy_lag < 1:
-            raise ValueError(
-                "stage2.async_rollouts=true rolls out step i+1 with the weights of step i (policy lag 1), "
-                f"but stage2.max_policy_lag={self.max_policy_lag}: set max_policy_lag >= 1 or async_rollouts=false"
-            )
-        return self
+
+class Stage2Config(_Section):
+    """Stage 2: preference RL with DiffusionNFT on rollout, reward and learner actors.
+
+    The recipe (steps, inputs, K, rewards) at the top; then one section per concern: how rollouts
+    sample, the NFT loss, the optimizer, what the learners train, the Ray resources of every role,
+    what the run survives, and what it writes.
+    """
+
+    steps: int = Field(100, ge=1, description="RL steps (rollout -> reward -> learn -> sync).")
+    inputs_per_step: int = Field(48, ge=1, description="Degraded inputs per step (groups).")
+    candidates: int = Field(24, ge=1, description="K candidates per input.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [
+            RewardSpec(name="sharpness", weight=1.0),
+            RewardSpec(name="psnr", weight=0.0),
+        ],
+        description="Reward components; a weight of 0 reports a component without training on it.",
+    )
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout sampling.")
+    nft: NFTConfig = Field(default_factory=NFTConfig, description="NFT loss and v_old EMA.")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(
+            lr=3e-4, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0
+        ),
+        description="Learner optimizer (Table I: AdamW 3e-4 constant, wd 1e-4).",
+    )
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="What the learners train.")
+    resources: Stage2Resources = Field(
+        default_factory=Stage2Resources, description="Actors and reservations of every role; placement."
+    )
+    faults: FaultConfig = Field(default_factory=FaultConfig, description="Actor and reward failures.")
+    outputs: OutputConfig = Field(default_factory=OutputConfig, description="Checkpoints and sample grids.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return move_renamed_keys(data, "stage2")
 
     @model_validator(mode="after")
     def _reward_groups_exist(self) -> Stage2Config:
-        if DEFAULT_REWARD_ACTOR in self.reward_actors:
-            raise ValueError(
-                f"stage2.reward_actors.{DEFAULT_REWARD_ACTOR}: the default group is sized by "
-                "stage2.reward_workers; set that instead or give this group another name"
-            )
+        groups = self.resources.reward_groups
         for index, spec in enumerate(self.rewards):
-            if spec.actor != DEFAULT_REWARD_ACTOR and spec.actor not in self.reward_actors:
-                defined = ", ".join([DEFAULT_REWARD_ACTOR, *self.reward_actors])
+            if spec.actor != DEFAULT_REWARD_ACTOR and spec.actor not in groups:
+                defined = ", ".join([DEFAULT_REWARD_ACTOR, *groups])
                 raise ValueError(
-                    f"stage2.rewards.{index}.actor = {spec.actor!r} (reward {spec.name!r}) names no "
-                    f"reward-actor group; define stage2.reward_actors.{spec.actor} or use one of: {defined}"
+                    f"stage2.rewards.{index}.actor = {spec.actor!r} (reward {spec.name!r}) names no reward-actor "
+                    f"group; define stage2.resources.reward_groups.{spec.actor} or use one of: {defined}"
                 )
         return self
 
@@ -565,25 +630,31 @@ class Stage2Config(_Section):
         groups: dict[str, tuple[ActorGroupConfig, list[RewardSpec]]] = {}
         for spec in self.rewards:
             if spec.actor not in groups:
-                resources = self.reward_actors.get(spec.actor, self.reward_workers)
+                resources = self.resources.reward_groups.get(spec.actor, self.resources.reward)
                 groups[spec.actor] = (resources, [])
             groups[spec.actor][1].append(spec)
         return groups
 
 
 class RayConfig(_Section):
-    """Where and with what resources Ray jobs run."""
+    """Where Ray jobs run, and the Ray Train workers of Stage 1."""
 
     address: str | None = Field(
         None, description="Ray cluster address ('auto', 'ray://host:port'); None starts a local cluster."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster started by rlrestore.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers of Stage 1.")
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (fractions allowed).")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (fractions allowed).")
+    train_workers: ActorGroupConfig = Field(
+        default_factory=lambda: ActorGroupConfig(num_actors=2),
+        description="Ray Train workers of Stage 1 (and the autoencoder stage); the global batch is split over them.",
+    )
     max_failures: int = Field(3, ge=0, description="Worker failures a Ray Train job survives (restarts).")
     dashboard_host: str = Field("127.0.0.1", description="Bind address of the dashboard of a local cluster.")
     include_dashboard: bool = Field(False, description="Start the Ray dashboard with a local cluster.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return move_renamed_keys(data, "ray")
 
 
 class LoggingConfig(_Section):
@@ -646,13 +717,10 @@ class EvalConfig(_Section):
         ge=1,
         description="Inputs per chunk: the unit of parallel work and of resuming (saved when complete).",
     )
-    num_actors: int = Field(
-        0,
-        ge=0,
-        description="Ray actors restoring and scoring chunks in parallel; 0 runs in-process without Ray.",
+    actors: EvalActorsConfig = Field(
+        default_factory=EvalActorsConfig,
+        description="Ray actors restoring and scoring chunks in parallel (num_actors 0: in this process).",
     )
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per eval actor (fractions allowed).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per eval actor (fractions allowed).")
     resolution: int | None = Field(
         512,
         gt=0,
@@ -670,6 +738,11 @@ class EvalConfig(_Section):
         ge=0,
         description="Inputs in the LQ | checkpoints | GT grid (written with 2+ checkpoints); 0: none.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return move_renamed_keys(data, "eval")
 
     @model_validator(mode="after")
     def _metric_names(self) -> EvalConfig:
@@ -690,7 +763,7 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Device of every role: 'auto' puts a role on CUDA when its Ray resources reserve GPUs "
-        "(ray.gpus_per_worker, stage2.*.num_gpus, eval.num_gpus; for in-process commands when CUDA is "
+        "(ray.train_workers, stage2.resources.*, eval.actors: num_gpus; for in-process commands when CUDA is "
         "available) and on the CPU otherwise; 'cuda' refuses any role without GPUs; 'cpu' refuses GPU "
         "reservations (they would sit idle).",
     )
@@ -751,15 +824,108 @@ class RunConfig(_Section):
             ("stage1_1", self.stage1_1),
             ("stage1_2", self.stage1_2),
         ):
-            if stage.batch_size % self.ray.num_workers:
+            workers = self.ray.train_workers.num_actors
+            if stage.batch_size % workers:
                 raise ValueError(
-                    f"{name}.batch_size={stage.batch_size} must be divisible by ray.num_workers={self.ray.num_workers}"
+                    f"{name}.batch_size={stage.batch_size} must be divisible by ray.train_workers.num_actors={workers}"
                 )
         return self
 
     def stage(self, name: StageName) -> AutoencoderConfig | SemanticAlignmentConfig | TextureAlignmentConfig:
         """The section of a supervised stage by its CLI name."""
         return {"autoencoder": self.autoencoder, "stage1.1": self.stage1_1, "stage1.2": self.stage1_2}[name]
+
+
+RENAMED_KEYS: dict[str, str] = {
+    "stage2.rollout_batch": "stage2.rollout.batch_size",
+    "stage2.sampler_steps": "stage2.rollout.sampler_steps",
+    "stage2.sampler_method": "stage2.rollout.sampler_method",
+    "stage2.async_rollouts": "stage2.rollout.asynchronous",
+    "stage2.max_policy_lag": "stage2.rollout.max_policy_lag",
+    "stage2.micro_batch": "stage2.learner.micro_batch",
+    "stage2.finetune": "stage2.learner.finetune",
+    "stage2.lora_rank": "stage2.learner.lora_rank",
+    "stage2.lora_alpha": "stage2.learner.lora_alpha",
+    "stage2.lora_init": "stage2.learner.lora_init",
+    "stage2.lora_targets": "stage2.learner.lora_targets",
+    "stage2.zero_stage": "stage2.learner.zero_stage",
+    "stage2.rollout_workers": "stage2.resources.rollout",
+    "stage2.reward_workers": "stage2.resources.reward",
+    "stage2.reward_actors": "stage2.resources.reward_groups",
+    "stage2.learners": "stage2.resources.learner",
+    "stage2.placement_strategy": "stage2.resources.placement_strategy",
+    "stage2.placement_timeout_s": "stage2.resources.placement_timeout_s",
+    "stage2.max_actor_failures": "stage2.faults.max_actor_failures",
+    "stage2.reward_errors": "stage2.faults.reward_errors",
+    "stage2.checkpoint_every": "stage2.outputs.checkpoint_every",
+    "stage2.keep_checkpoints": "stage2.outputs.keep_checkpoints",
+    "stage2.sample_grid_every": "stage2.outputs.sample_grid_every",
+    "ray.num_workers": "ray.train_workers.num_actors",
+    "ray.cpus_per_worker": "ray.train_workers.num_cpus",
+    "ray.gpus_per_worker": "ray.train_workers.num_gpus",
+    "eval.num_actors": "eval.actors.num_actors",
+    "eval.num_cpus": "eval.actors.num_cpus",
+    "eval.num_gpus": "eval.actors.num_gpus",
+}
+"""Keys of the previous release -> their place now. The old keys are still read (YAML files,
+``key=value`` overrides, dicts passed to the config classes), each with a FutureWarning naming
+both, until the next release removes them."""
+
+_UNSET = object()
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"config key {old} is deprecated and will be removed in the next release: use {new}",
+        FutureWarning,
+        stacklevel=4,
+    )
+
+
+def _as_dict(node: Any, where: str) -> dict[str, Any]:
+    """A copy of a config section given as a dict or as a config object (only its set keys)."""
+    if isinstance(node, BaseModel):
+        return node.model_dump(exclude_unset=True)
+    if not isinstance(node, dict):
+        raise ValueError(f"{where} holds the value {node!r}, not a section")  # noqa: TRY004 - a validation error
+    return dict(node)
+
+
+def move_renamed_keys(data: Any, section: str) -> Any:
+    """``data`` of config section ``section`` (``stage2``, ``ray``, ``eval``) with each of its
+    :data:`RENAMED_KEYS` moved to the new place, with a FutureWarning. Raises ValueError naming
+    both keys when a key is set under its old and its new name."""
+    if not isinstance(data, dict):
+        return data
+    moved = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        head, _, name = old.partition(".")
+        if head != section or name not in moved:
+            continue
+        *parents, leaf = new.split(".")[1:]
+        node, where = moved, section
+        for part in parents:
+            where = f"{where}.{part}"
+            node[part] = node = _as_dict(node.get(part, {}), where)
+        if node.get(leaf, _UNSET) is not _UNSET:
+            raise ValueError(f"{old} and {new} are both set; {old} is the old name of {new}: keep only {new}")
+        _warn_renamed(old, new)
+        node[leaf] = moved.pop(name)
+    return moved
+
+
+def _renamed_path(path: list[str]) -> list[str]:
+    """An override's key path with a renamed key (or section) replaced by its new name."""
+    for length in range(len(path), 0, -1):
+        new = RENAMED_KEYS.get(".".join(path[:length]))
+        if new is not None:
+            _warn_renamed(".".join(path[:length]), new)
+            return [*new.split("."), *path[length:]]
+    return path
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
 POLICY_SECTIONS: dict[str, type[PolicyBaseConfig]] = {"prefrestore": PolicyConfig, "flow_unet": FlowUNetConfig}
@@ -778,8 +944,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = item["loc"]
         key = ".".join(str(part) for part in _user_loc(loc))
         value = item.get("input")
-        if not key:
-            lines.append(f"  {item['msg']}")
+        if not key or (item["type"] == "value_error" and isinstance(value, dict)):  # the message names the keys
+            lines.append(f"  {key + ': ' if key else ''}{item['msg']}")
         elif item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {value!r}); {_allowed_keys_hint(loc)}")
         else:
@@ -819,9 +985,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict, creating sections as needed."""
+    """Set dotted keys in a nested dict, creating sections as needed. A renamed key
+    (:data:`RENAMED_KEYS`) sets its new place; naming a key by both names is an error."""
+    renamed: dict[str, str] = {}  # new key -> the override that named it by its old name
+    given: dict[str, str] = {}  # keys named by their current name -> the override
     for text in overrides:
         path, value = parse_override(text)
+        new_path = _renamed_path(path)
+        (renamed if new_path != path else given)[".".join(new_path)] = text
+        path = new_path
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -831,6 +1003,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {text!r}: {part!r} holds a value, not a section")
             node = child
         node[path[-1]] = value
+    for key, text in given.items():
+        for new_key, old_text in renamed.items():
+            if _overlap(key, new_key):
+                raise ConfigError(
+                    f"overrides {old_text!r} and {text!r} set the same key: {old_text.split('=', 1)[0]} is "
+                    f"the old name of {new_key}; keep only {text.split('=', 1)[0]}"
+                )
     return data
 
 
@@ -852,6 +1031,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"config file {path} must hold a mapping at the top, got {type(loaded).__name__}"
             )
         data = loaded or {}
+    try:  # renamed keys of the file move first, so that overrides (old or new names) win over them
+        data = {key: move_renamed_keys(value, key) for key, value in data.items()}
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration ({source}): {exc}") from None
     if overrides:
         source += " + overrides"
         data = apply_overrides(data, overrides)

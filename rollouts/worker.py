@@ -58,7 +58,7 @@ class RolloutWorker:
         precision: PrecisionName = "fp32",
     ) -> None:
         torch.set_num_threads(threads)
-        self.device = actor_device(device, num_gpus, "Stage 2 rollout actors", "stage2.rollout_workers.num_gpus")
+        self.device = actor_device(device, num_gpus, "Stage 2 rollout actors", "stage2.resources.rollout.num_gpus")
         self.precision = Precision(precision)
         policy = load_policy(policy_dir).eval().to(self.device)
         self.policy = self.precision.for_inference(policy)

@@ -153,7 +153,7 @@ def step_cost(config: RunConfig, handoff: Path, stages: dict[str, TextureAlignme
     alike): the cost of the codes without Ray's overhead or other jobs' load."""
     train, _ = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
     dataset = FaceDataset(train, config.policy.resolution, config.degradation, config.data.seed)
-    per_worker = max(1, config.stage1_2.batch_size // config.ray.num_workers)
+    per_worker = max(1, config.stage1_2.batch_size // config.ray.train_workers.num_actors)
     batch = collate_faces([dataset[i] for i in range(per_worker)])
     policy = PrefRestorePolicy.from_pretrained(handoff / "policy")
     params = policy.set_trainable(list(config.stage1_2.trainable))

@@ -32,14 +32,15 @@ sys.path.insert(0, str(REPO))
 
 TINY = REPO / "rlrestore" / "configs" / "tiny.yaml"
 # One GPU shared by every role: fractions that add up to at most 1 per phase.
-STAGE1 = ["ray.num_workers=1", "autoencoder.steps=60", "stage1_1.steps=20", "stage1_2.steps=40"]
+STAGE1 = ["ray.train_workers.num_actors=1", "autoencoder.steps=60", "stage1_1.steps=20", "stage1_2.steps=40"]
 STAGE2 = [
-    "stage2.steps=6", "stage2.checkpoint_every=3", "stage2.sample_grid_every=3",
-    "stage2.rollout_workers.num_actors=2", "stage2.learners.num_actors=1",
+    "stage2.steps=6", "stage2.outputs.checkpoint_every=3", "stage2.outputs.sample_grid_every=3",
+    "stage2.resources.rollout.num_actors=2", "stage2.resources.learner.num_actors=1",
 ]  # fmt: skip
 GPU_SHARES = [
-    "ray.gpus_per_worker=0.5", "stage2.rollout_workers.num_gpus=0.25", "stage2.reward_workers.num_gpus=0.1",
-    "stage2.learners.num_gpus=0.4", "eval.num_actors=1", "eval.num_gpus=0.5",
+    "ray.train_workers.num_gpus=0.5", "stage2.resources.rollout.num_gpus=0.25",
+    "stage2.resources.reward.num_gpus=0.1", "stage2.resources.learner.num_gpus=0.4",
+    "eval.actors.num_actors=1", "eval.actors.num_gpus=0.5",
 ]  # fmt: skip
 
 

@@ -200,7 +200,7 @@ def test_eval_on_bad_files(bad_folder, policy_dir, tmp_path, capsys) -> None:
         ("wrong type", ["stage2.steps=many"], "stage2.steps"),
         ("out-of-range value", ["stage2.candidates=0"], "stage2.candidates"),
         ("unknown key", ["stage2.candidatez=4"], "candidatez"),
-        ("bad choice", ["stage2.finetune=qlora"], "stage2.finetune"),
+        ("bad choice", ["stage2.learner.finetune=qlora"], "stage2.learner.finetune"),
         ("malformed override", ["stage2.steps"], "key=value"),
         ("unknown reward", ["stage2.rewards=[{name: no_such_reward}]"], "no_such_reward"),
         ("reward arg that is not accepted", ["stage2.rewards=[{name: sharpness, args: {gain: 2}}]"], "gain"),
@@ -353,6 +353,6 @@ def test_a_reward_that_raises_scores_nan_and_is_recorded() -> None:
         "rewards",
         "exception inside a reward",
         "handled" if ok else "CRASH",
-        errors[0]["error"] if errors else "no error recorded",
+        errors[0].error if errors else "no error recorded",
     )
     assert entry.outcome in ACCEPTED

@@ -15,9 +15,9 @@ from tests.conftest import tiny_config
 SMALL = (
     "stage2.inputs_per_step=2",
     "stage2.candidates=2",
-    "stage2.rollout_batch=1",
-    "stage2.sampler_steps=2",
-    "stage2.micro_batch=2",
+    "stage2.rollout.batch_size=1",
+    "stage2.rollout.sampler_steps=2",
+    "stage2.learner.micro_batch=2",
     "stage2.nft.timesteps_per_sample=1",
 )
 FIGURE_KEYS = {"unit", "ours", "baseline", "ratio", "ratio_means", "settings"}
@@ -75,9 +75,9 @@ def test_reward_throughput_through_the_cli(tmp_path: Path, capsys) -> None:
 def test_stage2_figure_on_ray(tmp_path: Path, ray_cluster) -> None:
     overrides = (
         *SMALL,
-        "stage2.learners.num_actors=1",
-        "stage2.rollout_workers.num_actors=1",
-        "stage2.zero_stage=0",
+        "stage2.resources.learner.num_actors=1",
+        "stage2.resources.rollout.num_actors=1",
+        "stage2.learner.zero_stage=0",
     )
     report = run_bench(
         tiny_config(tmp_path / "run", *overrides), tmp_path / "bench.json", repeats=1, parts=["stage2"]

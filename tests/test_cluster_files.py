@@ -314,12 +314,12 @@ def bundles(command: Command) -> tuple[list[Bundle], str]:
     if command.stage == "stage2":
         stage = config.stage2
         rewards = [resources for resources, _ in stage.reward_actor_groups().values()]
-        groups = (stage.rollout_workers, *rewards, stage.learners)
+        groups = (stage.resources.rollout, *rewards, stage.resources.learner)
         return [
             (g.num_cpus, g.num_gpus) for g in groups for _ in range(g.num_actors)
-        ], stage.placement_strategy
-    ray = config.ray
-    return [(ray.cpus_per_worker, ray.gpus_per_worker)] * ray.num_workers, "PACK"  # Ray Train's default
+        ], stage.resources.placement_strategy
+    workers = config.ray.train_workers
+    return [(workers.num_cpus, workers.num_gpus)] * workers.num_actors, "PACK"  # Ray Train's default
 
 
 def fits(wanted: list[Bundle], nodes: list[Node], strategy: str) -> bool:
@@ -410,9 +410,9 @@ def test_resource_check_rejects_a_pipeline_too_big_for_the_groups() -> None:
     nodes = kuberay_nodes(load_yaml(RAYJOB)["spec"]["rayClusterSpec"])
     stage2 = next(c for c in rayjob_commands() if c.stage == "stage2")
     for override in (
-        "stage2.learners.num_gpus=2",
-        "stage2.rollout_workers.num_cpus=20",
-        "stage2.rollout_workers.num_actors=5",
+        "stage2.resources.learner.num_gpus=2",
+        "stage2.resources.rollout.num_cpus=20",
+        "stage2.resources.rollout.num_actors=5",
     ):
         wanted, strategy = bundles(
             parse_train_command(["train", "stage2", stage2.config_file, *stage2.overrides, override])
@@ -437,11 +437,12 @@ def test_stage2_roles_get_real_gpus_and_pass_the_device_checks(slurm_run: dict) 
         assert config.precision == "bf16-mixed", command.stage
         check_run_devices(config, [command.stage])  # what cmd_train runs before Ray starts
         if command.stage != "stage2":
-            assert config.ray.gpus_per_worker == 1
+            assert config.ray.train_workers.num_gpus == 1
             continue
         stage = config.stage2
-        assert stage.rollout_workers.num_gpus > 0
-        assert stage.learners.num_gpus >= 1 and stage.learners.num_gpus == int(stage.learners.num_gpus)
+        learner = stage.resources.learner
+        assert stage.resources.rollout.num_gpus > 0
+        assert learner.num_gpus >= 1 and learner.num_gpus == int(learner.num_gpus)
         groups = stage.reward_actor_groups()
         hosted = {spec.name: name for name, (_, specs) in groups.items() for spec in specs}
         assert MODEL_REWARDS <= set(hosted), hosted
@@ -454,16 +455,16 @@ def test_stage2_roles_get_real_gpus_and_pass_the_device_checks(slurm_run: dict) 
 def test_device_check_refuses_fractional_learners_idle_gpus_and_cpu_model_rewards() -> None:
     stage2 = next(c for c in rayjob_commands() if c.stage == "stage2")
     for override, key in (
-        ("stage2.learners.num_gpus=0.5", "stage2.learners.num_gpus"),
-        ("device=cpu", "stage2.rollout_workers.num_gpus"),
+        ("stage2.resources.learner.num_gpus=0.5", "stage2.resources.learner.num_gpus"),
+        ("device=cpu", "stage2.resources.rollout.num_gpus"),
     ):
         command = parse_train_command(["train", "stage2", stage2.config_file, *stage2.overrides, override])
         with pytest.raises(DeviceError, match=re.escape(key)):
             check_run_devices(command.config, ["stage2"])
     cpu_rewards = parse_train_command(
-        ["train", "stage2", stage2.config_file, *stage2.overrides, "stage2.reward_actors.gpu.num_gpus=0"]
+        ["train", "stage2", stage2.config_file, *stage2.overrides, "stage2.resources.reward_groups.gpu.num_gpus=0"]
     )
-    with pytest.raises(DeviceError, match=r"stage2\.reward_actors\.gpu\.num_gpus"):
+    with pytest.raises(DeviceError, match=r"stage2\.resources\.reward_groups\.gpu\.num_gpus"):
         check_run_devices(cpu_rewards.config.model_copy(update={"device": "cuda"}), ["stage2"])
 
 

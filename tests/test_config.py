@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydantic import BaseModel
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from rlrestore.config import (
     POLICY_SECTIONS,
+    RENAMED_KEYS,
+    ActorGroupConfig,
     ConfigError,
     RunConfig,
+    Stage2Config,
     describe_schema,
     load_config,
     parse_override,
@@ -144,9 +151,9 @@ def test_reversed_range() -> None:
 
 
 def test_batch_not_divisible_by_workers() -> None:
-    message = _config_error(["ray.num_workers=3", "autoencoder.batch_size=6", "stage1_2.batch_size=6"])
+    message = _config_error(["ray.train_workers.num_actors=3", "autoencoder.batch_size=6", "stage1_2.batch_size=6"])
     assert "stage1_1.batch_size=128" in message
-    assert "ray.num_workers=3" in message
+    assert "ray.train_workers.num_actors=3" in message
     assert "divisible" in message
 
 
@@ -250,9 +257,9 @@ def test_unknown_arch_key_is_rejected_when_building_the_policy(tmp_path: Path, c
 
 
 def test_async_rollouts_need_a_policy_lag_of_at_least_one() -> None:
-    with pytest.raises(ConfigError, match=r"max_policy_lag=0: set max_policy_lag >= 1 or async_rollouts=false"):
-        load_config(None, ["stage2.async_rollouts=true", "stage2.max_policy_lag=0"])
-    assert load_config(None, ["stage2.max_policy_lag=0"]).stage2.max_policy_lag == 0  # synchronous: lag 0
+    with pytest.raises(ConfigError, match=r"max_policy_lag=0: set max_policy_lag >= 1 or asynchronous=false"):
+        load_config(None, ["stage2.rollout.asynchronous=true", "stage2.rollout.max_policy_lag=0"])
+    assert load_config(None, ["stage2.rollout.max_policy_lag=0"]).stage2.rollout.max_policy_lag == 0  # synchronous: lag 0
 
 
 def test_stale_rollouts_are_the_ones_lagging_more_than_allowed() -> None:
@@ -271,3 +278,130 @@ def test_deprecated_policy_dtype_means_mixed_precision() -> None:
         config = load_config(None, ["policy.dtype=bfloat16"])
     assert config.precision == "bf16-mixed"
     assert load_config(None, ["policy.dtype=float32"]).precision == "fp32"
+
+
+# ----------------------------------------------------------------------------- renamed keys
+# A value for every key of the previous release, unlike the default of its new place.
+GROUP = {"num_actors": 3, "num_cpus": 0.25, "num_gpus": 0.0}
+OLD_VALUES = {
+    "stage2.rollout_batch": 3,
+    "stage2.sampler_steps": 5,
+    "stage2.sampler_method": "dpm2",
+    "stage2.async_rollouts": True,
+    "stage2.max_policy_lag": 2,
+    "stage2.micro_batch": 3,
+    "stage2.finetune": "lora",
+    "stage2.lora_rank": 4,
+    "stage2.lora_alpha": 8.0,
+    "stage2.lora_init": "gaussian",
+    "stage2.lora_targets": ["to_q"],
+    "stage2.zero_stage": 1,
+    "stage2.rollout_workers": GROUP,
+    "stage2.reward_workers": GROUP,
+    "stage2.reward_actors": {"gpu": GROUP},
+    "stage2.learners": GROUP,
+    "stage2.placement_strategy": "SPREAD",
+    "stage2.placement_timeout_s": 7.0,
+    "stage2.max_actor_failures": 4,
+    "stage2.reward_errors": {"policy": "fail", "retries": 0, "timeout_s": 9.0},
+    "stage2.checkpoint_every": 7,
+    "stage2.keep_checkpoints": 5,
+    "stage2.sample_grid_every": 6,
+    "ray.num_workers": 4,
+    "ray.cpus_per_worker": 0.25,
+    "ray.gpus_per_worker": 1.0,
+    "eval.num_actors": 3,
+    "eval.num_cpus": 2.0,
+    "eval.num_gpus": 0.5,
+}
+
+
+def _at(config: RunConfig, key: str) -> Any:
+    node: Any = config.model_dump(mode="json")
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def test_every_renamed_key_has_a_test_value() -> None:
+    assert OLD_VALUES.keys() == RENAMED_KEYS.keys()
+
+
+@pytest.mark.parametrize(("old", "new"), RENAMED_KEYS.items())
+def test_an_old_key_sets_its_new_place_with_a_warning(old: str, new: str, tmp_path: Path) -> None:
+    value = OLD_VALUES[old]
+    warning = rf"config key {re.escape(old)} is deprecated .* next release: use {re.escape(new)}"
+    with pytest.warns(FutureWarning, match=warning):
+        from_override = load_config(None, [f"{old}={json.dumps(value)}"])
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(_nested(old, value)))
+    with pytest.warns(FutureWarning, match=warning):
+        from_file = load_config(path)
+    for config in (from_override, from_file):
+        assert _at(config, new) == value and _at(config, new) != _at(RunConfig(), new)
+
+
+@pytest.mark.parametrize(("old", "new"), RENAMED_KEYS.items())
+def test_an_old_key_and_its_new_key_both_set_is_an_error(old: str, new: str, tmp_path: Path) -> None:
+    value = json.dumps(OLD_VALUES[old])
+    with pytest.warns(FutureWarning):
+        message = _config_error([f"{old}={value}", f"{new}={value}"])
+    assert f"{old} is the old name of {new}; keep only {new}" in message
+    path = tmp_path / "both.yaml"
+    both = _nested(old, OLD_VALUES[old])
+    section, _, rest = new.partition(".")
+    both[section].update(_nested(rest, OLD_VALUES[old]))
+    path.write_text(yaml.safe_dump(both))
+    message = _config_error([], path)
+    assert str(path) in message and f"{old} and {new} are both set" in message
+
+
+def test_an_override_by_either_name_wins_over_the_file(tmp_path: Path) -> None:
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("stage2: {rollout_batch: 3, learners: {num_actors: 1}}\nray: {num_workers: 1}\n")
+    with pytest.warns(FutureWarning):
+        config = load_config(old_file, ["stage2.rollout.batch_size=5", "stage2.resources.learner.num_cpus=2"])
+    assert config.stage2.rollout.batch_size == 5
+    assert (config.stage2.resources.learner.num_actors, config.stage2.resources.learner.num_cpus) == (1, 2.0)
+    with pytest.warns(FutureWarning):
+        config = load_config(TINY_CONFIG, ["stage2.rollout_batch=1", "stage2.learners.num_cpus=0.5"])
+    assert config.stage2.rollout.batch_size == 1 and config.stage2.resources.learner.num_cpus == 0.5
+
+
+def test_config_classes_read_old_keys_too() -> None:
+    with pytest.warns(FutureWarning, match="stage2.reward_actors"):
+        stage = Stage2Config(reward_actors={"gpu": GROUP}, rewards=[{"name": "sharpness", "actor": "gpu"}])
+    assert stage.resources.reward_groups["gpu"].num_actors == 3
+    with pytest.raises(ValidationError, match="stage2.micro_batch and stage2.learner.micro_batch are both set"):
+        Stage2Config(micro_batch=2, learner={"micro_batch": 4})
+
+
+def test_the_schema_lists_the_new_keys_only() -> None:
+    keys = {line.split(" ", 1)[0].rstrip(":") for line in describe_schema()}
+    assert set(RENAMED_KEYS.values()) <= keys
+    assert not set(RENAMED_KEYS) & keys
+
+
+def test_every_role_sizes_its_actors_with_one_vocabulary() -> None:
+    config = load_config(TINY_CONFIG)
+    groups = [
+        config.ray.train_workers, config.eval.actors, config.stage2.resources.rollout,
+        config.stage2.resources.reward, config.stage2.resources.learner,
+    ]  # fmt: skip
+    assert all(isinstance(group, ActorGroupConfig) for group in groups)
+    assert config.eval.actors.num_actors == 0  # eval alone may run in-process
+    assert "num_actors" in _config_error(["stage2.resources.learner.num_actors=0"])
+    assert config.stage2.resources.rollout.bundle() == {"CPU": 0.25}
+    assert ActorGroupConfig(num_gpus=0.5).bundle() == {"CPU": 0.5, "GPU": 0.5}
+
+
+def test_the_readme_lists_every_renamed_key() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Renamed keys", 1)[1].split("\n#", 1)[0]
+    assert all(f"`{old}`" in section for old in RENAMED_KEYS), [old for old in RENAMED_KEYS if f"`{old}`" not in section]

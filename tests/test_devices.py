@@ -78,13 +78,13 @@ def test_local_device_for_in_process_commands(monkeypatch) -> None:
 
 def test_actor_device_is_the_assigned_gpu_or_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert actor_device("auto", 1, "eval actors", "eval.num_gpus") == CUDA0
-    assert actor_device("cuda", 0.25, "eval actors", "eval.num_gpus") == CUDA0  # fractional: still its GPU
-    assert actor_device("auto", 0, "eval actors", "eval.num_gpus") == CPU  # no GPU reserved: Ray hides them
+    assert actor_device("auto", 1, "eval actors", "eval.actors.num_gpus") == CUDA0
+    assert actor_device("cuda", 0.25, "eval actors", "eval.actors.num_gpus") == CUDA0  # fractional: still its GPU
+    assert actor_device("auto", 0, "eval actors", "eval.actors.num_gpus") == CPU  # no GPU reserved: Ray hides them
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(DeviceError, match=r"reserved 1 GPU \(eval\.num_gpus\) but CUDA is not available") as info:
-        actor_device("auto", 1, "eval actors", "eval.num_gpus")
+    with pytest.raises(DeviceError, match=r"reserved 1 GPU \(eval\.actors\.num_gpus\) but CUDA is not available") as info:
+        actor_device("auto", 1, "eval actors", "eval.actors.num_gpus")
     assert "CUDA_VISIBLE_DEVICES=''" in str(info.value)
 
 
@@ -101,7 +101,7 @@ def test_stage1_worker_device_comes_from_ray_train(monkeypatch) -> None:
     with pytest.raises(DeviceError, match=r"Ray Train gave it cpu"):
         train_worker_device("cuda", 1, nccl=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceError, match=r"a Stage 1 worker reserved 1 GPU \(ray\.gpus_per_worker\) but CUDA"):
+    with pytest.raises(DeviceError, match=r"a Stage 1 worker reserved 1 GPU \(ray\.train_workers\.num_gpus\) but CUDA"):
         train_worker_device("auto", 1, nccl=True)
 
 
@@ -112,7 +112,7 @@ def test_stage1_worker_uses_the_device_rules() -> None:
     import trainers.stage1
 
     source = inspect.getsource(trainers.stage1.train_stage1_worker)
-    assert "train_worker_device(config.device, config.ray.gpus_per_worker" in source
+    assert "train_worker_device(config.device, config.ray.train_workers.num_gpus" in source
     assert not hasattr(trainers.stage1, "pick_device")
 
 
@@ -139,7 +139,7 @@ def test_eval_actor_and_in_process_eval_devices(cuda, moves, tmp_path: Path) -> 
 
 def test_eval_without_cuda(no_cuda) -> None:
     assert _eval_worker("auto", num_gpus=None).device == CPU
-    with pytest.raises(DeviceError, match=r"eval actors reserved 1 GPU \(eval\.num_gpus\) but CUDA"):
+    with pytest.raises(DeviceError, match=r"eval actors reserved 1 GPU \(eval\.actors\.num_gpus\) but CUDA"):
         _eval_worker("auto", num_gpus=1)
 
 
@@ -202,14 +202,14 @@ def test_reward_actor_device_and_record(cuda) -> None:
     assert (record.precision, record.dtype, record.autocast) == ("bf16-mixed", "float32", None)  # sharpness: fp32
     assert RewardActor(specs, "auto", 0.0, 4, None).worker.device == CPU
     with pytest.raises(DeviceError, match=r"device=cpu, but reward actors \(gpu\) reserve 0\.5 GPU each "
-                       r"\(stage2\.reward_actors\.gpu\.num_gpus\)"):  # fmt: skip
+                       r"\(stage2\.resources\.reward_groups\.gpu\.num_gpus\)"):  # fmt: skip
         RewardActor(specs, "cpu", 0.5, 4, None, group="gpu")
 
 
 def test_reward_actor_without_cuda(no_cuda) -> None:
     specs = [RewardSpec(name="sharpness")]
     assert RewardActor(specs, "auto", 0.0, 4, None).worker.device == CPU
-    with pytest.raises(DeviceError, match=r"reward actors \(default\) reserved 1 GPU \(stage2\.reward_workers"):
+    with pytest.raises(DeviceError, match=r"reward actors \(default\) reserved 1 GPU \(stage2\.resources\.reward"):
         RewardActor(specs, "auto", 1.0, 4, None)
 
 
@@ -217,32 +217,32 @@ def test_reward_actor_without_cuda(no_cuda) -> None:
 @pytest.mark.parametrize(
     ("overrides", "stages", "message"),
     [
-        (["device=cuda"], ["stage1.1"], r"device=cuda, but Stage 1 workers reserve no GPU \(ray\.gpus_per_worker=0\)"),
+        (["device=cuda"], ["stage1.1"], r"device=cuda, but Stage 1 workers reserve no GPU \(ray\.train_workers\.num_gpus=0\)"),
         (
-            ["device=cpu", "ray.gpus_per_worker=1"],
+            ["device=cpu", "ray.train_workers.num_gpus=1"],
             ["stage1.2"],
-            r"device=cpu, but Stage 1 workers reserve 1.0 GPU each \(ray\.gpus_per_worker\)",
+            r"device=cpu, but Stage 1 workers reserve 1.0 GPU each \(ray\.train_workers\.num_gpus\)",
         ),
         (
-            ["device=auto", "ray.num_workers=2", "ray.gpus_per_worker=0.5"],
+            ["device=auto", "ray.train_workers.num_actors=2", "ray.train_workers.num_gpus=0.5"],
             ["stage1.1"],
-            r"Stage 1 workers form an NCCL group.*ray\.gpus_per_worker=0\.5",
+            r"Stage 1 workers form an NCCL group.*ray\.train_workers\.num_gpus=0\.5",
         ),
         (
-            ["stage2.learners.num_actors=2", "stage2.learners.num_gpus=0.5", "device=auto"],
+            ["stage2.resources.learner.num_actors=2", "stage2.resources.learner.num_gpus=0.5", "device=auto"],
             ["stage2"],
-            r"Stage 2 learner ranks form an NCCL group.*stage2\.learners\.num_gpus=0\.5",
+            r"Stage 2 learner ranks form an NCCL group.*stage2\.resources\.learner\.num_gpus=0\.5",
         ),
-        (["device=cuda"], ["stage2"], r"Stage 2 rollout actors reserve no GPU \(stage2\.rollout_workers\.num_gpus=0\)"),
+        (["device=cuda"], ["stage2"], r"Stage 2 rollout actors reserve no GPU \(stage2\.resources\.rollout\.num_gpus=0\)"),
         (
-            ["device=cpu", "stage2.reward_workers.num_gpus=1"],
+            ["device=cpu", "stage2.resources.reward.num_gpus=1"],
             ["stage2"],
-            r"Stage 2 reward actors \(default\) reserve 1.0 GPU each \(stage2\.reward_workers\.num_gpus\)",
+            r"Stage 2 reward actors \(default\) reserve 1.0 GPU each \(stage2\.resources\.reward\.num_gpus\)",
         ),
         (
-            ["device=cpu", "eval.num_actors=2", "eval.num_gpus=1"],
+            ["device=cpu", "eval.actors.num_actors=2", "eval.actors.num_gpus=1"],
             ["eval"],
-            r"device=cpu, but eval actors reserve 1.0 GPU each \(eval\.num_gpus\)",
+            r"device=cpu, but eval actors reserve 1.0 GPU each \(eval\.actors\.num_gpus\)",
         ),
         (["device=cuda"], ["eval"], r"device=cuda, but CUDA is not available on this machine"),
     ],
@@ -258,8 +258,8 @@ def test_accepted_requests(no_cuda, tmp_path: Path) -> None:
     check_run_devices(tiny_config(tmp_path), ["autoencoder", "stage1.1", "stage1.2", "stage2", "eval"])
     # one worker on half a GPU forms no NCCL group; fractional reward / rollout actors are fine
     check_run_devices(
-        tiny_config(tmp_path, "device=auto", "ray.num_workers=1", "ray.gpus_per_worker=0.5",
-                    "stage2.rollout_workers.num_gpus=0.5", "stage2.reward_workers.num_gpus=0.25"),
+        tiny_config(tmp_path, "device=auto", "ray.train_workers.num_actors=1", "ray.train_workers.num_gpus=0.5",
+                    "stage2.resources.rollout.num_gpus=0.5", "stage2.resources.reward.num_gpus=0.25"),
         ["stage1.1", "stage2"],
     )  # fmt: skip
 
@@ -272,20 +272,20 @@ def test_train_refuses_before_ray_starts(tmp_path: Path, monkeypatch, capsys) ->
 
     monkeypatch.setattr(rlrestore.orchestration.jobs, "ray_session", no_ray)
     run_dir = tmp_path / "run"
-    for stage, override in (("stage1", "device=cuda"), ("stage2", "stage2.learners.num_gpus=1.5")):
+    for stage, override in (("stage1", "device=cuda"), ("stage2", "stage2.resources.learner.num_gpus=1.5")):
         assert main(["train", stage, str(TINY_CONFIG), f"run_dir={run_dir}", "device=auto", override]) == 2
     err = capsys.readouterr().err
-    assert "reserve no GPU (ray.gpus_per_worker=0)" in err
-    assert "Stage 2 learner ranks form an NCCL group" in err and "stage2.learners.num_gpus=1.5" in err
+    assert "reserve no GPU (ray.train_workers.num_gpus=0)" in err
+    assert "Stage 2 learner ranks form an NCCL group" in err and "stage2.resources.learner.num_gpus=1.5" in err
     assert not run_dir.exists()
 
 
 def test_eval_refuses_before_anything_starts(tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
     code = main(["eval", str(TINY_CONFIG), "--ckpt", str(tmp_path), "--data", str(tmp_path), "--out", str(out),
-                 "device=cpu", "eval.num_actors=1", "eval.num_gpus=1"])  # fmt: skip
+                 "device=cpu", "eval.actors.num_actors=1", "eval.actors.num_gpus=1"])  # fmt: skip
     assert code == 2
-    assert "eval actors reserve 1.0 GPU each (eval.num_gpus)" in capsys.readouterr().err
+    assert "eval actors reserve 1.0 GPU each (eval.actors.num_gpus)" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -294,7 +294,7 @@ def test_cluster_without_the_gpus_asked_for(monkeypatch, tmp_path: Path, caplog)
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = tiny_config(tmp_path, "ray.gpus_per_worker=1")
+    config = tiny_config(tmp_path, "ray.train_workers.num_gpus=1")
     with pytest.raises(DeviceError, match=r"stage1\.1 reserves 2 GPUs at once.*the Ray cluster has 0"):
         check_cluster_gpus(config, ["stage1.1"])
     remote = config.model_copy(update={"ray": config.ray.model_copy(update={"address": "auto"})})

@@ -228,7 +228,7 @@ def test_resume_recomputes_only_missing_or_damaged_chunks(setup):
 
 
 def test_ray_actors_give_the_same_table_as_in_process(synthetic, setup, ray_cluster):
-    config = tiny_config(setup.root / "run", *FAST, "eval.num_actors=2", "eval.num_cpus=0.5")
+    config = tiny_config(setup.root / "run", *FAST, "eval.actors.num_actors=2", "eval.actors.num_cpus=0.5")
     out = setup.root / "ray"
     report = run_evaluation(config, setup.ckpts, setup.data, out, progress=False)
     assert len(report.computed) == 4  # 2 checkpoints x 2 chunks, on 2 actors

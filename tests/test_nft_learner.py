@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlrestore.config import ActorGroupConfig, NFTConfig, OptimConfig, Stage2Config
+from rlrestore.config import (
+    ActorGroupConfig,
+    LearnerConfig,
+    NFTConfig,
+    OptimConfig,
+    RolloutConfig,
+    Stage2Config,
+    Stage2Resources,
+)
 from rlrestore.models.loading import CheckpointError
 from rlrestore.nft import ema_update
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
@@ -285,10 +293,9 @@ def test_two_rank_zero2_group_matches_a_single_learner(ray_cluster: None, tmp_pa
     stage2 = Stage2Config(
         nft=NFTConfig(beta=0.1, timesteps_per_sample=2),
         optim=OPTIM,
-        micro_batch=2,
-        zero_stage=2,
-        sampler_steps=8,
-        learners=ActorGroupConfig(num_actors=2, num_cpus=0.5),
+        learner=LearnerConfig(micro_batch=2, zero_stage=2),
+        rollout=RolloutConfig(sampler_steps=8),
+        resources=Stage2Resources(learner=ActorGroupConfig(num_actors=2, num_cpus=0.5)),
     )
     # 5 samples: shares of 3 and 2, so rank 1 runs one zero-weighted micro-batch per timestep.
     samples = make_samples(n=5, seed=1)

@@ -50,13 +50,13 @@ def test_config_validates_with_the_released_conventions(config: RunConfig) -> No
     assert policy.codebook_bias and policy.codebook_l2_normalized and policy.connector_norm_eps == 1e-5
     assert policy.checkpoint and config.precision == "bf16-mixed"
     assert (config.sampler.method, config.sampler.steps, config.sampler.guidance_scale) == ("euler", 30, 2.0)
-    assert (stage2.sampler_method, stage2.sampler_steps, stage2.candidates, stage2.inputs_per_step) == (
+    assert (stage2.rollout.sampler_method, stage2.rollout.sampler_steps, stage2.candidates, stage2.inputs_per_step) == (
         "dpm2",
         30,
         24,
         48,
     )
-    assert (stage2.finetune, stage2.lora_rank, stage2.lora_alpha, stage2.lora_init) == (
+    assert (stage2.learner.finetune, stage2.learner.lora_rank, stage2.learner.lora_alpha, stage2.learner.lora_init) == (
         "lora",
         32,
         64.0,
@@ -71,9 +71,9 @@ def test_config_validates_with_the_released_conventions(config: RunConfig) -> No
     weights = {spec.name: spec.weight for spec in stage2.rewards}
     assert weights == {"pickscore": 1, "hpsv2": 1, "clipscore": 1, "lmd": 0.5, "identity": 0.5, "lpips": 0.5}
     assert (
-        stage2.learners.num_gpus == 1
-        and stage2.rollout_workers.num_gpus > 0
-        and config.ray.gpus_per_worker == 1
+        stage2.resources.learner.num_gpus == 1
+        and stage2.resources.rollout.num_gpus > 0
+        and config.ray.train_workers.num_gpus == 1
     )
 
 

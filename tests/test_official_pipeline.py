@@ -23,14 +23,14 @@ FACES = Path(__file__).resolve().parents[1] / "rlrestore" / "assets" / "faces"
 # The official recipe at a size 2 CPUs run in a minute; what the test changes is resources and sizes only.
 TINY_RUN = (
     "logging.progress=false", "logging.wandb_mode=disabled", "data.image_size=64", "data.shard_size=64",
-    "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.gpus_per_worker=0",
+    "ray.train_workers.num_actors=1", "ray.train_workers.num_cpus=0.5", "ray.train_workers.num_gpus=0",
     "stage1_2.steps=2", "stage1_2.batch_size=2", "stage1_2.checkpoint_every=2",
-    "stage2.steps=2", "stage2.inputs_per_step=2", "stage2.candidates=2", "stage2.sampler_steps=3",
-    "stage2.micro_batch=4", "stage2.nft.timesteps_per_sample=2", "stage2.checkpoint_every=2",
-    "stage2.rewards=[{name: sharpness, weight: 1.0}, {name: psnr, weight: 0.0}]", "stage2.reward_actors={}",
-    "stage2.rollout_workers={num_actors: 1, num_cpus: 0.25, num_gpus: 0}",
-    "stage2.reward_workers={num_actors: 1, num_cpus: 0.25, num_gpus: 0}",
-    "stage2.learners={num_actors: 1, num_cpus: 0.25, num_gpus: 0}",
+    "stage2.steps=2", "stage2.inputs_per_step=2", "stage2.candidates=2", "stage2.rollout.sampler_steps=3",
+    "stage2.learner.micro_batch=4", "stage2.nft.timesteps_per_sample=2", "stage2.outputs.checkpoint_every=2",
+    "stage2.rewards=[{name: sharpness, weight: 1.0}, {name: psnr, weight: 0.0}]", "stage2.resources.reward_groups={}",
+    "stage2.resources.rollout={num_actors: 1, num_cpus: 0.25, num_gpus: 0}",
+    "stage2.resources.reward={num_actors: 1, num_cpus: 0.25, num_gpus: 0}",
+    "stage2.resources.learner={num_actors: 1, num_cpus: 0.25, num_gpus: 0}",
     "sampler.steps=3", "eval.resolution=64",
 )  # fmt: skip
 

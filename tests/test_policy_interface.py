@@ -103,8 +103,8 @@ def test_stage1_then_stage2_train_the_unet_flow(tmp_path: Path, ray_cluster, cap
 
     keys = [
         f"run_dir={tmp_path / 'run'}", "logging.progress=false", "logging.wandb_mode=disabled",
-        "stage1_2.steps=6", "stage1_2.checkpoint_every=6", "stage2.steps=3", "stage2.checkpoint_every=3",
-        "stage2.sample_grid_every=3",
+        "stage1_2.steps=6", "stage1_2.checkpoint_every=6", "stage2.steps=3", "stage2.outputs.checkpoint_every=3",
+        "stage2.outputs.sample_grid_every=3",
     ]  # fmt: skip
     assert main(["train", "stage1", str(FLOW_UNET), *keys]) == 0  # the policy's Stage 1 is stage1.2 only
     assert latest_checkpoint(tmp_path / "run", "stage1.1") is None

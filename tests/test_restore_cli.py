@@ -289,7 +289,7 @@ def test_config_keys_lists_documented_keys(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) > 50
     keys = {line.split(" ", 1)[0].rstrip(":") for line in lines}
-    assert {"stage1_1.optim.lr", "ray.num_workers", "sampler.steps"} <= keys
+    assert {"stage1_1.optim.lr", "ray.train_workers.num_actors", "sampler.steps"} <= keys
     assert all(": " in line for line in lines), "every key carries a description"
 
 

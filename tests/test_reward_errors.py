@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rewards import RewardAggregator, RewardBatch, RewardError, RewardErrorLog, RewardWorker
+from rewards.worker import RewardFailure
 from rlrestore.config import ConfigError, RewardErrorConfig, RewardSpec, Stage2Config, load_config
 from tests.conftest import tiny_config
 
@@ -48,9 +49,9 @@ def test_retry_recovers_a_transient_failure() -> None:
     scores = worker.score(_images(), _batch())
     torch.testing.assert_close(scores["first_calls_fail"], BRIGHTNESS)  # real scores, no NaN
     [error] = worker.take_errors()
-    assert (error["start"], error["stop"], error["attempts"], error["failed"]) == (0, 2, 3, 2)
-    assert error["recovered"] and not error["timed_out"]
-    assert error["error"] == "RuntimeError: transient failure 2 of 2"
+    assert (error.start, error.stop, error.attempts, error.failed) == (0, 2, 3, 2)
+    assert error.recovered and not error.timed_out
+    assert error.error == "RuntimeError: transient failure 2 of 2"
 
 
 def test_retry_gives_up_after_n_retries_and_scores_nan() -> None:
@@ -58,11 +59,11 @@ def test_retry_gives_up_after_n_retries_and_scores_nan() -> None:
     scores = worker.score(_images(), _batch())
     assert torch.isnan(scores["raising"]).all()
     torch.testing.assert_close(scores["first_calls_fail"], BRIGHTNESS)
-    raising = [e for e in worker.errors if e["reward"] == "raising"]
-    assert [(e["start"], e["stop"], e["attempts"], e["recovered"]) for e in raising] == [
+    raising = [e for e in worker.errors if e.reward == "raising"]
+    assert [(e.start, e.stop, e.attempts, e.recovered) for e in raising] == [
         (0, 2, 2, False), (2, 4, 2, False), (4, 6, 2, False),
     ]  # fmt: skip
-    assert all(e["policy"] == "retry" and "scorer exploded" in e["traceback"] for e in raising)
+    assert all(e.policy == "retry" and "scorer exploded" in e.traceback for e in raising)
 
 
 def test_skip_step_does_not_retry_and_a_wrong_shape_is_an_error() -> None:
@@ -70,9 +71,9 @@ def test_skip_step_does_not_retry_and_a_wrong_shape_is_an_error() -> None:
     worker = _worker(*specs, batch_size=COUNT, policy="retry", retries=3)  # on_error overrides policy
     scores = worker.score(_images(), _batch())
     assert torch.isnan(scores["wrong_shape"]).all() and torch.isnan(scores["first_calls_fail"]).all()
-    errors = {e["reward"]: e for e in worker.take_errors()}
-    assert errors["wrong_shape"]["attempts"] == errors["first_calls_fail"]["attempts"] == 1
-    assert "'wrong_shape' must return one score per image (6,), got (6, 2)" in errors["wrong_shape"]["error"]
+    errors = {e.reward: e for e in worker.take_errors()}
+    assert errors["wrong_shape"].attempts == errors["first_calls_fail"].attempts == 1
+    assert "'wrong_shape' must return one score per image (6,), got (6, 2)" in errors["wrong_shape"].error
 
 
 @pytest.mark.parametrize("cls", ["Raising", "WrongShape"])
@@ -107,18 +108,18 @@ def test_a_hanging_reward_times_out_and_its_remaining_chunks_are_not_attempted()
     assert torch.isnan(scores["sleeping"]).all()
     torch.testing.assert_close(scores["first_calls_fail"], BRIGHTNESS)
     [error] = worker.errors
-    assert (error["start"], error["stop"], error["attempts"], error["timed_out"]) == (0, COUNT, 2, True)
-    assert error["error"] == "RewardTimeout: no result within 0.2 s; samples 0:6 not scored"
+    assert (error.start, error.stop, error.attempts, error.timed_out) == (0, COUNT, 2, True)
+    assert error.error == "RewardTimeout: no result within 0.2 s; samples 0:6 not scored"
 
 
 # ---------------------------------------------------------------- the run's error log
 
 
-def _error(reward: str, recovered: bool = False, failed: int = 1, **extra) -> dict:
-    return {
-        "reward": reward, "start": 0, "stop": 2, "attempts": failed + recovered, "failed": failed,
-        "recovered": recovered, "timed_out": False, "error": f"RuntimeError: {reward} broke", **extra,
-    }  # fmt: skip
+def _error(reward: str, recovered: bool = False, failed: int = 1, timed_out: bool = False) -> RewardFailure:
+    return RewardFailure(
+        reward, 0, 2, attempts=failed + recovered, failed=failed, recovered=recovered, timed_out=timed_out,
+        policy="retry", error=f"RuntimeError: {reward} broke",
+    )  # fmt: skip
 
 
 def test_error_log_counts_skips_and_summarises(tmp_path: Path) -> None:
@@ -164,23 +165,23 @@ def test_error_log_counts_skips_and_summarises(tmp_path: Path) -> None:
 def test_reward_actor_groups_come_from_the_config() -> None:
     stage = Stage2Config(
         rewards=[RewardSpec(name="sharpness"), RewardSpec(name="psnr", actor="gpu"), RewardSpec(name="ssim")],
-        reward_actors={"gpu": {"num_actors": 2, "num_cpus": 1, "num_gpus": 0.5}, "unused": {}},
+        resources={"reward_groups": {"gpu": {"num_actors": 2, "num_cpus": 1, "num_gpus": 0.5}, "unused": {}}},
     )
     groups = stage.reward_actor_groups()
     assert list(groups) == ["default", "gpu"]  # a group no reward names starts no actor
-    assert groups["default"][0] == stage.reward_workers
+    assert groups["default"][0] == stage.resources.reward
     assert [spec.name for spec in groups["default"][1]] == ["sharpness", "ssim"]
     assert (groups["gpu"][0].num_actors, groups["gpu"][0].num_gpus) == (2, 0.5)
 
     with pytest.raises(
         ConfigError,
         match=r"stage2.rewards.1.actor = 'gpus' \(reward 'psnr'\) names no "
-        r"reward-actor group; define stage2.reward_actors.gpus or use one of: default, gpu",
+        r"reward-actor group; define stage2.resources.reward_groups.gpus or use one of: default, gpu",
     ):
         load_config(None, ["stage2.rewards=[{name: sharpness}, {name: psnr, actor: gpus}]",
-                           "stage2.reward_actors={gpu: {num_gpus: 1}}"])  # fmt: skip
-    with pytest.raises(ConfigError, match="the default group is sized by stage2.reward_workers"):
-        load_config(None, ["stage2.reward_actors={default: {num_cpus: 1}}"])
+                           "stage2.resources.reward_groups={gpu: {num_gpus: 1}}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="the default group is sized by stage2.resources.reward"):
+        load_config(None, ["stage2.resources.reward_groups={default: {num_cpus: 1}}"])
     with pytest.raises(ConfigError, match=r"on_error = 'ignore'.*'retry', 'skip_step' or 'fail'"):
         load_config(None, ["stage2.rewards=[{name: sharpness, on_error: ignore}]"])
 
@@ -210,9 +211,9 @@ def test_stage2_skips_steps_whose_rewards_fail_and_reports_them(tmp_path: Path, 
         },
     ]
     config = tiny_config(
-        run_dir, *STAGE2, "stage2.steps=2", "stage2.learners.num_actors=1", "stage2.zero_stage=0",
-        "stage2.rollout_workers.num_actors=1", "stage2.checkpoint_every=1", "stage2.sample_grid_every=100",
-        f"stage2.rewards={json.dumps(rewards)}", "stage2.reward_actors={faulty: {num_cpus: 0.1}}",
+        run_dir, *STAGE2, "stage2.steps=2", "stage2.resources.learner.num_actors=1", "stage2.learner.zero_stage=0",
+        "stage2.resources.rollout.num_actors=1", "stage2.outputs.checkpoint_every=1", "stage2.outputs.sample_grid_every=100",
+        f"stage2.rewards={json.dumps(rewards)}", "stage2.resources.reward_groups={faulty: {num_cpus: 0.1}}",
         "logging.wandb_mode=disabled",
     )  # fmt: skip
     run_stage2(config)

@@ -127,6 +127,6 @@ def test_the_readme_example_runs(
     (tmp_path / "config.yaml").write_text(config)
     stage = load_config(tmp_path / "config.yaml").stage2
     [spec] = [spec for spec in stage.rewards if spec.name == "my_rewards:SkinSaturation"]
-    assert spec.actor in stage.reward_actors and reward_name(spec) == "skin_saturation"
+    assert spec.actor in stage.resources.reward_groups and reward_name(spec) == "skin_saturation"
     scores = build_reward(spec)(torch.rand(2, 3, 16, 16) * 2 - 1, RewardBatch(["", ""]))
     assert scores.shape == (2,) and (scores <= 0).all()

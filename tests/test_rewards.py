@@ -304,9 +304,9 @@ def test_worker_turns_a_raising_reward_into_nan_and_an_error(faces: torch.Tensor
     assert torch.isnan(flaky[2:4]).all() and flaky[[0, 1, 4, 5]].eq(1).all()  # only the failing chunk
     assert len(worker.errors) == 1
     error = worker.errors[0]
-    assert (error["reward"], error["start"], error["stop"]) == ("flaky", 2, 4)
-    assert error["error"] == "RuntimeError: scorer exploded"
-    assert "scorer exploded" in error["traceback"]
+    assert (error.reward, error.start, error.stop) == ("flaky", 2, 4)
+    assert error.error == "RuntimeError: scorer exploded"
+    assert "scorer exploded" in error.traceback
     assert worker.take_errors() == [error] and worker.errors == []
 
     specs = [RewardSpec(name="sharpness"), RewardSpec(name=f"{THIS}:FailOnFlag")]
@@ -351,7 +351,7 @@ def test_ray_actor_scores_like_the_plain_worker(faces: torch.Tensor, ray_cluster
     assert list(remote) == list(local) == ["sharpness", "psnr", "flaky"]
     for name in local:
         torch.testing.assert_close(remote[name], local[name], rtol=1e-6, atol=1e-6, equal_nan=True)
-    assert [(e["reward"], e["start"], e["stop"]) for e in remote_errors] == [("flaky", 0, 4)]
+    assert [(e.reward, e.start, e.stop) for e in remote_errors] == [("flaky", 0, 4)]
 
 
 # ---------------------------------------------------------------- precision

@@ -84,7 +84,7 @@ def test_rollout_workers_take_the_device_their_resources_give(setup: dict, monke
     from rlrestore.runtime.devices import DeviceError, actor_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceError, match=r"rollout actors reserved 1 GPU \(stage2.rollout_workers.num_gpus\) but CUDA"):
+    with pytest.raises(DeviceError, match=r"rollout actors reserved 1 GPU \(stage2.resources.rollout.num_gpus\) but CUDA"):
         RolloutWorker(**setup, num_gpus=1)
     with pytest.raises(DeviceError, match="device=cuda, but Stage 2 rollout actors reserve no GPU"):
         RolloutWorker(**setup, device="cuda")

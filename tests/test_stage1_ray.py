@@ -30,7 +30,7 @@ def _early_late(frame: pd.DataFrame, column: str, n: int = 4) -> tuple[float, fl
 def test_stage1_on_two_workers_lowers_the_loss(tmp_path: Path, ray_cluster) -> None:
     config = tiny_config(
         tmp_path / "run",
-        "ray.num_workers=2",
+        "ray.train_workers.num_actors=2",
         "stage1_1.steps=16",
         "stage1_1.checkpoint_every=8",
         "stage1_2.steps=16",

@@ -41,17 +41,17 @@ STAGE2 = (
     f"stage2.steps={STEPS}",
     "stage2.inputs_per_step=2",
     "stage2.candidates=3",
-    "stage2.rollout_batch=1",
-    "stage2.sampler_steps=2",
-    "stage2.checkpoint_every=2",
-    "stage2.keep_checkpoints=10",
-    "stage2.sample_grid_every=100",
-    "stage2.learners.num_actors=2",
-    "stage2.zero_stage=2",
+    "stage2.rollout.batch_size=1",
+    "stage2.rollout.sampler_steps=2",
+    "stage2.outputs.checkpoint_every=2",
+    "stage2.outputs.keep_checkpoints=10",
+    "stage2.outputs.sample_grid_every=100",
+    "stage2.resources.learner.num_actors=2",
+    "stage2.learner.zero_stage=2",
     # async: a replaced rollout actor must redo its chunk with the weights the chunk was launched
     # with, and a run resumed or rebuilt from a checkpoint must roll out with the lagged weights
     # stored there, or the final weights differ from the reference
-    "stage2.async_rollouts=true",
+    "stage2.rollout.asynchronous=true",
 )
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wandb-key-3f9c2e71-never-logged-8d4b"
@@ -140,7 +140,7 @@ def test_killed_rollout_reward_and_learner_actors(stage1_run: Path, reference: P
     # Step 4 of the rebuilt run is under way (step 5 is rolling out with the weights of step 4):
     # kill a rollout actor, then the reward actor. The rollout actor's chunk must be redone with
     # the weights it was launched with, not the newer ones the replacement got at the next sync.
-    rebuilt = lambda: any(fault["role"] == "learner group" for fault in run.faults)
+    rebuilt = lambda: any(fault.role == "learner group" for fault in run.faults)
     wait_for(lambda: rebuilt() and run.step >= 4, "step 4 after the rebuild", thread, errors)
     for role in ("RolloutWorker", "RewardActor"):
         pids = actor_pids(role)

@@ -31,15 +31,15 @@ STAGE2 = (
     "stage1_2.steps=2",
     "stage2.inputs_per_step=2",
     "stage2.candidates=3",
-    "stage2.rollout_batch=1",
-    "stage2.sampler_steps=2",
-    "stage2.checkpoint_every=2",
-    "stage2.sample_grid_every=2",
-    "stage2.learners.num_actors=2",
-    "stage2.zero_stage=2",
+    "stage2.rollout.batch_size=1",
+    "stage2.rollout.sampler_steps=2",
+    "stage2.outputs.checkpoint_every=2",
+    "stage2.outputs.sample_grid_every=2",
+    "stage2.resources.learner.num_actors=2",
+    "stage2.learner.zero_stage=2",
     # LoRA here; full fine-tuning runs on Ray in test_nft_learner's 2-rank group and test_bench
-    "stage2.finetune=lora",
-    "stage2.lora_rank=4",
+    "stage2.learner.finetune=lora",
+    "stage2.learner.lora_rank=4",
 )
 
 
@@ -60,7 +60,7 @@ def run_and_check_the_sync(config) -> None:
         run.run()
         run.learners.check_in_sync()
         v_old = run.learners.rollout_weights()
-        for actor in run.rollouts:
+        for actor in run.rollouts.actors:
             held = ray.get(actor.velocity_state.remote())
             assert held.keys() == v_old.keys()
             assert all(torch.equal(held[key], v_old[key]) for key in held)
@@ -100,7 +100,7 @@ def test_three_stage2_steps_then_resume(stage1_run: Path, tmp_path: Path) -> Non
         "stage2_step_000003.png",
     ]
 
-    resumed = tiny_config(run_dir, *STAGE2, "stage2.steps=5", "stage2.async_rollouts=true")
+    resumed = tiny_config(run_dir, *STAGE2, "stage2.steps=5", "stage2.rollout.asynchronous=true")
     run_stage2(resumed)
     frame = read_metrics(run_dir, "stage2")
     assert frame["step"].tolist() == [0, 1, 2, 3, 4]
@@ -111,8 +111,8 @@ def test_three_stage2_steps_then_resume(stage1_run: Path, tmp_path: Path) -> Non
 def test_a_placement_group_the_cluster_cannot_fit_fails_clearly(tmp_path: Path, ray_cluster) -> None:
     from rlrestore.orchestration.stage2 import reserve_placement_group
 
-    config = tiny_config(tmp_path, "stage2.learners.num_cpus=8", "stage2.placement_timeout_s=2")
-    with pytest.raises(RuntimeError, match=r"could not fit them within 2.0 s.*stage2\.rollout_workers"):
+    config = tiny_config(tmp_path, "stage2.resources.learner.num_cpus=8", "stage2.resources.placement_timeout_s=2")
+    with pytest.raises(RuntimeError, match=r"could not fit them within 2.0 s.*stage2\.resources\.rollout"):
         reserve_placement_group(config.stage2)
 
 
@@ -136,9 +136,9 @@ def test_a_seeded_stage2_run_raises_the_trained_reward_on_held_out_faces(stage1_
     run_dir = tmp_path / "learn"
     shutil.copytree(stage1_run, run_dir)
     config = tiny_config(
-        run_dir, *STAGE2, "stage2.finetune=full", "stage2.steps=16", "stage2.inputs_per_step=4",
-        "stage2.candidates=4", "stage2.rollout_batch=2", "stage2.optim.lr=3e-3", "stage2.nft.beta=1.0",
-        "stage2.checkpoint_every=16", "sampler.steps=2",
+        run_dir, *STAGE2, "stage2.learner.finetune=full", "stage2.steps=16", "stage2.inputs_per_step=4",
+        "stage2.candidates=4", "stage2.rollout.batch_size=2", "stage2.optim.lr=3e-3", "stage2.nft.beta=1.0",
+        "stage2.outputs.checkpoint_every=16", "sampler.steps=2",
     )  # fmt: skip
     run_stage2(config)
     before = held_out_reward(config, latest_checkpoint(run_dir, "stage1.2"))

@@ -192,7 +192,7 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
     stage = config.stage(stage_name)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = train_worker_device(config.device, config.ray.gpus_per_worker, nccl=world > 1)
+    device = train_worker_device(config.device, config.ray.train_workers.num_gpus, nccl=world > 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = Precision(config.precision)

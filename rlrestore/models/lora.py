@@ -1,4 +1,4 @@
-"""LoRA adapters on the DiT (``stage2.finetune=lora``) and the merged weights rollouts sample with.
+"""LoRA adapters on the DiT (``stage2.learner.finetune=lora``) and the merged weights rollouts sample with.
 
 The adapters are peft's ``LoraLayer`` wrappers injected into the named ``nn.Linear`` layers of the
 module (``peft.inject_adapter_in_model``): the base weights stay frozen and only the low-rank
@@ -41,11 +41,11 @@ def add_lora(
     if unmatched:
         layers = sorted({re.sub(r"^.*blocks\.\d+\.", "", name) for name in linear_names})
         raise ValueError(
-            f"stage2.lora_targets {unmatched} match no Linear layer of the DiT; "
+            f"stage2.learner.lora_targets {unmatched} match no Linear layer of the DiT; "
             f"its Linear layers (per block) are: {', '.join(layers)}"
         )
     if init not in ("default", "gaussian"):
-        raise ValueError(f"stage2.lora_init must be 'default' or 'gaussian', got {init!r}")
+        raise ValueError(f"stage2.learner.lora_init must be 'default' or 'gaussian', got {init!r}")
     module.requires_grad_(False)
     config = LoraConfig(
         r=rank,

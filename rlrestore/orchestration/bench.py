@@ -5,8 +5,8 @@
              input and one candidate at a time (``FlowMatchEulerDiscreteScheduler`` stepping the DiT)
     learner  seconds per ``NFTLearner.train_step`` (DeepSpeed, one rank) vs a plain PyTorch loop
              with ``torch.optim.AdamW`` and the same NFT loss, micro-batches and forward/backward count
-    stage2   seconds per Stage 2 step on Ray (rollout, reward and learner actors, weight sync) vs
-             the same work done sequentially in one process with the plain classes
+    stage2   seconds per Stage 2 step (the driver's ``Stage2Step.run_step``) on Ray (rollout, reward
+             and learner actors, weight sync) vs the same method on the plain classes in one process
     rewards  images/s of each reward scored as a reward actor scores it (``RewardWorker.score``,
              batched) vs its model called directly one image at a time; model rewards get tiny
              random weights (``rewards.tiny``)
@@ -33,14 +33,24 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from rewards import RewardAggregator, RewardErrorLog, RewardWorker
 from rewards.base import Reward, RewardBatch
+from rewards.pool import RewardOutcome, reward_actor_count
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
 from rlrestore.flow import shifted_timesteps
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
+from rlrestore.orchestration.stage2 import (
+    RolloutCall,
+    RolloutPlan,
+    Stage2Run,
+    Stage2Step,
+    concat_rollouts,
+)
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
 from rlrestore.runtime.devices import DeviceRecord, local_device, write_devices
 from rlrestore.runtime.precision import Precision
-from trainers.nft_learner import NFTSamples
+from rollouts import RolloutBatch, RolloutWorker
+from trainers.nft_learner import NFTLearner, NFTSamples
 
 FIGURE_PARTS = ("rollout", "learner", "stage2")
 """The benchmarks that report one figure each (and need the policy)."""
@@ -193,14 +203,14 @@ class PlainNFTStep:
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
-        self.grid = shifted_timesteps(stage2.sampler_steps, policy.config.flow_shift)[:-1].to(device)
+        self.grid = shifted_timesteps(stage2.rollout.sampler_steps, policy.config.flow_shift)[:-1].to(device)
         self.device = device
 
     def train_step(self, samples: NFTSamples, step: int) -> None:
         x0 = samples.x0.to(self.device)
         condition = samples.condition.select(samples.group).to(self.device)
         r = samples.r.to(self.device)
-        count, timesteps, micro = len(x0), self.stage2.nft.timesteps_per_sample, self.stage2.micro_batch
+        count, timesteps, micro = len(x0), self.stage2.nft.timesteps_per_sample, self.stage2.learner.micro_batch
         generator = torch.Generator().manual_seed(step)
         picks = torch.stack(
             [torch.randperm(len(self.grid), generator=generator)[:timesteps] for _ in range(count)]
@@ -233,19 +243,18 @@ def bench_learner(
     policy: PrefRestorePolicy, stage2: Stage2Config, samples: int, repeats: int, device: torch.device
 ) -> dict[str, Any]:
     """Seconds per ``NFTLearner.train_step`` (one rank) vs the plain AdamW loop, same batch."""
-    from trainers.nft_learner import NFTLearner
-
     if stage2.nft.loss_form != "velocity" or stage2.nft.base_penalty > 0:
         raise ValueError("the learner benchmark compares the velocity-form NFT loss without a base penalty")
     batch = random_samples(policy, samples)
+    micro_batch, zero_stage = stage2.learner.micro_batch, stage2.learner.zero_stage
     learner = NFTLearner(
         policy,
         stage2.nft,
         stage2.optim,
-        micro_batch=stage2.micro_batch,
-        zero_stage=stage2.zero_stage,
+        micro_batch=micro_batch,
+        zero_stage=zero_stage,
         device=device,
-        sampler_steps=stage2.sampler_steps,
+        sampler_steps=stage2.rollout.sampler_steps,
         total_steps=repeats + 1,
     )
     plain = PlainNFTStep(policy, stage2, device)
@@ -258,88 +267,93 @@ def bench_learner(
         "NFTLearner (DeepSpeed) / plain AdamW seconds per step (>1: overhead)",
         {
             "samples": samples,
-            "micro_batch": stage2.micro_batch,
+            "micro_batch": micro_batch,
             "timesteps_per_sample": stage2.nft.timesteps_per_sample,
-            "forward_backward_passes": math.ceil(samples / stage2.micro_batch)
-            * stage2.nft.timesteps_per_sample,
-            "zero_stage": stage2.zero_stage,
+            "forward_backward_passes": math.ceil(samples / micro_batch) * stage2.nft.timesteps_per_sample,
+            "zero_stage": zero_stage,
             "world_size": 1,
         },
     )
 
 
 # --------------------------------------------------------------------------------- stage 2
+class InProcessRollouts:
+    """One plain ``RolloutWorker`` in this process behind the driver's ``Rollouts`` interface: the
+    same chunks, seeds and sampler as the rollout actors, rolled out one after another."""
+
+    def __init__(self, worker: RolloutWorker, stage: Stage2Config, seed: int) -> None:
+        self.worker = worker
+        self.plan = RolloutPlan(stage, seed, worker.num_samples())
+
+    def launch(self, step: int) -> list[RolloutCall]:
+        return self.plan.calls(step, 1, self.worker.version)
+
+    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
+        sampler = self.plan.sampler
+        return concat_rollouts([self.worker.rollout(c.chunk, c.epoch, c.seeds, sampler) for c in calls])
+
+
+class InProcessRewards:
+    """A plain ``RewardWorker`` behind the driver's ``Scorer`` interface."""
+
+    def __init__(self, worker: RewardWorker) -> None:
+        self.worker = worker
+
+    def score(self, images: torch.Tensor, batch: RewardBatch) -> RewardOutcome:
+        return RewardOutcome(self.worker.score(images, batch), self.worker.take_errors())
+
+
+class SequentialStage2(Stage2Step):
+    """The driver's Stage 2 step (:meth:`Stage2Step.run_step`) on plain classes in this process: a
+    rollout worker, a reward worker and one ``NFTLearner`` rank, one after another."""
+
+    def __init__(self, config: RunConfig, policy_dir: str | Path) -> None:
+        stage, learner = config.stage2, config.stage2.learner
+        worker = RolloutWorker(
+            policy_dir,
+            Path(config.run_dir) / "data",
+            config.degradation.model_dump(mode="json"),
+            config.data.seed,
+            config.data.holdout,
+            threads=torch.get_num_threads(),
+        )
+        self.rollouts = InProcessRollouts(worker, stage, config.seed)
+        self.rewards = InProcessRewards(RewardWorker(stage.rewards, errors=stage.faults.reward_errors))
+        self.learners = NFTLearner(
+            policy_dir,
+            stage.nft,
+            stage.optim,
+            micro_batch=learner.micro_batch,
+            zero_stage=learner.zero_stage,
+            device=local_device(config.device),
+            sampler_steps=stage.rollout.sampler_steps,
+            total_steps=stage.steps,
+            seed=config.seed,
+        )
+        self.aggregator = RewardAggregator.from_config(stage)
+        self.reward_errors = RewardErrorLog(stage.rewards)
+
+    def sync_weights(self, version: int) -> None:
+        self.rollouts.worker.load_weights(version, self.learners.state_dict_for_rollout())
+
+
 def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
-    """Seconds per Stage 2 step on Ray (``Stage2Run``'s phases) vs the plain classes in one process.
+    """Seconds per Stage 2 step (``Stage2Step.run_step``) on the Ray actors of a ``Stage2Run`` vs
+    the same step on the plain classes in one process (:class:`SequentialStage2`).
 
     Needs a connected Ray session, and a run directory with a Stage 1.2 checkpoint and the shards.
     """
-
-    from rewards import RewardWorker
-    from rewards.pool import reward_actor_count
-    from rlrestore.orchestration.stage2 import (
-        Stage2Run,
-        candidate_reward_batch,
-        candidate_seeds,
-        concat_rollouts,
-        learner_samples,
-    )
-    from rollouts import RolloutWorker
-    from trainers.nft_learner import NFTLearner
-
     stage = config.stage2
+    cpu = torch.device("cpu")
     run = Stage2Run(config)
-
-    def ray_step(step: int) -> None:
-        batch = concat_rollouts(run.collect_rollouts(run.launch_rollouts(step), step))
-        result = run.aggregator.combine(run.score(batch).scores, *batch.images.shape[:2])
-        run.learners.train_step(learner_samples(batch, result), step)
-        run.version = step + 1
-        run.sync_weights()
-
     try:
-        ray_seconds = median_seconds(ray_step, repeats, torch.device("cpu"))
+        ray_seconds = median_seconds(lambda step: run.run_step(step, run.rollouts.launch(step)), repeats, cpu)
     finally:
         run.shutdown()
-
-    worker = RolloutWorker(
-        run.policy_dir,
-        Path(config.run_dir) / "data",
-        config.degradation.model_dump(mode="json"),
-        config.data.seed,
-        config.data.holdout,
-        threads=torch.get_num_threads(),
+    sequential = SequentialStage2(config, run.policy_dir)
+    sequential_seconds = median_seconds(
+        lambda step: sequential.run_step(step, sequential.rollouts.launch(step)), repeats, cpu
     )
-    rewarder = RewardWorker(stage.rewards, errors=stage.reward_errors)
-    learner = NFTLearner(
-        run.policy_dir,
-        stage.nft,
-        stage.optim,
-        micro_batch=stage.micro_batch,
-        zero_stage=stage.zero_stage,
-        device=local_device(config.device),
-        sampler_steps=stage.sampler_steps,
-        total_steps=stage.steps,
-        seed=config.seed,
-    )
-
-    def sequential_step(step: int) -> None:
-        epoch, chunks = run.rollout_chunks(step)
-        batch = concat_rollouts(
-            [
-                worker.rollout(
-                    chunk, epoch, candidate_seeds(config.seed, step, chunk, stage.candidates), run.sampler
-                )
-                for chunk in chunks
-            ]
-        )
-        result = run.aggregator.combine(
-            rewarder.score(batch.images.flatten(0, 1), candidate_reward_batch(batch)), *batch.images.shape[:2]
-        )
-        learner.train_step(learner_samples(batch, result), step)
-        worker.load_weights(step + 1, learner.state_dict_for_rollout())
-
-    sequential_seconds = median_seconds(sequential_step, repeats, torch.device("cpu"))
     return _figure(
         "s/step",
         ray_seconds,
@@ -348,12 +362,12 @@ def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
         {
             "inputs_per_step": stage.inputs_per_step,
             "candidates": stage.candidates,
-            "rollout_batch": stage.rollout_batch,
-            "sampler_steps": stage.sampler_steps,
-            "rollout_actors": stage.rollout_workers.num_actors,
+            "rollout_batch": stage.rollout.batch_size,
+            "sampler_steps": stage.rollout.sampler_steps,
+            "rollout_actors": stage.resources.rollout.num_actors,
             "reward_actors": reward_actor_count(stage),
-            "learner_ranks": stage.learners.num_actors,
-            "zero_stage": stage.zero_stage,
+            "learner_ranks": stage.resources.learner.num_actors,
+            "zero_stage": stage.learner.zero_stage,
         },
     )
 
@@ -440,8 +454,6 @@ def bench_reward(
 ) -> dict[str, Any]:
     """Images/s of ``RewardWorker.score`` (the reward actors' call, chunks of the worker's batch
     size) vs :func:`per_image_model_calls` of the same reward on the same images."""
-    from rewards import RewardWorker
-
     worker = RewardWorker([spec], device=device, errors=RewardErrorConfig(policy="fail"))
     loop = per_image_model_calls(worker.rewards[0])
     count = images.shape[0]
@@ -537,7 +549,7 @@ def run_bench(
         # Rollouts sample with an inference copy in the compute dtype; the policy stays float32.
         rollout_policy = precision.for_inference(copy.deepcopy(policy)) if precision.mixed else policy
         report["rollout"] = bench_rollout(
-            rollout_policy.to(device), stage.rollout_batch, stage.candidates, stage.sampler_steps, repeats
+            rollout_policy.to(device), stage.rollout.batch_size, stage.candidates, stage.rollout.sampler_steps, repeats
         )
     if "learner" in parts:
         report["learner"] = bench_learner(

@@ -250,7 +250,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "or stage2 (DiffusionNFT on rollout, reward and learner actors; starts from the end of stage1.2).",
     )
     train.add_argument("config", help="YAML config file (see configs/).")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.num_workers=4.")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.train_workers.num_actors=4.")
     train.set_defaults(func=cmd_train)
 
 
@@ -407,7 +407,7 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (sampler, degradation, eval section; see configs/).")
     parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides (anywhere), e.g. eval.num_actors=4 eval.samples=2."
+        "overrides", nargs="*", help="key=value overrides (anywhere), e.g. eval.actors.num_actors=4 eval.samples=2."
     )
     parser.add_argument(
         "--ckpt",

@@ -96,18 +96,16 @@ def run_stage1(config: RunConfig, stage: StageName) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     shards = prepare_shards(config)
-    resources = {"CPU": config.ray.cpus_per_worker}
-    if config.ray.gpus_per_worker:
-        resources["GPU"] = config.ray.gpus_per_worker
+    workers = config.ray.train_workers
     trainer = TorchTrainer(
         train_stage1_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "stage": stage, "shards": str(shards)},
         scaling_config=ScalingConfig(
-            num_workers=config.ray.num_workers,
-            use_gpu=config.ray.gpus_per_worker > 0,
-            resources_per_worker=resources,
+            num_workers=workers.num_actors,
+            use_gpu=workers.num_gpus > 0,
+            resources_per_worker=workers.bundle(),
         ),
-        torch_config=TorchConfig(backend="nccl" if config.ray.gpus_per_worker > 0 else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if workers.num_gpus > 0 else "gloo"),
         run_config=TrainRunConfig(
             name=stage.replace(".", "_"),
             storage_path=str(run_dir / "ray_results"),

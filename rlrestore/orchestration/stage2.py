@@ -1,32 +1,36 @@
 """Stage 2 driver: DiffusionNFT preference RL on rollout, reward and learner actors.
 
-All actors live in one Ray placement group (a bundle per actor, ``stage2.placement_strategy``),
+All actors live in one Ray placement group (a bundle per actor, sized by ``stage2.resources``),
 so the same config scales from 2 CPUs to many GPUs and a run never starts half-placed.
 
-One readable loop per step:
+One step is one method, :meth:`Stage2Step.run_step`, each phase timed (``timing/<phase>``):
 
     rollout  K candidates per degraded input on the rollout actors (tagged with a policy version)
     reward   named scores per candidate on the reward actors -> weighted total -> r (Eq. 12)
     learn    NFT loss (Eq. 13-15) on the DeepSpeed learner ranks; v_old EMA update (skipped when a
-             weighted reward failed for good: ``stage2.reward_errors``, ``rewards.pool``)
+             weighted reward failed for good: ``stage2.faults.reward_errors``, ``rewards.pool``)
     sync     the new rollout weights reach every rollout actor through the object store
-    log      Parquet + W&B metrics, sample grids; checkpoint every N steps
 
-With ``stage2.async_rollouts`` the rollouts of step i+1 run while the learners train on step i
-(policy lag 1, recorded per step); a rollout lagging more than ``stage2.max_policy_lag`` versions
-is rolled out again with the current weights. Resume: the same command continues from the newest
-checkpoint (policy, learner state with v_old and optimizer, step).
+:meth:`Stage2Run.train` loops over it: it launches the rollouts, then logs (Parquet + W&B),
+writes sample grids and checkpoints every N steps (``stage2.outputs``). ``rlrestore bench`` runs
+the same step on the Ray actors and on plain in-process workers.
+
+With ``stage2.rollout.asynchronous`` the rollouts of step i+1 run while the learners train on step i
+(policy lag 1, recorded per step); a rollout lagging more than ``stage2.rollout.max_policy_lag``
+versions is rolled out again with the current weights. Resume: the same command continues from the
+newest checkpoint (policy, learner state with v_old and optimizer, step).
 
 Every role runs on the device its resources give it (``rlrestore.runtime.devices``) in the run's
 ``precision``; ``<run_dir>/devices.json`` lists them.
 
 Faults: a rollout actor that dies is replaced in its bundle, given the weights its chunk was
-launched with, and its chunk is rolled out again (same seeds, same weights, same result). A reward actor that dies is restarted by Ray
-and its call retried (scoring is a pure function of its inputs). A learner rank that dies breaks
-the group's collectives, so the group is rebuilt from the newest checkpoint and the steps after
-it are redone (their metrics rows are replaced). Each fault is logged, counted
-(``faults/*``) and listed in ``<run_dir>/faults.json``; ``stage2.max_actor_failures`` bounds them. Reward failures are counted per
-step (``reward/errors/<name>``) and summarised at the end in ``<run_dir>/reward_errors.json``.
+launched with, and its chunk is rolled out again (same seeds, same weights, same result). A reward
+actor that dies is restarted by Ray and its call retried (scoring is a pure function of its
+inputs). A learner rank that dies breaks the group's collectives, so the group is rebuilt from the
+newest checkpoint and the steps after it are redone (their metrics rows are replaced). Each fault
+is logged, counted (``faults/*``) and listed in ``<run_dir>/faults.json`` (:class:`Fault`);
+``stage2.faults.max_actor_failures`` bounds them. Reward failures are counted per step
+(``reward/errors/<name>``) and summarised at the end in ``<run_dir>/reward_errors.json``.
 """
 
 from __future__ import annotations
@@ -34,8 +38,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -46,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from rewards import AggregateResult, RewardAggregator, RewardBatch, check_reward_args, check_reward_weights
-from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, reward_actor_count
+from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, StepErrors, reward_actor_count
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image, to_uint8
@@ -108,6 +117,45 @@ def check_stage2_inputs(config: RunConfig) -> None:
 
 
 @dataclass
+class Fault:
+    """A failure the run survived: the step it happened in, the role that failed, the error and
+    what the driver did about it (an entry of ``faults.json``)."""
+
+    step: int
+    role: str
+    error: str
+    action: str
+
+
+class FaultLog:
+    """The faults of a run: logged, listed in ``<run_dir>/faults.json`` (kept across resumes) and
+    bounded by ``stage2.faults.max_actor_failures``."""
+
+    def __init__(self, path: Path, limit: int, resume: bool) -> None:
+        self.path, self.limit = path, limit
+        earlier = json.loads(path.read_text()) if resume and path.is_file() else []
+        self.faults = [Fault(**entry) for entry in earlier]
+
+    def __iter__(self) -> Iterator[Fault]:
+        return iter(list(self.faults))
+
+    def __len__(self) -> int:
+        return len(self.faults)
+
+    def record(self, step: int, role: str, error: BaseException, action: str) -> None:
+        """Log a fault, add it to ``faults.json``, and stop the run once there are too many."""
+        fault = Fault(step, role, f"{type(error).__name__}: {error}"[:500], action)
+        self.faults.append(fault)
+        log.warning("stage2 step %d: %s failed (%s); %s", step, role, fault.error.splitlines()[0], action)
+        self.path.write_text(json.dumps([asdict(entry) for entry in self.faults], indent=2))
+        if len(self.faults) > self.limit:
+            raise RuntimeError(
+                f"Stage 2 stopped after {len(self.faults)} actor failures (stage2.faults.max_actor_failures="
+                f"{self.limit}); see {self.path}"
+            ) from error
+
+
+@dataclass
 class RolloutCall:
     """One chunk of a step's inputs sent to one rollout actor (kept so it can be redone), and the
     policy version the actor held when it was sent (a redo must use the same weights)."""
@@ -133,95 +181,299 @@ def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -
     )
 
 
+class RolloutPlan:
+    """What each step rolls out: its inputs (epoch-wise permutations of the training faces) in chunks
+    of ``stage2.rollout.batch_size``, each candidate's seed, and the rollout sampler."""
+
+    def __init__(self, stage: Stage2Config, seed: int, num_samples: int) -> None:
+        self.stage, self.seed = stage, seed
+        self.batches = EpochBatches(num_samples, stage.inputs_per_step, 0, 1, derived_seed(seed, STAGE))
+        self.sampler = SamplerConfig(steps=stage.rollout.sampler_steps, method=stage.rollout.sampler_method)
+
+    def calls(self, step: int, actors: int, version: int) -> list[RolloutCall]:
+        """The chunks of ``step``, round-robin over ``actors`` actors that hold policy ``version``."""
+        epoch, indices = self.batches.at(step)
+        size = self.stage.rollout.batch_size
+        chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        return [
+            RolloutCall(n % actors, chunk, epoch, candidate_seeds(self.seed, step, chunk, self.stage.candidates), version)
+            for n, chunk in enumerate(chunks)
+        ]
+
+
+@contextmanager
+def phase(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Time the block as phase ``name`` of a step: its seconds go to ``timings[name]``."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - began
+
+
+@dataclass
+class StepRecord:
+    """What one Stage 2 step produced: its rollouts, rewards, reward failures, the learners'
+    metrics (empty when the step was skipped) and seconds per phase (rollout, reward, learn, sync)."""
+
+    step: int
+    batch: RolloutBatch
+    rewards: AggregateResult
+    errors: StepErrors
+    learned: dict[str, float]
+    timings: dict[str, float]
+
+    def metrics(self) -> dict[str, float]:
+        """The step's row of metrics."""
+        groups, k = self.batch.x0.shape[:2]
+        return {
+            **self.rewards.metrics,
+            **self.errors.metrics,
+            **{f"learn/{key}": value for key, value in self.learned.items()},
+            "policy_lag": float(self.step - self.batch.policy_version),
+            **{f"timing/{name}": seconds for name, seconds in self.timings.items()},
+            "throughput/candidates_per_s": groups * k / max(sum(self.timings.values()), 1e-9),
+        }
+
+
+class Rollouts(Protocol):
+    """Where a step's candidates come from: the run's rollout actors or a worker in this process."""
+
+    def launch(self, step: int) -> list[RolloutCall]:
+        """Start the rollouts of ``step`` (with the weights held now)."""
+        ...
+
+    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
+        """The rollouts of ``calls``, as one batch."""
+        ...
+
+
+class Scorer(Protocol):
+    """Scores candidates: the run's reward actors or a ``RewardWorker`` in this process."""
+
+    def score(self, images: torch.Tensor, batch: RewardBatch) -> RewardOutcome: ...
+
+
+class Learner(Protocol):
+    """Trains on a step's samples: the run's learner group or one ``NFTLearner`` in this process."""
+
+    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]: ...
+
+    def skip_step(self, step: int) -> None: ...
+
+
+class Stage2Step(ABC):
+    """The Stage 2 step as one method, on any workers that fit :class:`Rollouts`, :class:`Scorer`
+    and :class:`Learner`: the Ray actors of :class:`Stage2Run`, or plain in-process objects (the
+    sequential baseline of ``rlrestore bench``)."""
+
+    rollouts: Rollouts
+    rewards: Scorer
+    learners: Learner
+    aggregator: RewardAggregator
+    reward_errors: RewardErrorLog
+
+    def run_step(self, step: int, calls: list[RolloutCall]) -> StepRecord:
+        """rollout -> reward -> learn -> sync for ``step``, whose rollouts ``calls`` were launched."""
+        timings: dict[str, float] = {}
+        with phase("rollout", timings):
+            batch = self.rollouts.collect(calls, step)
+        with phase("reward", timings):
+            outcome = self.rewards.score(batch.images.flatten(0, 1), candidate_reward_batch(batch))
+            result = self.aggregator.combine(outcome.scores, *batch.images.shape[:2])
+            errors = self.reward_errors.record(step, outcome.errors)
+        with phase("learn", timings):  # a skipped step still counts and syncs: versions keep counting steps
+            if errors.skip:
+                self.learners.skip_step(step)
+                learned = {}
+            else:
+                learned = self.learners.train_step(learner_samples(batch, result), step)
+        with phase("sync", timings):
+            self.sync_weights(step + 1)
+        return StepRecord(step, batch, result, errors, learned, timings)
+
+    @abstractmethod
+    def sync_weights(self, version: int) -> None:
+        """Give the rollouts the learners' new rollout weights (v_old) as policy ``version``."""
+
+
 def reserve_placement_group(stage: Stage2Config) -> PlacementGroup:
     """One bundle per actor (rollouts, reward-actor groups, learners, in that order), reserved up
     front so the run either gets all its resources or fails with a clear message instead of hanging."""
-    reward_groups = [resources for resources, _ in stage.reward_actor_groups().values()]
-    bundles = []
-    for group in (stage.rollout_workers, *reward_groups, stage.learners):
-        bundle = {"CPU": group.num_cpus, **({"GPU": group.num_gpus} if group.num_gpus else {})}
-        bundles.extend(dict(bundle) for _ in range(group.num_actors))
-    group_handle = placement_group(bundles, strategy=stage.placement_strategy)
-    ready, _ = ray.wait([group_handle.ready()], timeout=stage.placement_timeout_s)
+    resources = stage.resources
+    reward_groups = [group for group, _ in stage.reward_actor_groups().values()]
+    bundles = [
+        group.bundle()
+        for group in (resources.rollout, *reward_groups, resources.learner)
+        for _ in range(group.num_actors)
+    ]
+    group_handle = placement_group(bundles, strategy=resources.placement_strategy)
+    ready, _ = ray.wait([group_handle.ready()], timeout=resources.placement_timeout_s)
     if not ready:
         remove_placement_group(group_handle)
         wanted = {key: sum(b.get(key, 0.0) for b in bundles) for key in ("CPU", "GPU")}
         raise RuntimeError(
             f"Stage 2 needs {len(bundles)} actors with {wanted['CPU']} CPUs and {wanted['GPU']} GPUs in all "
-            f"(placement {stage.placement_strategy}), but the cluster could not fit them within "
-            f"{stage.placement_timeout_s} s; it has {ray.cluster_resources()}. Lower the num_cpus/num_gpus "
-            "of stage2.rollout_workers / reward_workers / reward_actors / learners or add nodes."
+            f"(placement {resources.placement_strategy}), but the cluster could not fit them within "
+            f"{resources.placement_timeout_s} s; it has {ray.cluster_resources()}. Lower the num_cpus/num_gpus "
+            "of stage2.resources.rollout / reward / reward_groups / learner or add nodes."
         )
     return group_handle
 
 
-class Stage2Run:
+class RolloutActors:
+    """The run's rollout actors, one per placement bundle in ``strategies``: they roll out chunks,
+    and take the learners' weights by policy version. A dead actor is replaced (a fault) and its
+    chunk redone with the weights it was launched with, which are kept while a pending chunk may
+    still need them (``stage2.rollout.max_policy_lag`` versions)."""
+
+    def __init__(
+        self, stage: Stage2Config, seed: int, worker_args: dict[str, Any], strategies: list[Any], faults: FaultLog
+    ) -> None:
+        self.stage, self.seed, self.worker_args = stage, seed, worker_args
+        self.strategies, self.faults = strategies, faults
+        self.actors = [self.start_actor(index) for index in range(len(strategies))]
+        self.weights: dict[int, ray.ObjectRef] = {}  # rollout weights by policy version
+        self.version = 0  # the newest weights synced from the learners
+        self.actor_version = 0  # the weights the actors hold
+
+    @cached_property
+    def plan(self) -> RolloutPlan:
+        return RolloutPlan(self.stage, self.seed, ray.get(self.actors[0].num_samples.remote()))
+
+    def start_actor(self, index: int) -> ray.actor.ActorHandle:
+        """Rollout actor ``index`` in its bundle. Ray does not restart it: :meth:`replace` does, so
+        the driver knows which weights it holds."""
+        group = self.stage.resources.rollout
+        return make_rollout_actor(
+            group.num_cpus, group.num_gpus, max_restarts=0, scheduling_strategy=self.strategies[index], **self.worker_args
+        )
+
+    def replace(self, index: int, step: int, error: BaseException) -> None:
+        """Start a fresh rollout actor ``index`` (the caller gives it the weights it needs)."""
+        self.faults.record(step, f"rollout actor {index}", error, "replaced; its chunk is redone")
+        ray.kill(self.actors[index], no_restart=True)
+        self.actors[index] = self.start_actor(index)
+
+    def launch(self, step: int) -> list[RolloutCall]:
+        """Start the rollouts of ``step`` on the actors, which hold policy ``actor_version``."""
+        calls = self.plan.calls(step, len(self.actors), self.actor_version)
+        for call in calls:
+            self.submit(call)
+        return calls
+
+    def submit(self, call: RolloutCall) -> None:
+        call.handle = self.actors[call.actor]
+        call.ref = call.handle.rollout.remote(call.chunk, call.epoch, call.seeds, self.plan.sampler)
+
+    def redo(self, call: RolloutCall) -> None:
+        """Roll ``call`` out again on its (replacement) actor with the weights it was launched
+        with; the actor then goes back to the current weights (calls on one actor run in order)."""
+        actor = self.actors[call.actor]
+        actor.load_weights.remote(call.version, self.weights[call.version], True)
+        self.submit(call)
+        if call.version != self.actor_version:
+            actor.load_weights.remote(self.actor_version, self.weights[self.actor_version])
+
+    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
+        """The chunks of ``calls`` as one batch. A chunk whose actor died is redone on a replacement
+        with the weights it was launched with; a chunk lagging more than
+        ``stage2.rollout.max_policy_lag`` versions is redone with the current weights."""
+        return concat_rollouts(self.collect_parts(calls, step))
+
+    def collect_parts(self, calls: list[RolloutCall], step: int) -> list[RolloutBatch]:
+        parts = []
+        for call in calls:
+            while True:
+                try:
+                    parts.append(ray.get(call.ref))
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    if self.actors[call.actor] is call.handle:  # not yet replaced (e.g. at a sync)
+                        self.replace(call.actor, step, exc)
+                    self.redo(call)
+        max_lag = self.stage.rollout.max_policy_lag
+        for index in stale_parts(parts, step, max_lag):
+            log.warning(
+                "stage2 step %d: a rollout of policy version %d lags more than stage2.rollout.max_policy_lag=%d; "
+                "redone", step, parts[index].policy_version, max_lag,
+            )  # fmt: skip
+            calls[index].version = self.actor_version
+            self.redo(calls[index])
+            parts[index] = self.collect_parts([calls[index]], step)[0]
+        return parts
+
+    def sync(self, version: int, weights: ray.ObjectRef, rewind: bool = False) -> None:
+        """Every actor takes ``weights`` as policy ``version`` (``rewind``: the run went back to a
+        checkpoint). The weights of the versions a pending rollout may still need are kept."""
+        self.version = version
+        self.weights[version] = weights
+        oldest = version - (self.stage.rollout.max_policy_lag if self.stage.rollout.asynchronous else 0)
+        self.weights = {kept: ref for kept, ref in self.weights.items() if kept >= oldest}
+        self.load(version, rewind)
+
+    def load(self, version: int, rewind: bool = False) -> None:
+        """Every actor loads the kept weights of ``version``; a dead one is replaced and loads them."""
+        weights = self.weights[version]
+        loads = [actor.load_weights.remote(version, weights, rewind) for actor in self.actors]
+        for index, ref in enumerate(loads):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                gather([weights])  # the weights never came: a learner died (LearnerLost)
+                self.replace(index, self.version, exc)
+                ray.get(self.actors[index].load_weights.remote(version, weights, True))
+        self.actor_version = version
+
+    def device_records(self) -> list[DeviceRecord]:
+        return ray.get([actor.device_record.remote(f"rollout {index}") for index, actor in enumerate(self.actors)])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class Stage2Run(Stage2Step):
     """The actors of one Stage 2 run and the loop that drives them."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.stage = config.stage2
         self.run_dir = Path(config.run_dir)
-        policy_dir, self.resume = starting_point(config)
-        self.policy_dir = policy_dir
+        self.policy_dir, self.resume = starting_point(config)
         shards = prepare_shards(config)
-        self.worker_args = {
-            "policy_dir": str(policy_dir),
+        resources = self.stage.resources
+        self.faults = FaultLog(self.run_dir / FAULTS_FILE, self.stage.faults.max_actor_failures, self.resume is not None)
+        self.placement = reserve_placement_group(self.stage)
+        bundles = (self.bundle(index) for index in range(len(self.placement.bundle_specs)))
+        worker_args = {
+            "policy_dir": str(self.policy_dir),
             "shards": str(shards),
             "degradation": config.degradation.model_dump(mode="json"),
             "data_seed": config.data.seed,
             "holdout": config.data.holdout,
-            "threads": max(1, int(self.stage.rollout_workers.num_cpus)),
+            "threads": max(1, int(resources.rollout.num_cpus)),
             "device": config.device,
             "precision": config.precision,
         }
-        self.placement = reserve_placement_group(self.stage)
-        bundles = iter(range(len(self.placement.bundle_specs)))
-        self.rollout_bundles = [next(bundles) for _ in range(self.stage.rollout_workers.num_actors)]
-        self.rollouts = [self.start_rollout_actor(index) for index in range(len(self.rollout_bundles))]
-        self.rewards = RewardActorPool(
-            self.stage,
-            [self.bundle(next(bundles)) for _ in range(reward_actor_count(self.stage))],
-            device=config.device,
-            precision=config.precision,
-        )
+        strategies = [next(bundles) for _ in range(resources.rollout.num_actors)]
+        self.rollouts = RolloutActors(self.stage, config.seed, worker_args, strategies, self.faults)
+        strategies = [next(bundles) for _ in range(reward_actor_count(self.stage))]
+        self.rewards = RewardActorPool(self.stage, strategies, device=config.device, precision=config.precision)
         self.aggregator = RewardAggregator.from_config(self.stage)
         self.reward_errors = RewardErrorLog(self.stage.rewards)
         if self.resume is not None:
             self.reward_errors.load(self.run_dir / REWARD_ERRORS_FILE)
-        self.learner_bundles = [next(bundles) for _ in range(self.stage.learners.num_actors)]
-        faults_file = self.run_dir / FAULTS_FILE
-        self.faults: list[dict] = (
-            json.loads(faults_file.read_text()) if self.resume is not None and faults_file.is_file() else []
-        )
+        self.learner_strategies = [next(bundles) for _ in range(resources.learner.num_actors)]
         self.step = 0  # the step being worked on
         self.learners = self.start_learners()
-        # rollout weights by policy version, kept while a pending rollout may need them for a redo
-        self.weights: dict[int, ray.ObjectRef] = {}
         self.restart_from(self.resume)
         self.record_devices()
-        num_samples = ray.get(self.rollouts[0].num_samples.remote())
-        self.batches = EpochBatches(
-            num_samples, self.stage.inputs_per_step, 0, 1, derived_seed(config.seed, STAGE)
-        )
-        self.sampler = SamplerConfig(steps=self.stage.sampler_steps, method=self.stage.sampler_method)
 
     def bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         """Scheduling strategy that puts an actor into bundle ``index`` of the run's placement group."""
         return PlacementGroupSchedulingStrategy(
             placement_group=self.placement, placement_group_bundle_index=index
-        )
-
-    def start_rollout_actor(self, index: int) -> ray.actor.ActorHandle:
-        """Rollout actor ``index`` in its bundle. Ray does not restart it: the driver replaces a
-        dead one itself (:meth:`replace_rollout_actor`), so it knows which weights it holds."""
-        group = self.stage.rollout_workers
-        return make_rollout_actor(
-            group.num_cpus,
-            group.num_gpus,
-            max_restarts=0,
-            scheduling_strategy=self.bundle(self.rollout_bundles[index]),
-            **self.worker_args,
         )
 
     def start_learners(self) -> LearnerGroup:
@@ -231,61 +483,37 @@ class Stage2Run:
             seed=self.config.seed,
             device=self.config.device,
             precision=self.config.precision,
-            scheduling_strategies=[self.bundle(index) for index in self.learner_bundles],
+            scheduling_strategies=self.learner_strategies,
         )
 
     def record_devices(self) -> None:
         """Write every actor's device, node and dtype to ``<run_dir>/devices.json`` (and the log)."""
-        records: list[DeviceRecord] = ray.get(
-            [actor.device_record.remote(f"rollout {index}") for index, actor in enumerate(self.rollouts)]
-        )
-        records += self.rewards.device_records()
-        records += self.learners.device_records()
+        records = self.rollouts.device_records() + self.rewards.device_records() + self.learners.device_records()
         write_devices(self.run_dir, STAGE, records)
 
+    def sync_weights(self, version: int, rewind: bool = False) -> None:
+        """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``."""
+        self.rollouts.sync(version, self.learners.rollout_weights_ref(), rewind)
+
     # ----------------------------------------------------------------------------- faults
-    def record_fault(self, step: int, role: str, error: BaseException, action: str) -> None:
-        """Log a fault, add it to ``faults.json``, and stop the run once there are too many."""
-        entry = {
-            "step": step,
-            "role": role,
-            "error": f"{type(error).__name__}: {error}"[:500],
-            "action": action,
-        }
-        self.faults.append(entry)
-        log.warning("stage2 step %d: %s failed (%s); %s", step, role, entry["error"].splitlines()[0], action)
-        (self.run_dir / FAULTS_FILE).write_text(json.dumps(self.faults, indent=2))
-        if len(self.faults) > self.stage.max_actor_failures:
-            raise RuntimeError(
-                f"Stage 2 stopped after {len(self.faults)} actor failures (stage2.max_actor_failures="
-                f"{self.stage.max_actor_failures}); see {self.run_dir / FAULTS_FILE}"
-            ) from error
-
-    def replace_rollout_actor(self, index: int, step: int, error: BaseException) -> None:
-        """Start a fresh rollout actor ``index`` (the caller gives it the weights it needs)."""
-        self.record_fault(step, f"rollout actor {index}", error, "replaced; its chunk is redone")
-        ray.kill(self.rollouts[index], no_restart=True)
-        self.rollouts[index] = self.start_rollout_actor(index)
-
     def restart_from(self, checkpoint: Path | None) -> None:
         """Load the learners from ``checkpoint`` (None: the starting policy) and give the rollout
         actors the weights the next rollouts use. In async mode an uninterrupted run would roll out
         step ``start`` with the weights of ``start - 1``: they are in the checkpoint, so the resumed
         run rolls out with them too and makes the same updates."""
         self.start = self.learners.load(checkpoint / "learner") if checkpoint is not None else 0
-        self.version = self.start
-        self.weights.clear()
-        self.sync_weights(rewind=True)
+        self.rollouts.weights.clear()
+        self.sync_weights(self.start, rewind=True)
         pending = checkpoint / PENDING_WEIGHTS if checkpoint is not None else None
-        if self.stage.async_rollouts and pending is not None and pending.is_file():
-            self.weights[self.start - 1] = ray.put(load_file(str(pending)))
-            self.load_actor_weights(self.start - 1, rewind=True)
+        if self.stage.rollout.asynchronous and pending is not None and pending.is_file():
+            self.rollouts.weights[self.start - 1] = ray.put(load_file(str(pending)))
+            self.rollouts.load(self.start - 1, rewind=True)
 
     def rebuild_learners(self, step: int, error: LearnerLost) -> None:
         """Replace the learner group, restored from the newest checkpoint (or the starting policy
         when there is none yet), and rewind the run and the rollout weights to that step."""
         latest = latest_checkpoint(self.run_dir, STAGE)
-        self.record_fault(
+        self.faults.record(
             step,
             "learner group",
             error,
@@ -294,88 +522,6 @@ class Stage2Run:
         self.learners.shutdown()
         self.learners = self.start_learners()
         self.restart_from(latest)
-
-    # ----------------------------------------------------------------------------- phases
-    def rollout_chunks(self, step: int) -> tuple[int, list[list[int]]]:
-        """(epoch, sample indices per rollout call) of ``step``."""
-        epoch, indices = self.batches.at(step)
-        size = self.stage.rollout_batch
-        return epoch, [indices[i : i + size] for i in range(0, len(indices), size)]
-
-    def launch_rollouts(self, step: int) -> list[RolloutCall]:
-        """Start the rollouts of ``step``: chunks of inputs round-robin over the rollout actors,
-        which hold policy ``self.actor_version``."""
-        epoch, chunks = self.rollout_chunks(step)
-        calls = []
-        for n, chunk in enumerate(chunks):
-            seeds = candidate_seeds(self.config.seed, step, chunk, self.stage.candidates)
-            call = RolloutCall(n % len(self.rollouts), chunk, epoch, seeds, self.actor_version)
-            self.submit(call)
-            calls.append(call)
-        return calls
-
-    def submit(self, call: RolloutCall) -> None:
-        call.handle = self.rollouts[call.actor]
-        call.ref = call.handle.rollout.remote(call.chunk, call.epoch, call.seeds, self.sampler)
-
-    def redo(self, call: RolloutCall) -> None:
-        """Roll ``call`` out again on its (replacement) actor with the weights it was launched
-        with; the actor then goes back to the current weights (calls on one actor run in order)."""
-        actor = self.rollouts[call.actor]
-        actor.load_weights.remote(call.version, self.weights[call.version], True)
-        self.submit(call)
-        if call.version != self.actor_version:
-            actor.load_weights.remote(self.actor_version, self.weights[self.actor_version])
-
-    def collect_rollouts(self, calls: list[RolloutCall], step: int) -> list[RolloutBatch]:
-        """The chunks of ``calls``. A chunk whose actor died is redone on a replacement with the
-        weights it was launched with; a chunk lagging more than ``stage2.max_policy_lag`` versions
-        is redone with the current weights."""
-        parts = []
-        for call in calls:
-            while True:
-                try:
-                    parts.append(ray.get(call.ref))
-                    break
-                except ray.exceptions.RayActorError as exc:
-                    if self.rollouts[call.actor] is call.handle:  # not yet replaced (e.g. at a sync)
-                        self.replace_rollout_actor(call.actor, step, exc)
-                    self.redo(call)
-        for index in stale_parts(parts, step, self.stage.max_policy_lag):
-            log.warning(
-                "stage2 step %d: a rollout of policy version %d lags more than stage2.max_policy_lag=%d; redone",
-                step, parts[index].policy_version, self.stage.max_policy_lag,
-            )
-            calls[index].version = self.actor_version
-            self.redo(calls[index])
-            parts[index] = self.collect_rollouts([calls[index]], step)[0]
-        return parts
-
-    def score(self, batch: RolloutBatch) -> RewardOutcome:
-        """Scores of every candidate (flattened [G*K]) from the reward actors, and their failed calls."""
-        return self.rewards.score(batch.images.flatten(0, 1), candidate_reward_batch(batch))
-
-    def sync_weights(self, rewind: bool = False) -> None:
-        """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``
-        (``rewind``: the run went back to a checkpoint). The weights of the versions a pending
-        rollout may still need (``max_policy_lag`` back) are kept for redos."""
-        self.weights[self.version] = self.learners.rollout_weights_ref()
-        oldest = self.version - (self.stage.max_policy_lag if self.stage.async_rollouts else 0)
-        self.weights = {version: ref for version, ref in self.weights.items() if version >= oldest}
-        self.load_actor_weights(self.version, rewind)
-
-    def load_actor_weights(self, version: int, rewind: bool = False) -> None:
-        """Every rollout actor loads the weights of ``version``; a dead one is replaced and loads them."""
-        weights = self.weights[version]
-        loads = [actor.load_weights.remote(version, weights, rewind) for actor in self.rollouts]
-        for index, ref in enumerate(loads):
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                gather([weights])  # the weights never came: a learner died (LearnerLost)
-                self.replace_rollout_actor(index, self.version, exc)
-                ray.get(self.rollouts[index].load_weights.remote(version, weights, True))
-        self.actor_version = version
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -404,66 +550,39 @@ class Stage2Run:
             wandb_run.finish()
 
     def train(self, writer: MetricsWriter, wandb_run: WandbRun) -> None:
-        """The steps from ``self.start`` to the end: rollout -> reward -> learn -> sync -> log."""
-        stage, config = self.stage, self.config
-        bar = tqdm(total=stage.steps, initial=self.start, desc=STAGE, disable=not config.logging.progress)
-        pending = self.launch_rollouts(self.start) if self.start < stage.steps else []
-        if self.actor_version != self.version:  # async resume: step `start` rolled out with start - 1
-            self.sync_weights()
-        for step in range(self.start, stage.steps):
+        """The steps from ``self.start`` to the end, each :meth:`run_step` on the rollouts launched
+        for it; asynchronous rollouts of step i+1 are launched before step i runs (with the weights
+        of step i), synchronous ones after its sync."""
+        steps, asynchronous = self.stage.steps, self.stage.rollout.asynchronous
+        bar = tqdm(total=steps, initial=self.start, desc=STAGE, disable=not self.config.logging.progress)
+        pending = self.rollouts.launch(self.start) if self.start < steps else []
+        if self.rollouts.actor_version != self.start:  # async resume: step `start` rolled out with start - 1
+            self.sync_weights(self.start)
+        for step in range(self.start, steps):
             self.step = step
-            began = time.perf_counter()
-            batch = concat_rollouts(self.collect_rollouts(pending, step))
-            rollout_time = time.perf_counter() - began
-            if stage.async_rollouts and step + 1 < stage.steps:
-                pending = self.launch_rollouts(step + 1)  # runs while this step scores and learns
-
-            began = time.perf_counter()
-            outcome = self.score(batch)
-            result = self.aggregator.combine(outcome.scores, *batch.images.shape[:2])
-            failures = self.reward_errors.record(step, outcome.errors)
-            reward_time = time.perf_counter() - began
-
-            began = time.perf_counter()  # a skipped step still counts and syncs: versions keep counting steps
-            if failures.skip:
-                self.learners.skip_step(step)
-                learned = {}
-            else:
-                learned = self.learners.train_step(learner_samples(batch, result), step)
-            learn_time = time.perf_counter() - began
-
-            began = time.perf_counter()
-            self.version = step + 1
-            self.sync_weights()
-            sync_time = time.perf_counter() - began
-            if not stage.async_rollouts and step + 1 < stage.steps:
-                pending = self.launch_rollouts(step + 1)
-
-            total_time = rollout_time + reward_time + learn_time + sync_time
-            metrics = {
-                **result.metrics,
-                **failures.metrics,
-                **{f"learn/{key}": value for key, value in learned.items()},
-                "policy_lag": float(step - batch.policy_version),
-                "timing/rollout": rollout_time,
-                "timing/reward": reward_time,
-                "timing/learn": learn_time,
-                "timing/sync": sync_time,
-                "throughput/candidates_per_s": batch.x0.shape[0] * batch.x0.shape[1] / max(total_time, 1e-9),
-                "faults/total": float(len(self.faults)),
-            }
-            writer.log(metrics, step=step)
-            wandb_run.log(metrics, step=step)
-            done = step + 1
-            if done % stage.sample_grid_every == 0 or done == stage.steps:
-                grid = self.sample_grid(batch, done)
-                wandb_run.log_images("samples", [grid], step=step, captions=["LQ | candidates | GT"])
-            if done % stage.checkpoint_every == 0 or done == stage.steps:
-                writer.flush()
-                self.checkpoint(done)
+            last = step + 1 == steps
+            ahead = self.rollouts.launch(step + 1) if asynchronous and not last else []  # runs during this step
+            record = self.run_step(step, pending)
+            pending = ahead if asynchronous or last else self.rollouts.launch(step + 1)
+            metrics = self.log_step(record, writer, wandb_run)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.4f}")
         bar.close()
+
+    def log_step(self, record: StepRecord, writer: MetricsWriter, wandb_run: WandbRun) -> dict[str, float]:
+        """Log a step's metrics, and write its sample grid and checkpoint when they are due."""
+        outputs, step = self.stage.outputs, record.step
+        metrics = {**record.metrics(), "faults/total": float(len(self.faults))}
+        writer.log(metrics, step=step)
+        wandb_run.log(metrics, step=step)
+        done = step + 1
+        if done % outputs.sample_grid_every == 0 or done == self.stage.steps:
+            grid = self.sample_grid(record.batch, done)
+            wandb_run.log_images("samples", [grid], step=step, captions=["LQ | candidates | GT"])
+        if done % outputs.checkpoint_every == 0 or done == self.stage.steps:
+            writer.flush()
+            self.checkpoint(done)
+        return metrics
 
     def sample_grid(self, batch: RolloutBatch, step: int) -> np.ndarray:
         """LQ | up to 4 candidates | GT for up to 4 inputs, saved to <run_dir>/samples/."""
@@ -479,7 +598,8 @@ class Stage2Run:
         """Policy (trained DiT), learner state (v_theta, v_old, optimizer) and step, atomically; in
         async mode also the weights the rollouts in flight were launched with (see :meth:`restart_from`)."""
         weights = self.learners.trained_weights()
-        pending = self.weights.get(step - 1) if self.stage.async_rollouts and step < self.stage.steps else None
+        in_flight = self.stage.rollout.asynchronous and step < self.stage.steps
+        pending = self.rollouts.weights.get(step - 1) if in_flight else None
 
         def extra(directory: Path) -> None:
             self.learners.save(directory / "learner")
@@ -493,7 +613,7 @@ class Stage2Run:
             step,
             lambda directory: write_policy_with_velocity(self.policy_dir, weights, directory),
             {"step": step},
-            self.stage.keep_checkpoints,
+            self.stage.outputs.keep_checkpoints,
             extra=extra,
         )
 
@@ -505,8 +625,7 @@ class Stage2Run:
     def shutdown(self) -> None:
         self.learners.shutdown()
         self.rewards.shutdown()
-        for actor in self.rollouts:
-            ray.kill(actor)
+        self.rollouts.shutdown()
         remove_placement_group(self.placement)
 
 

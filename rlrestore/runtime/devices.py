@@ -1,8 +1,8 @@
 """Which device every role runs on, the refusals before a run starts, and ``devices.json``.
 
 The rule is one for every role: a role runs on CUDA exactly when its Ray resources reserve GPUs
-(``ray.gpus_per_worker`` for Stage 1 workers; ``num_gpus`` of ``stage2.rollout_workers``,
-``stage2.reward_workers`` / ``stage2.reward_actors.*``, ``stage2.learners`` and ``eval``), on the
+(``num_gpus`` of ``ray.train_workers`` for Stage 1 workers, of ``stage2.resources.*`` for the
+Stage 2 actors and of ``eval.actors``: one ``ActorGroupConfig`` each), on the
 GPU Ray assigned to it (Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so that GPU is ``cuda:0``
 inside the actor; Ray Train names its worker's device, fractional GPUs included:
 :func:`train_worker_device`). ``device: cuda`` refuses a role without GPUs, ``device: cpu``
@@ -89,7 +89,7 @@ def train_worker_device(requested: DeviceName, gpus_per_worker: float, nccl: boo
     """The device of a Ray Train worker (Stage 1): ``ray.train.torch.get_device()`` when the workers
     reserve GPUs (right with fractional GPUs and whatever ``CUDA_VISIBLE_DEVICES`` Ray Train set),
     else the CPU. ``nccl``: the workers form an NCCL group (more than one)."""
-    key = "ray.gpus_per_worker"
+    key = "ray.train_workers.num_gpus"
     check_role(requested, "Stage 1 workers", key, gpus_per_worker, nccl=nccl)
     if gpus_per_worker <= 0:
         return torch.device("cpu")
@@ -197,36 +197,38 @@ def check_run_devices(config: RunConfig, stages: list[str]) -> None:
     device = config.device
     for stage in stages:
         if stage in ("autoencoder", "stage1.1", "stage1.2"):
+            workers = config.ray.train_workers
             check_role(
-                device, "Stage 1 workers", "ray.gpus_per_worker", config.ray.gpus_per_worker,
-                nccl=config.ray.num_workers > 1,
+                device, "Stage 1 workers", "ray.train_workers.num_gpus", workers.num_gpus,
+                nccl=workers.num_actors > 1,
             )
         elif stage == "stage2":
-            s2 = config.stage2
-            check_role(device, "Stage 2 rollout actors", "stage2.rollout_workers.num_gpus", s2.rollout_workers.num_gpus)
-            for group, (resources, _) in s2.reward_actor_groups().items():
+            resources = config.stage2.resources
+            check_role(device, "Stage 2 rollout actors", "stage2.resources.rollout.num_gpus", resources.rollout.num_gpus)
+            for group, (reserved, _) in config.stage2.reward_actor_groups().items():
                 key = f"{reward_group_key(group)}.num_gpus"
-                check_role(device, f"Stage 2 reward actors ({group})", key, resources.num_gpus)
+                check_role(device, f"Stage 2 reward actors ({group})", key, reserved.num_gpus)
             check_role(
-                device, "Stage 2 learner ranks", "stage2.learners.num_gpus", s2.learners.num_gpus,
-                nccl=s2.learners.num_actors > 1,
+                device, "Stage 2 learner ranks", "stage2.resources.learner.num_gpus", resources.learner.num_gpus,
+                nccl=resources.learner.num_actors > 1,
             )
-        elif stage == "eval" and config.eval.num_actors > 0:
-            check_role(device, "eval actors", "eval.num_gpus", config.eval.num_gpus)
+        elif stage == "eval" and config.eval.actors.num_actors > 0:
+            check_role(device, "eval actors", "eval.actors.num_gpus", config.eval.actors.num_gpus)
         elif stage == "eval":
-            local_device(device)  # eval.num_actors=0: restores and scores in this process
+            local_device(device)  # eval.actors.num_actors=0: restores and scores in this process
 
 
 def _gpus_at_once(config: RunConfig, stage: str) -> tuple[float, str]:
     """GPUs ``stage`` must hold at the same time to start, and the keys that set them."""
     if stage in ("autoencoder", "stage1.1", "stage1.2"):
-        return config.ray.num_workers * config.ray.gpus_per_worker, "ray.num_workers x ray.gpus_per_worker"
+        workers = config.ray.train_workers
+        return workers.num_actors * workers.num_gpus, "ray.train_workers.num_actors x num_gpus"
     if stage == "stage2":
         s2 = config.stage2
-        groups = [s2.rollout_workers, s2.learners, *(r for r, _ in s2.reward_actor_groups().values())]
-        return sum(g.num_actors * g.num_gpus for g in groups), "stage2.*.num_actors x num_gpus"
-    if stage == "eval" and config.eval.num_actors > 0:
-        return config.eval.num_gpus, "eval.num_gpus"
+        groups = [s2.resources.rollout, s2.resources.learner, *(r for r, _ in s2.reward_actor_groups().values())]
+        return sum(g.num_actors * g.num_gpus for g in groups), "stage2.resources.*.num_actors x num_gpus"
+    if stage == "eval" and config.eval.actors.num_actors > 0:
+        return config.eval.actors.num_gpus, "eval.actors.num_gpus"
     return 0.0, ""
 
 

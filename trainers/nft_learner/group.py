@@ -25,7 +25,7 @@ class LearnerActor:
 
     def __init__(self, num_cpus: float, num_gpus: float, device: DeviceName) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
-        self.device = actor_device(device, num_gpus, "Stage 2 learner ranks", "stage2.learners.num_gpus")
+        self.device = actor_device(device, num_gpus, "Stage 2 learner ranks", "stage2.resources.learner.num_gpus")
         self.learner: NFTLearner | None = None
 
     def address(self) -> tuple[str, str, int]:
@@ -116,7 +116,7 @@ def _dead_rank(refs: list[ray.ObjectRef]) -> ray.exceptions.RayActorError | None
 
 
 class LearnerGroup:
-    """``stage2.learners.num_actors`` learner ranks as Ray actors in one torch.distributed group.
+    """``stage2.resources.learner.num_actors`` learner ranks as Ray actors in one torch.distributed group.
 
     Rank 0 picks the rendezvous address on its node; every rank learns it before joining. A rank
     that dies breaks the group's collectives, so learners are not restarted: resume the run from a
@@ -137,7 +137,7 @@ class LearnerGroup:
         precision: PrecisionName = "fp32",
         scheduling_strategies: list | None = None,
     ) -> None:
-        resources = stage2.learners
+        resources, learner = stage2.resources.learner, stage2.learner
         strategies = scheduling_strategies or [None] * resources.num_actors
         actor_class = ray.remote(LearnerActor)
         self.actors = [
@@ -162,14 +162,14 @@ class LearnerGroup:
             "policy": str(policy_dir),
             "nft": stage2.nft,
             "optim": stage2.optim,
-            "micro_batch": stage2.micro_batch,
-            "finetune": stage2.finetune,
-            "lora_rank": stage2.lora_rank,
-            "lora_alpha": stage2.lora_alpha,
-            "lora_targets": tuple(stage2.lora_targets),
-            "lora_init": stage2.lora_init,
-            "zero_stage": stage2.zero_stage,
-            "sampler_steps": stage2.sampler_steps,
+            "micro_batch": learner.micro_batch,
+            "finetune": learner.finetune,
+            "lora_rank": learner.lora_rank,
+            "lora_alpha": learner.lora_alpha,
+            "lora_targets": tuple(learner.lora_targets),
+            "lora_init": learner.lora_init,
+            "zero_stage": learner.zero_stage,
+            "sampler_steps": stage2.rollout.sampler_steps,
             "total_steps": stage2.steps,
             "seed": seed,
             "precision": precision,

@@ -14,10 +14,10 @@ reason in every summary, when its weights are missing (e.g. ``lmd``: facexlib's 
 weights, ``rewards.landmarks``) or when it needs ground truth on a real set.
 
 Work is split into chunks of ``eval.chunk_size`` inputs per checkpoint, run in this process or on
-``eval.num_actors`` Ray actors; a chunk's rows are saved when it completes, so a rerun of the same
+``eval.actors.num_actors`` Ray actors; a chunk's rows are saved when it completes, so a rerun of the same
 command skips finished chunks.
 
-Devices and numerics: an eval actor runs on the GPU Ray assigned it when ``eval.num_gpus`` > 0,
+Devices and numerics: an eval actor runs on the GPU Ray assigned it when ``eval.actors.num_gpus`` > 0,
 else on the CPU; in-process evaluation uses CUDA when ``device`` is ``cuda`` or ``auto`` with a
 GPU present (``rlrestore.runtime.devices``). The policy is loaded in float32 and cast to the compute dtype
 of ``precision`` (bf16 under bf16-mixed; the sampler state and t stay float32); the metrics always

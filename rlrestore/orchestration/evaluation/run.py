@@ -1,5 +1,5 @@
 """The ``rlrestore eval`` driver: plan the metrics, prepare the inputs, restore and score the
-chunks (here or on ``eval.num_actors`` Ray actors), merge, add FID, summarise."""
+chunks (here or on ``eval.actors.num_actors`` Ray actors), merge, add FID, summarise."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def run_evaluation(
     per_image, notes = merge_parts(out, plan.tasks, columns)
     per_image.to_parquet(out / PER_IMAGE, index=False)
     # FID runs in this process: with eval actors (on other nodes, maybe) on a GPU only if it has one.
-    fid_device = local_device("auto" if ev.num_actors > 0 and config.device == "cuda" else config.device)
+    fid_device = local_device("auto" if ev.actors.num_actors > 0 and config.device == "cuda" else config.device)
     set_level = set_level_metrics(metrics, models, out, inputs, reference, fid_device, notes)
     summary = summarize(per_image, metrics, set_level, list(models))
     best = best_models(summary, metrics)
@@ -135,7 +135,7 @@ def _compute_chunks(
     if plan.pending:
         log.info("eval: %d chunk(s) done earlier, %d to compute", len(plan.reused), len(plan.pending))
         worker_args = (metrics, config.sampler, ev, config.device, config.precision)
-        if ev.num_actors == 0:
+        if ev.actors.num_actors == 0:
             worker = EvalWorker(*worker_args)
             write_devices(out, "eval", [worker.device_record("local")])
             for task in plan.pending:
@@ -155,7 +155,7 @@ def run_on_ray(
     columns: list[str],
     bar: tqdm,
 ) -> None:
-    """Run ``pending`` chunks on ``eval.num_actors`` Ray actors, one chunk in flight per actor (its
+    """Run ``pending`` chunks on ``eval.actors.num_actors`` Ray actors, one chunk in flight per actor (its
     images go through the object store), saving each result here as it arrives."""
     import ray
 
@@ -164,11 +164,11 @@ def run_on_ray(
     ev = config.eval
     with ray_session(config.ray):
         check_cluster_gpus(config, ["eval"])
-        actor_class = ray.remote(EvalWorker).options(num_cpus=ev.num_cpus, num_gpus=ev.num_gpus)
-        threads = max(1, int(ev.num_cpus))
+        actor_class = ray.remote(EvalWorker).options(num_cpus=ev.actors.num_cpus, num_gpus=ev.actors.num_gpus)
+        threads = max(1, int(ev.actors.num_cpus))
         actors = [
-            actor_class.remote(*worker_args, num_gpus=ev.num_gpus, threads=threads)
-            for _ in range(min(ev.num_actors, len(pending)))
+            actor_class.remote(*worker_args, num_gpus=ev.actors.num_gpus, threads=threads)
+            for _ in range(min(ev.actors.num_actors, len(pending)))
         ]
         queue = deque(pending)
         running: dict[Any, Any] = {}

@@ -58,7 +58,7 @@ class EvalWorker:
 
     Holds the per-image rewards (built once) and one policy at a time (chunks come model by model).
     ``device`` is the config's request (auto | cpu | cuda); ``num_gpus`` what the Ray actor
-    reserved (``eval.num_gpus``), None in this process. ``precision``: the policy's inference
+    reserved (``eval.actors.num_gpus``), None in this process. ``precision``: the policy's inference
     dtype (the metrics stay float32).
     """
 
@@ -77,7 +77,7 @@ class EvalWorker:
         if num_gpus is None:
             self.device = local_device(device)
         else:
-            self.device = actor_device(device, num_gpus, "eval actors", "eval.num_gpus")
+            self.device = actor_device(device, num_gpus, "eval actors", "eval.actors.num_gpus")
         self.precision = Precision(precision)
         self.metrics = [metric for metric in metrics if metric.reward is not None]
         self.rewards = {metric.key: build_reward(metric.reward, self.device) for metric in self.metrics}
