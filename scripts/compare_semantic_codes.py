@@ -57,7 +57,6 @@ from rlrestore.data import (
     to_tensor,
 )
 from rlrestore.flow import interpolate, target_velocity
-from rlrestore.losses import stage1_losses
 from rlrestore.orchestration.cli import default_config_path
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation
 from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
@@ -87,8 +86,12 @@ class Variant:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", type=Path, default=None, help="config file (default: the tiny config)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "config", nargs="?", type=Path, default=None, help="config file (default: the tiny config)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     parser.add_argument("--out", type=Path, required=True, help="directory of the runs and the report")
     parser.add_argument("--holdout", type=int, default=8, help="held-back faces (data.holdout)")
@@ -142,12 +145,18 @@ def train_variant(config: RunConfig, handoff: Path) -> dict[str, float]:
         run_stage1(config, "stage1.2")
         wall = time.perf_counter() - began
         steps = read_metrics(run_dir, "stage1.2")
-        timing = {"wall_s": wall, "step_s": float(steps["step_time"].sum()), "resumed_from_step": resumed_from}
+        timing = {
+            "wall_s": wall,
+            "step_s": float(steps["step_time"].sum()),
+            "resumed_from_step": resumed_from,
+        }
         timing_file.write_text(json.dumps(timing, indent=2) + "\n")
     return json.loads(timing_file.read_text())
 
 
-def step_cost(config: RunConfig, handoff: Path, stages: dict[str, TextureAlignmentConfig]) -> dict[str, float]:
+def step_cost(
+    config: RunConfig, handoff: Path, stages: dict[str, TextureAlignmentConfig]
+) -> dict[str, float]:
     """Fastest of ``STEP_REPEATS`` Stage 1.2 forward + backward passes per variant on the same
     per-worker batch, in this process, the variants taking turns (so a busy machine slows them
     alike): the cost of the codes without Ray's overhead or other jobs' load."""
@@ -161,7 +170,7 @@ def step_cost(config: RunConfig, handoff: Path, stages: dict[str, TextureAlignme
     for repeat in range(STEP_REPEATS):
         for name, stage in stages.items():
             began = time.perf_counter()
-            stage1_losses(policy, batch, stage, torch.Generator().manual_seed(repeat))["loss"].backward()
+            policy.stage1_losses("stage1.2", batch, stage, torch.Generator().manual_seed(repeat))["loss"].backward()
             times[name].append(time.perf_counter() - began)
             for param in params:
                 param.grad = None
@@ -214,7 +223,9 @@ def held_out_flow_losses(
         "generated": policy.conditioning(
             lq, captions, sampler=sampler, generator=torch.Generator().manual_seed(seed)
         ).encoder_hidden_states,
-        "target": policy.conditioning(lq, captions, target_codes=policy.target_codes(hq)).encoder_hidden_states,
+        "target": policy.conditioning(
+            lq, captions, target_codes=policy.target_codes(hq)
+        ).encoder_hidden_states,
     }
     losses: dict[str, dict[str, list[float]]] = {codes: {} for codes in conditions}
     for t_value in FLOW_TIMES:
@@ -228,7 +239,9 @@ def held_out_flow_losses(
                         policy.velocity(interpolate(x0, eps, t), t, states).float(),
                         target_velocity(x0, eps).float(),
                         reduction="none",
-                    ).flatten(1).mean(1)
+                    )
+                    .flatten(1)
+                    .mean(1)
                     for eps in noise
                 ]
             ).mean(0)
@@ -260,7 +273,9 @@ def summarize(
             values = wide[metric][models].mean(axis=1).to_numpy()
             entry[metric] = dict(zip(("mean", "std"), mean_std(values), strict=True))
             if len(models) > 1:
-                entry[metric]["seed_std"] = float(np.std(wide[metric][models].mean(axis=0).to_numpy(), ddof=1))
+                entry[metric]["seed_std"] = float(
+                    np.std(wide[metric][models].mean(axis=0).to_numpy(), ddof=1)
+                )
         if "target" in groups and name not in (BASELINE, "target"):
             psnr = wide["psnr"]
             diff = (psnr[models].mean(axis=1) - psnr[groups["target"]].mean(axis=1)).to_numpy()
@@ -334,6 +349,22 @@ def git_commit() -> str | None:
     return out.stdout.strip()
 
 
+def variant_config(
+    config_path: Path, overrides: list[str], out: Path, shards: str | Path, run: Variant
+) -> RunConfig:
+    """The config of one Stage 1.2 variant: its own run folder and seed, the shared shards."""
+    return load_config(
+        config_path,
+        [
+            *overrides,
+            f"run_dir={out / run.model}",
+            f"data.shards={shards}",
+            f"seed={run.seed}",
+            f"stage1_2.semantic_codes={run.semantic_codes}",
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out.resolve()
@@ -347,19 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(config_path, [*overrides, f"run_dir={out / 'base'}"])
     runs = variants(args.fraction, args.train_seeds)
     shards = out / "base" / "data" if base.data.shards is None else base.data.shards
-    configs = {
-        run: load_config(
-            config_path,
-            [
-                *overrides,
-                f"run_dir={out / run.model}",
-                f"data.shards={shards}",
-                f"seed={run.seed}",
-                f"stage1_2.semantic_codes={run.semantic_codes}",
-            ],
-        )
-        for run in runs
-    }
+    configs = {run: variant_config(config_path, overrides, out, shards, run) for run in runs}
     torch.set_num_threads(1)  # tiny models run fastest on one thread on a busy machine
     timing: dict[str, list[dict[str, float]]] = {}
     with ray_session(base.ray):
@@ -372,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     faces = held_back_faces(base, out / "held_back_faces", args.draws)
     eval_config = base.eval.model_copy(update={"metrics": list(METRICS), "samples": 1})
     checkpoints = {STAGE1_1: handoff}
-    checkpoints.update({run.model: latest_checkpoint(config.run_dir, "stage1.2") for run, config in configs.items()})
+    checkpoints.update(
+        {run.model: latest_checkpoint(config.run_dir, "stage1.2") for run, config in configs.items()}
+    )
     report = run_evaluation(
         base.model_copy(update={"eval": eval_config}),
         [f"{name}={path}" for name, path in checkpoints.items()],

@@ -114,6 +114,20 @@ class FaceRecord:
     image: np.ndarray
 
 
+def _shard_row(
+    sample_id: str, source: str, caption: str | None, image: np.ndarray, image_size: int
+) -> dict[str, object]:
+    """One Parquet row: the image square-resized to ``image_size`` as PNG, with its provenance."""
+    return {
+        "id": sample_id,
+        "source": source,
+        "caption": caption,
+        "orig_width": image.shape[1],
+        "orig_height": image.shape[0],
+        "image": encode_png(square_resize(image, image_size)),
+    }
+
+
 def build_shards(
     src: Path, out: Path, image_size: int, shard_size: int, progress: bool = True
 ) -> BuildReport:
@@ -152,16 +166,7 @@ def build_shards(
             skipped.append(SkippedFile(rel, exc.reason))
             continue
         caption = _sidecar_caption(path) or captions.get(rel)
-        rows.append(
-            {
-                "id": sample_id,
-                "source": rel,
-                "caption": caption,
-                "orig_width": image.shape[1],
-                "orig_height": image.shape[0],
-                "image": encode_png(square_resize(image, image_size)),
-            }
-        )
+        rows.append(_shard_row(sample_id, rel, caption, image, image_size))
         count += 1
         captioned += caption is not None
         if len(rows) == shard_size:
