@@ -10,6 +10,7 @@
     rlrestore config {show,keys} [CONFIG] [key=value ...]
     rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--only PART] [--rewards A,B]
     rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
+    rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
 """
 
 from __future__ import annotations
@@ -199,6 +200,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rlrestore.orchestration.plan import plan_from_args
+
+    print(plan_from_args(
+        args.config, args.overrides, gpus=args.gpus, gpu_memory=args.gpu_memory, tflops=args.tflops,
+        bandwidth=args.bandwidth, efficiency=args.efficiency,
+    ))
+    return 0
+
+
 def default_config_path() -> Path:
     """The embedded tiny config (CPU, minutes) used by the demo when no config is given."""
     return Path(__file__).parents[1] / "configs" / "tiny.yaml"
@@ -222,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_parser(sub)
     _add_bench_parser(sub)
     _add_convert_parser(sub)
+    _add_plan_parser(sub)
     return parser
 
 
@@ -366,6 +378,26 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--reward-size", type=int, default=64, help="Side of those images in px (default 64).")
     bench.add_argument("--threads", type=int, default=1, help="Torch threads of this process (default 1).")
     bench.set_defaults(func=cmd_bench)
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    """``plan``: memory, FLOPs, bytes and step time of every role, on the meta device."""
+    plan = sub.add_parser(
+        "plan",
+        help="Estimate, for the config's full-size models, each role's GPU memory, FLOPs and bytes per step and "
+        "the step time; flag what does not fit and the knob to turn (meta device: no weights, no GPU).",
+    )
+    plan.add_argument("config", help="YAML config, e.g. configs/prefrestore.yaml.")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage2.learner.zero_stage=1.")
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs available: does the config's request fit them?")
+    plan.add_argument("--gpu-memory", default="80GiB", help="Memory of one GPU (default 80GiB).")
+    plan.add_argument("--tflops", type=float, default=312.0,
+                      help="Peak dense TFLOP/s of one GPU at the compute dtype (default 312, A100 bf16).")
+    plan.add_argument("--efficiency", type=float, default=0.4,
+                      help="Fraction of --tflops the roles achieve (default 0.4).")
+    plan.add_argument("--bandwidth", default="12.5GB",
+                      help="Bytes per second of a link between actors (default 12.5GB, 100 Gbit/s).")
+    plan.set_defaults(func=cmd_plan)
 
 
 def _add_convert_parser(sub: argparse._SubParsersAction) -> None:

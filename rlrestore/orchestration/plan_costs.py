@@ -1,0 +1,177 @@
+"""The arithmetic of ``rlrestore plan``: bytes of training state, bytes on each Stage 2 link, seconds.
+
+Pure functions of numbers (no models, no torch), so a test can redo every figure by hand.
+
+Training state per rank (the ZeRO paper's model, Rajbhandari et al. 2020): Psi trained and Phi
+frozen parameters; module weights in the compute dtype (4 bytes under ``fp32``, 2 under
+``bf16-mixed`` / ``fp16-mixed``), gradients of the trained ones in the same dtype, AdamW's two
+float32 moments plus, under mixed precision, float32 master weights. ZeRO-1 splits the optimizer
+state over the ranks, ZeRO-2 the gradients too, ZeRO-3 the weights as well.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+COMPUTE_BYTES = {"fp32": 4, "bf16-mixed": 2, "fp16-mixed": 2}
+ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, float32
+MASTER_BYTES = 4  # float32 master weights of a mixed-precision optimizer
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*(/s)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str, what: str = "size") -> int:
+    """``'80GiB'``, ``'12.5GB/s'``, ``'1e9'`` -> bytes; anything else raises naming the value."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"{what} {text!r} is not a byte size: write a number with an optional unit "
+            f"({', '.join(u for u in ('B', 'KB', 'MB', 'GB', 'TB', 'KiB', 'MiB', 'GiB', 'TiB'))}), e.g. 80GiB"
+        )
+    value = float(match.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"{what} {text!r} must be positive")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes one rank holds for training: weights, gradients, optimizer state."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def deepspeed_state(trained: int, frozen: int, precision: str, zero_stage: int, ranks: int) -> StateBytes:
+    """A DeepSpeed rank's state (``stage2.learner``): weights and gradients in the compute dtype,
+    AdamW moments (+ float32 masters under mixed precision), split over ``ranks`` per ZeRO stage."""
+    if zero_stage not in (0, 1, 2, 3) or ranks < 1:
+        raise ValueError(f"need a ZeRO stage in 0-3 and ranks >= 1; got {zero_stage=}, {ranks=}")
+    weight = COMPUTE_BYTES[precision]
+    optimizer_per_param = ADAM_MOMENT_BYTES + (MASTER_BYTES if precision != "fp32" else 0)
+    params = (trained + frozen) * weight
+    grads = trained * weight
+    optimizer = trained * optimizer_per_param
+    return StateBytes(
+        params=math.ceil(params / ranks) if zero_stage >= 3 else params,
+        grads=math.ceil(grads / ranks) if zero_stage >= 2 else grads,
+        optimizer=math.ceil(optimizer / ranks) if zero_stage >= 1 else optimizer,
+    )
+
+
+def ddp_state(trained: int, frozen: int) -> StateBytes:
+    """A Stage 1 DDP worker's state: float32 weights (AdamW's masters: autocast computes in the
+    compute dtype), float32 gradients plus DDP's bucket copy of them, AdamW's moments; nothing split."""
+    return StateBytes(params=(trained + frozen) * 4, grads=trained * 4 * 2, optimizer=trained * ADAM_MOMENT_BYTES)
+
+
+def conditions_per_rank(inputs: int, candidates: int, ranks: int) -> list[int]:
+    """Conditions each learner rank receives: candidates are split into contiguous near-equal shares
+    (``trainers.nft_learner.split_samples``) and a share carries each input it touches once."""
+    total = inputs * candidates
+    base, extra = divmod(total, ranks)
+    counts, start = [], 0
+    for rank in range(ranks):
+        size = base + (1 if rank < extra else 0)
+        counts.append(0 if size == 0 else (start + size - 1) // candidates - start // candidates + 1)
+        start += size
+    return counts
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """What one Stage 2 step moves, in the shapes and dtypes of the data plane."""
+
+    inputs: int  # degraded inputs (groups) per step
+    candidates: int  # K
+    image_side: int  # R: images are uint8 [3, R, R]
+    latent_bytes: int  # one clean latent x0 (float32)
+    condition_bytes: int  # one input's condition, all its tensors
+    reward_groups: int  # reward-actor groups: each receives every image once
+    fidelity_groups: int  # groups hosting a reward that compares with the clean face
+    reward_components: int  # scores per candidate returned to the driver
+    rollout_actors: int
+    learner_ranks: int
+    sync_bytes: int  # one weight version as synced (adapters, or the trained DiT in the rollout dtype)
+
+
+@dataclass(frozen=True)
+class LinkBytes:
+    """Bytes per step on each link (object-store payloads; Ray's own headers not counted)."""
+
+    rollout_to_reward: int
+    rollout_to_learner: int
+    sync_put: int  # one version into the object store (once per version)
+    sync_pull: int  # every rollout actor fetching it
+    driver_in: int  # scores (float32 per component) and ids (int64) per candidate
+    driver_out: int  # references only: no payload bytes
+
+
+def link_bytes(shapes: StepShapes) -> LinkBytes:
+    """The bytes of every Stage 2 link per step, for the data plane that keeps payloads out of the
+    driver: rollout -> reward: uint8 images (each reward group gets all of them) plus one uint8
+    clean face per input for groups with fidelity rewards; rollout -> learner: float32 x0 of every
+    candidate plus one condition per input per rank that uses it; sync: the weights put once and
+    pulled by each rollout actor; driver: scores and ids of every candidate."""
+    s = shapes
+    n = s.inputs * s.candidates
+    image = 3 * s.image_side * s.image_side
+    to_reward = s.reward_groups * n * image + s.fidelity_groups * s.inputs * image
+    conditions = sum(conditions_per_rank(s.inputs, s.candidates, s.learner_ranks))
+    return LinkBytes(
+        rollout_to_reward=to_reward,
+        rollout_to_learner=n * s.latent_bytes + conditions * s.condition_bytes,
+        sync_put=s.sync_bytes,
+        sync_pull=s.rollout_actors * s.sync_bytes,
+        driver_in=n * (4 * s.reward_components + 8),
+        driver_out=0,
+    )
+
+
+def compute_seconds(flops: float, tflops: float, efficiency: float) -> float:
+    """Seconds for ``flops`` at ``efficiency`` x the peak ``tflops`` (TFLOP/s)."""
+    return flops / (tflops * 1e12 * efficiency)
+
+
+def transfer_seconds(nbytes: float, bandwidth: float) -> float:
+    """Seconds to move ``nbytes`` at ``bandwidth`` bytes/s."""
+    return nbytes / bandwidth
+
+
+def allreduce_bytes(grad_bytes: int, ranks: int) -> int:
+    """Bytes a rank sends in a ring all-reduce of ``grad_bytes`` (2 (n - 1) / n of them)."""
+    return 0 if ranks <= 1 else int(2 * (ranks - 1) / ranks * grad_bytes)
+
+
+def human_bytes(nbytes: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_flops(flops: float) -> str:
+    """3.2e12 -> '3.20 TFLOP'."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:.0f} FLOP"
+
+
+def human_count(count: float) -> str:
+    """1.6e9 -> '1604.6 M'."""
+    return f"{count / 1e6:.1f} M" if count >= 1e5 else f"{count / 1e3:.1f} K"

@@ -1,0 +1,130 @@
+"""Shape-only measurements on the ``meta`` device: FLOPs and activation bytes of a pass.
+
+* FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (multiply-adds x 2 of matmuls, convolutions,
+  attention), with one correction: torch's formula for ``convolution_backward`` ignores ``groups``
+  and counts a depthwise convolution's weight gradient as a dense one (for SANA's depthwise 3x3
+  convolutions, 30x the real work); here both gradients of a convolution cost what its forward does.
+* Activations of a trained pass: the bytes autograd saves for backward (``saved_tensors_hooks``),
+  each storage once, the modules' own weights excluded.
+* Activations of an inference pass: the peak of the bytes alive at once, followed op by op.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+
+def _conv_backward_flop(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: int,
+    output_mask: list[bool],
+    out_shape: Any,
+    **kwargs: Any,
+) -> int:
+    """Input and weight gradients of a convolution each cost one forward (grouped ones included)."""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with the grouped-convolution backward corrected."""
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}
+    )
+
+
+def _storage_key(tensor: Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _weight_keys(modules: Iterable[nn.Module]) -> set[int]:
+    return {_storage_key(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Follows every storage an op creates until the last tensor viewing it is freed."""
+
+    def __init__(self, ignore: set[int]) -> None:
+        super().__init__()
+        self.ignore, self.views, self.sizes = ignore, {}, {}
+        self.live = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.views[key] -= 1
+        if self.views[key] == 0:
+            self.live -= self.sizes.pop(key)
+            del self.views[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, Tensor) or _storage_key(tensor) in self.ignore:
+                continue
+            key = _storage_key(tensor)
+            if key not in self.views:
+                self.views[key], self.sizes[key] = 0, tensor.untyped_storage().nbytes()
+                self.live += self.sizes[key]
+                self.peak = max(self.peak, self.live)
+            self.views[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return out
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """FLOPs of a pass (forward, plus backward when it trains), of its forward alone, and its
+    activation bytes."""
+
+    flops: int
+    activation_bytes: int
+    forward_flops: int
+
+
+def measure_inference(run: Callable[[], Any], modules: Iterable[nn.Module], inputs: Iterable[Tensor] = ()) -> PassCost:
+    """FLOPs and peak live bytes of ``run()`` under ``no_grad``; weights and ``inputs`` not counted."""
+    ignore = _weight_keys(modules) | {_storage_key(t) for t in inputs}
+    tracker = _LiveBytes(ignore)
+    with torch.no_grad(), flop_counter() as counter, tracker:
+        result = run()
+        del result
+    flops = counter.get_total_flops()
+    return PassCost(flops, tracker.peak, flops)
+
+
+def measure_training(run: Callable[[], Tensor], modules: Iterable[nn.Module]) -> PassCost:
+    """FLOPs of ``run()`` (a scalar loss) and its backward, and the bytes saved for backward."""
+    modules = list(modules)
+    weights = _weight_keys(modules)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        key = _storage_key(tensor)
+        if key not in weights:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with flop_counter() as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = run()
+        forward = counter.get_total_flops()
+        loss.backward()
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+    return PassCost(counter.get_total_flops(), sum(saved.values()), forward)
