@@ -268,7 +268,7 @@ def _role_table(plan: Plan) -> list[str]:
             human_count(row.trained) if row.trained else "-", human_bytes(row.state.params),
             human_bytes(row.state.grads), human_bytes(row.state.optimizer), human_bytes(row.copies),
             f"{human_bytes(row.activations)} ({row.micro})", human_bytes(row.total), fits,
-            human_flops(row.flops), f"{row.seconds:.2f}",
+            human_flops(row.flops), f"{row.seconds:.3g}",
         ])
     return _table(header, rows) + [f"  {row.role}: {row.note}" for row in plan.rows if row.note]
 
@@ -283,7 +283,7 @@ def _link_table(plan: Plan) -> list[str]:
         ("-> driver (scores, ids)", links.driver_in),
         ("driver -> (references only)", links.driver_out),
     ]
-    rows = [[name, human_bytes(n), f"{transfer_seconds(n, bandwidth):.3f}"] for name, n in entries]
+    rows = [[name, human_bytes(n), f"{transfer_seconds(n, bandwidth):.3g}"] for name, n in entries]
     return _table(["link", "bytes/step", "seconds"], rows)
 
 
@@ -300,8 +300,8 @@ def format_plan(plan: Plan, source: str) -> str:
         title,
         "", *_role_table(plan), "", *_link_table(plan), "",
         "Stage 2 step (predicted): "
-        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in plan.phases.items())
-        + f" -> {plan.stage2_step:.2f} s per step"
+        + ", ".join(f"{name} {seconds:.3g} s" for name, seconds in plan.phases.items())
+        + f" -> {plan.stage2_step:.3g} s per step"
         + (" (asynchronous rollouts overlap)" if config.stage2.rollout.asynchronous else ""),
     ]
     asked = ", ".join(f"{stage} asks {n:g}" for stage, n in plan.gpus_asked.items())

@@ -118,16 +118,17 @@ def rollout_cost(meta: MetaPolicy, config: RunConfig) -> RolloutCost:
     modules = [policy]
     held: dict[str, object] = {}
 
-    def condition() -> None:
+    def condition() -> None:  # once per input, then composed for the K candidates once per sampling
         held["condition"], _ = _condition(meta, b, lq)
+        per_candidate = held["condition"].select(torch.arange(b).repeat_interleave(k))
+        held["prepared"] = policy.velocity_model.prepare(per_candidate)
 
     cond = measure_inference(condition, modules, [lq])
     generate = measure_inference(
         lambda: policy.integrator(input_ids=_empty(b, meta.prompt_tokens + policy.num_semantic_tokens, dtype=torch.long)),
         modules,
     )
-    candidate_condition = held["condition"].select(torch.arange(b).repeat_interleave(k))
-    prepared = policy.velocity_model.prepare(candidate_condition)
+    prepared = held["prepared"]
     x, t = _empty(b * k, *policy.latent_shape()), _empty(b * k)
     step = measure_inference(lambda: policy.velocity_model.velocity(x, t, prepared), modules, [x, t, prepared])
     decode = measure_inference(lambda: policy.vae.decode(x.to(meta.dtype)).sample, modules, [x])
