@@ -121,12 +121,12 @@ def _rollout_row(meta: roles.MetaPolicy, config: RunConfig, options: PlanOptions
     )
 
 
-def _reward_rows(config: RunConfig, options: PlanOptions) -> tuple[list[RoleRow], list[roles.RewardCost]]:
-    stage2, rows, costs = config.stage2, [], []
+def _reward_rows(config: RunConfig, options: PlanOptions) -> tuple[list[RoleRow], dict[str, list[roles.RewardCost]]]:
+    """One row per reward-actor group (its actors hold all its rewards), and each group's rewards."""
+    stage2, rows, costs = config.stage2, [], {}
     chunk = stage2.rollout.batch_size * stage2.candidates
     for name, (group, specs) in stage2.reward_actor_groups().items():
-        found = [roles.reward_cost(spec, chunk) for spec in specs]
-        costs.extend(found)
+        found = costs[name] = [roles.reward_cost(spec, chunk) for spec in specs]
         params = sum(c.params for c in found)
         images = math.ceil(stage2.inputs_per_step * stage2.candidates / group.num_actors)
         flops = images * sum(c.flops_per_image for c in found)
@@ -168,10 +168,10 @@ def _learner_row(config: RunConfig, options: PlanOptions, model: roles.LearnerMo
 
 
 def _links(meta: roles.MetaPolicy, config: RunConfig, rollout: roles.RolloutCost,
-           model: roles.LearnerModel, rewards: list[roles.RewardCost]) -> LinkBytes:
+           model: roles.LearnerModel, rewards: dict[str, list[roles.RewardCost]]) -> LinkBytes:
     stage2 = config.stage2
     groups = stage2.reward_actor_groups()
-    fidelity = {spec.actor for spec, cost in zip(stage2.rewards, rewards, strict=False) if cost.needs_clean}
+    fidelity = [name for name, costs in rewards.items() if any(cost.needs_clean for cost in costs)]
     return link_bytes(StepShapes(
         inputs=stage2.inputs_per_step, candidates=stage2.candidates, image_side=meta.policy.resolution,
         latent_bytes=rollout.latent_bytes, condition_bytes=rollout.condition_bytes,
@@ -224,7 +224,7 @@ def make_plan(config: RunConfig, options: PlanOptions) -> Plan:
     links = _links(meta, config, rollout, model, reward_costs)
     phases, step = _phases(rows, links, config, options)
     notes = list(meta.notes)
-    notes += [f"reward {c.name}: {c.unmodelled}" for c in reward_costs if c.unmodelled]
+    notes += [f"reward {c.name}: {c.unmodelled}" for cs in reward_costs.values() for c in cs if c.unmodelled]
     return Plan(config, options, rows, links, phases, step, _gpus_asked(config), notes)
 
 

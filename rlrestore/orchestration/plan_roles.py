@@ -49,6 +49,8 @@ def _meta_policy_config(config: RunConfig) -> tuple[object, list[str]]:
             f"policy.type={policy.type!r} is not modelled"
         )
     notes = []
+    if policy.checkpoint:
+        notes.append(f"networks built from policy.*.arch; policy.checkpoint {policy.checkpoint} is not read")
     parts = {n: getattr(policy, n).model_copy(update={"pretrained": None}) for n in ("vision", "integrator", "transformer", "vae")}
     tokenizer = policy.text_tokenizer
     if tokenizer is not None:
