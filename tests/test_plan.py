@@ -17,7 +17,7 @@ from rlrestore.orchestration.cli import main
 from rlrestore.orchestration.plan import PlanOptions, make_plan
 from rlrestore.orchestration.plan_costs import conditions_per_rank, parse_bytes
 from rlrestore.orchestration.plan_measure import flop_counter, measure_training
-from rlrestore.orchestration.plan_roles import build_meta_policy, learner_model
+from rlrestore.orchestration.plan_roles import _learner_condition, build_meta_policy, learner_model
 from rollouts import RolloutWorker
 from tests.conftest import build_tiny_policy, tiny_config
 from trainers.nft_learner.samples import NFTSamples, split_samples
@@ -104,6 +104,22 @@ def test_grouped_convolution_backward_counts_like_its_forward() -> None:
     forward = 2 * 2 * 64 * 9 * 16 * 16  # 2 FLOPs per multiply-add, 9 taps per output of 2 x 64 x 16 x 16
     cost = measure_training(lambda: conv(x).sum(), [conv])
     assert cost.forward_flops == forward and cost.flops == 3 * forward
+
+
+def test_meta_measurement_counts_what_the_flop_counter_counts(tmp_path: Path) -> None:
+    """The plan's own FLOP meter and torch's FlopCounterMode (same grouped-conv fix) agree on a DiT
+    forward/backward on the meta device."""
+    config = tiny_config(tmp_path)
+    model = learner_model(build_meta_policy(config), config)
+    meta = build_meta_policy(config)
+    field = meta.policy.velocity_model
+    field.transformer.requires_grad_(True)
+    m = config.stage2.learner.micro_batch
+    condition = _learner_condition(meta, m)
+    x, t = torch.empty(m, *meta.policy.latent_shape(), device="meta"), torch.empty(m, device="meta")
+    with flop_counter() as counter:
+        field(x, t, condition).float().square().mean().backward()
+    assert model.train.flops == counter.get_total_flops() > 0
 
 
 def _matmul_flops_per_second() -> float:

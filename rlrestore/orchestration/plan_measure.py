@@ -1,7 +1,7 @@
 """Shape-only measurements on the ``meta`` device: FLOPs and activation bytes of a pass.
 
-* FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (multiply-adds x 2 of matmuls, convolutions,
-  attention), with one correction: torch's formula for ``convolution_backward`` ignores ``groups``
+* FLOPs: the formulas of ``torch.utils.flop_counter`` (multiply-adds x 2 of matmuls, convolutions,
+  attention), those ``FlopCounterMode`` applies, with one correction: torch's formula for ``convolution_backward`` ignores ``groups``
   and counts a depthwise convolution's weight gradient as a dense one (for SANA's depthwise 3x3
   convolutions, 30x the real work); here both gradients of a convolution cost what its forward does.
 * Activations of a trained pass: the bytes autograd saves for backward (``saved_tensors_hooks``),
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry, shape_wrapper
 
 
 def _conv_backward_flop(
@@ -58,11 +58,21 @@ def _weight_keys(modules: Iterable[nn.Module]) -> set[int]:
     return {_storage_key(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Follows every storage an op creates until the last tensor viewing it is freed."""
+_FORMULAS = {**flop_registry, torch.ops.aten.convolution_backward: shape_wrapper(_conv_backward_flop)}
 
-    def __init__(self, ignore: set[int]) -> None:
+
+class _Meter(TorchDispatchMode):
+    """Counts FLOPs with the formulas of ``flop_counter()`` and, with ``ignore`` given, follows every
+    storage an op creates until the last tensor viewing it is freed (the peak of live bytes).
+
+    Unlike ``FlopCounterMode`` it does not try to decompose each op it has no formula for (the
+    composite ops with matmuls inside have decomposed before a dispatch mode sees them), which makes
+    a full-size pass on meta several times faster; ``tests/test_plan.py`` checks both count alike.
+    """
+
+    def __init__(self, ignore: set[int] | None = None) -> None:
         super().__init__()
+        self.flops = 0
         self.ignore, self.views, self.sizes = ignore, {}, {}
         self.live = self.peak = 0
 
@@ -72,8 +82,7 @@ class _LiveBytes(TorchDispatchMode):
             self.live -= self.sizes.pop(key)
             del self.views[key]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def _follow(self, out: Any) -> None:
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, Tensor) or _storage_key(tensor) in self.ignore:
                 continue
@@ -84,6 +93,15 @@ class _LiveBytes(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
             self.views[key] += 1
             weakref.finalize(tensor, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = _FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        if self.ignore is not None:
+            self._follow(out)
         return out
 
 
@@ -99,13 +117,11 @@ class PassCost:
 
 def measure_inference(run: Callable[[], Any], modules: Iterable[nn.Module], inputs: Iterable[Tensor] = ()) -> PassCost:
     """FLOPs and peak live bytes of ``run()`` under ``no_grad``; weights and ``inputs`` not counted."""
-    ignore = _weight_keys(modules) | {_storage_key(t) for t in inputs}
-    tracker = _LiveBytes(ignore)
-    with torch.no_grad(), flop_counter() as counter, tracker:
+    meter = _Meter(_weight_keys(modules) | {_storage_key(t) for t in inputs})
+    with torch.no_grad(), meter:
         result = run()
         del result
-    flops = counter.get_total_flops()
-    return PassCost(flops, tracker.peak, flops)
+    return PassCost(meter.flops, meter.peak, meter.flops)
 
 
 def measure_training(run: Callable[[], Tensor], modules: Iterable[nn.Module]) -> PassCost:
@@ -120,11 +136,11 @@ def measure_training(run: Callable[[], Tensor], modules: Iterable[nn.Module]) ->
             saved[key] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with flop_counter() as counter:
+    with _Meter() as meter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = run()
-        forward = counter.get_total_flops()
+        forward = meter.flops
         loss.backward()
     for module in modules:
         module.zero_grad(set_to_none=True)
-    return PassCost(counter.get_total_flops(), sum(saved.values()), forward)
+    return PassCost(meter.flops, sum(saved.values()), forward)
