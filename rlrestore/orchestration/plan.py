@@ -61,6 +61,9 @@ class RoleRow:
     seconds: float
     knobs: list[str] = field(default_factory=list)
     note: str = ""
+    batch_key: str = ""  # the config key of the micro-batch the activations scale with
+    batch_per_actor: int = 1  # that micro-batch per actor (the key's value / batch_scale)
+    batch_scale: int = 1
 
     @property
     def total(self) -> int:
@@ -100,9 +103,9 @@ def _stage1_rows(meta: roles.MetaPolicy, config: RunConfig, options: PlanOptions
             f"{stage} worker", workers, cost.trained + cost.frozen, cost.trained, cost.state, 0,
             cost.step.activation_bytes, f"{cost.micro_batch} faces", cost.step.flops,
             _compute(cost.step.flops, options) + sync,
-            knobs=[f"{section}.batch_size (activations scale with it)", "ray.train_workers.num_actors (more workers)",
-                   f"{section}.trainable (fewer trained components)"],
+            knobs=["ray.train_workers.num_actors (more workers)", f"{section}.trainable (fewer trained components)"],
             note=f"incl. {sync:.2f} s gradient all-reduce",
+            batch_key=f"{section}.batch_size", batch_per_actor=cost.micro_batch, batch_scale=workers.num_actors,
         ))
     return rows
 
@@ -116,8 +119,9 @@ def _rollout_row(meta: roles.MetaPolicy, config: RunConfig, options: PlanOptions
     return RoleRow(
         "rollout actor", group, params, 0, StateBytes(weights, 0, 0), 0, cost.activation_bytes,
         f"{cost.inputs} x {stage2.candidates} candidates", flops, _compute(flops, options),
-        knobs=["stage2.rollout.batch_size (inputs per call)", "precision=bf16-mixed (bf16 inference weights)"],
+        knobs=["precision=bf16-mixed (bf16 inference weights)"],
         note=f"{inputs} inputs per step, {stage2.rollout.sampler_steps} sampler steps",
+        batch_key="stage2.rollout.batch_size", batch_per_actor=cost.inputs,
     )
 
 
@@ -154,7 +158,6 @@ def _learner_row(config: RunConfig, options: PlanOptions, model: roles.LearnerMo
         knobs.append("stage2.learner.zero_stage=2 (splits gradients and optimizer state)")
     if learner.finetune == "full":
         knobs.append("stage2.learner.finetune=lora (adapters train, the DiT stays frozen)")
-    knobs.append("stage2.learner.micro_batch (activations scale with it)")
     if stage2.nft.base_penalty > 0:
         knobs.append("stage2.nft.base_penalty=0 (drops the v_base copy)")
     if learner.zero_stage >= 1:
@@ -164,6 +167,7 @@ def _learner_row(config: RunConfig, options: PlanOptions, model: roles.LearnerMo
         model.train.activation_bytes, f"{learner.micro_batch} samples", flops, _compute(flops, options), knobs,
         note=f"{samples} samples x {stage2.nft.timesteps_per_sample} timesteps; copies: v_old fp32"
         + (", v_base" if stage2.nft.base_penalty > 0 else ""),
+        batch_key="stage2.learner.micro_batch", batch_per_actor=learner.micro_batch,
     )
 
 
@@ -228,15 +232,25 @@ def make_plan(config: RunConfig, options: PlanOptions) -> Plan:
     return Plan(config, options, rows, links, phases, step, _gpus_asked(config), notes)
 
 
+def batch_knob(row: RoleRow, budget: int) -> str:
+    """The micro-batch that fits ``budget``, activations taken as linear in it."""
+    per_item = row.activations / row.batch_per_actor
+    fit = int((budget - (row.total - row.activations)) // per_item) if per_item else 0
+    if fit < 1:
+        return f"{row.batch_key}: not even 1 per actor fits (weights and state alone need {human_bytes(row.total - row.activations)})"
+    return f"{row.batch_key}={fit * row.batch_scale} ({fit} per actor, {human_bytes(per_item)} of activations each)"
+
+
 def problems(plan: Plan) -> list[str]:
     """Roles that do not fit their GPU memory (with the knobs to turn) and a GPU count that falls short."""
     found, options = [], plan.options
     for row in plan.rows:
         budget = row.budget(options.gpu_memory)
         if budget is not None and row.total > budget:
+            knobs = ([batch_knob(row, budget)] if row.batch_key else []) + row.knobs
             found.append(
                 f"{row.role} needs {human_bytes(row.total)} > {human_bytes(budget)} "
-                f"({row.group.num_gpus:g} x {human_bytes(options.gpu_memory)}); turn: " + "; ".join(row.knobs)
+                f"({row.group.num_gpus:g} x {human_bytes(options.gpu_memory)}); turn: " + "; ".join(knobs)
             )
     if options.gpus is not None:
         for stage, asked in plan.gpus_asked.items():

@@ -4,6 +4,10 @@
   attention), those ``FlopCounterMode`` applies, with one correction: torch's formula for ``convolution_backward`` ignores ``groups``
   and counts a depthwise convolution's weight gradient as a dense one (for SANA's depthwise 3x3
   convolutions, 30x the real work); here both gradients of a convolution cost what its forward does.
+* Attention (``F.scaled_dot_product_attention``) runs as a fused kernel does on a GPU (flash /
+  memory-efficient attention): its FLOPs are torch's SDPA formulas, it keeps q, k, v and the output
+  for backward and never the [s_q, s_k] score matrix, which the meta device's math path would
+  materialise (tens of GiB for the integrator's 1,500-token sequences).
 * Activations of a trained pass: the bytes autograd saves for backward (``saved_tensors_hooks``),
   each storage once, the modules' own weights excluded.
 * Activations of an inference pass: the peak of the bytes alive at once, followed op by op.
@@ -18,9 +22,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry, shape_wrapper
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 
 def _conv_backward_flop(
@@ -105,6 +117,40 @@ class _Meter(TorchDispatchMode):
         return out
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Shape-only SDPA that saves what a fused kernel saves and adds its FLOPs to a meter."""
+
+    @staticmethod
+    def forward(ctx, meter: _Meter, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        meter.flops += sdpa_flop_count(q.shape, k.shape, v.shape)
+        ctx.meter = meter
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, Tensor, Tensor]:
+        q, k, v, _ = ctx.saved_tensors
+        ctx.meter.flops += sdpa_backward_flop_count(grad.shape, q.shape, k.shape, v.shape)
+        return None, q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class _FusedSDPA(TorchFunctionMode):
+    """Routes 4-D ``F.scaled_dot_product_attention`` calls through :class:`_FusedAttention`."""
+
+    def __init__(self, meter: _Meter) -> None:
+        super().__init__()
+        self.meter = meter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = (*args, *(kwargs.get(n) for n in ("query", "key", "value")))[:3]
+            if q.ndim == 4 and k.ndim == 4 and q.shape[1] % k.shape[1] == 0:
+                return _FusedAttention.apply(self.meter, q, k, v)
+        return func(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class PassCost:
     """FLOPs of a pass (forward, plus backward when it trains), of its forward alone, and its
@@ -118,7 +164,7 @@ class PassCost:
 def measure_inference(run: Callable[[], Any], modules: Iterable[nn.Module], inputs: Iterable[Tensor] = ()) -> PassCost:
     """FLOPs and peak live bytes of ``run()`` under ``no_grad``; weights and ``inputs`` not counted."""
     meter = _Meter(_weight_keys(modules) | {_storage_key(t) for t in inputs})
-    with torch.no_grad(), meter:
+    with torch.no_grad(), meter, _FusedSDPA(meter):
         result = run()
         del result
     return PassCost(meter.flops, meter.peak, meter.flops)
@@ -136,7 +182,7 @@ def measure_training(run: Callable[[], Tensor], modules: Iterable[nn.Module]) ->
             saved[key] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with _Meter() as meter:
+    with _Meter() as meter, _FusedSDPA(meter):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = run()
         forward = meter.flops
