@@ -59,7 +59,7 @@ def _meta_policy_config(config: RunConfig) -> tuple[object, list[str]]:
         except CheckpointError:
             notes.append(
                 f"integrator embedding: policy.integrator.arch.vocab_size rows; policy.text_tokenizer {tokenizer} "
-                "is not in the local cache, and a run resizes the embedding to its tokens + the codebook"
+                "is not in the local cache (a run sizes the embedding to its tokens + the codebook)"
             )
             tokenizer = None
     return policy.model_copy(update={**parts, "text_tokenizer": tokenizer, "checkpoint": None}), notes
