@@ -12,18 +12,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from rlrestore.config import RewardSpec, RunConfig
+from rlrestore.config import PolicyConfig, RewardSpec, RunConfig
 from rlrestore.models.loading import CheckpointError, count_parameters
 from rlrestore.models.lora import add_lora
 from rlrestore.models.text_tokenizer import load_text_tokenizer
 from rlrestore.orchestration.plan_costs import COMPUTE_BYTES, StateBytes, ddp_state, deepspeed_state
 from rlrestore.orchestration.plan_measure import PassCost, measure_inference, measure_training
-from rlrestore.policies import build_policy
+from rlrestore.policies import Condition, build_policy
 from rlrestore.runtime.precision import Precision
+
+if TYPE_CHECKING:
+    from rlrestore.policies.prefrestore import PrefRestorePolicy
 
 META = torch.device("meta")
 # Rewards that score pixels with no network (nothing to hold on a GPU).
@@ -34,13 +38,13 @@ PIXEL_REWARDS = {"sharpness", "psnr", "psnry", "ssim", "ssimc", "ms_ssim", "piqe
 class MetaPolicy:
     """The config's policy on the meta device, in the compute dtype, and how it was built."""
 
-    policy: nn.Module
+    policy: PrefRestorePolicy
     dtype: torch.dtype
     prompt_tokens: int  # integrator tokens of one input's prompt (before the N codes)
     notes: list[str] = field(default_factory=list)
 
 
-def _meta_policy_config(config: RunConfig) -> tuple[object, list[str]]:
+def _meta_policy_config(config: RunConfig) -> tuple[PolicyConfig, list[str]]:
     """The policy section with every file source dropped; the text tokenizer kept if it is local."""
     policy = config.policy
     if policy.type != "prefrestore":
@@ -85,7 +89,7 @@ def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.empty(*shape, device=META, dtype=dtype)
 
 
-def _condition(meta: MetaPolicy, batch: int, lq: Tensor) -> tuple[object, Tensor]:
+def _condition(meta: MetaPolicy, batch: int, lq: Tensor) -> tuple[Condition, Tensor]:
     """(condition, integrator logits) of ``batch`` inputs: tokenizer, teacher-forced AR pass,
     connector, LQ encoder, each as the policy runs them."""
     from rlrestore.policies.prefrestore.velocity import PrefRestoreCondition
@@ -118,7 +122,7 @@ def rollout_cost(meta: MetaPolicy, config: RunConfig) -> RolloutCost:
     b, k = stage2.rollout.batch_size, stage2.candidates
     lq = _empty(b, 3, policy.resolution, policy.resolution, dtype=meta.dtype)
     modules = [policy]
-    held: dict[str, object] = {}
+    held: dict[str, Any] = {}
 
     def condition() -> None:  # once per input, then composed for the K candidates once per sampling
         held["condition"], _ = _condition(meta, b, lq)
@@ -171,7 +175,7 @@ def learner_model(meta: MetaPolicy, config: RunConfig) -> LearnerModel:
     return LearnerModel(trained, total - trained, trained, train)
 
 
-def _learner_condition(meta: MetaPolicy, count: int) -> object:
+def _learner_condition(meta: MetaPolicy, count: int) -> Condition:
     """``count`` conditions as the learners receive them (one per candidate's input, at most)."""
     from rlrestore.policies.prefrestore.velocity import PrefRestoreCondition
 
