@@ -3,6 +3,7 @@ FLOPs against measured CPU time, link bytes against real rollout outputs and wei
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import build_shards, embedded_faces_dir
 from rlrestore.models.lora import add_lora
 from rlrestore.orchestration.cli import main
-from rlrestore.orchestration.plan import PlanOptions, make_plan
+from rlrestore.orchestration.plan import PlanOptions, make_plan, problems
 from rlrestore.orchestration.plan_costs import conditions_per_rank, parse_bytes
 from rlrestore.orchestration.plan_measure import flop_counter, measure_training
 from rlrestore.orchestration.plan_roles import _learner_condition, build_meta_policy, learner_model
@@ -95,6 +96,20 @@ def test_learner_memory_matches_a_hand_count(tmp_path: Path, precision: str, zer
     got = {"params": row.state.params, "grads": row.state.grads, "optimizer": row.state.optimizer, "copies": row.copies}
     assert got == expected
     assert row.total == sum(expected.values()) + row.activations and row.activations > 0
+
+
+def test_a_learner_that_does_not_fit_gets_knobs_and_the_micro_batch_that_fits(tmp_path: Path) -> None:
+    overrides = ["stage2.resources.learner.num_gpus=1", "stage2.learner.zero_stage=1"]
+    options = PlanOptions(gpus=1, gpu_memory=parse_bytes("4MiB"))
+    found = problems(make_plan(tiny_config(tmp_path, *overrides), options))
+    learner = next(p for p in found if p.startswith("learner rank"))
+    for knob in ("stage2.learner.zero_stage=2", "stage2.learner.finetune=lora", "stage2.resources.learner.num_actors"):
+        assert knob in learner
+    assert any("stage2 asks for 2 GPUs, more than --gpus 1" in p for p in found)
+    micro_batch = int(re.search(r"stage2\.learner\.micro_batch=(\d+)", learner).group(1))
+    assert 1 <= micro_batch < 8
+    refit = make_plan(tiny_config(tmp_path, *overrides, f"stage2.learner.micro_batch={micro_batch}"), options)
+    assert not [p for p in problems(refit) if p.startswith("learner rank")]
 
 
 # ------------------------------------------------------------------------------------ FLOPs vs time

@@ -12,7 +12,10 @@ Everything is an estimate: see the README section "Will it fit? ``rlrestore plan
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,8 +220,24 @@ def _gpus_asked(config: RunConfig) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def _library_logs_off() -> Iterator[None]:
+    """Silence the libraries' notices while networks are built on meta ("no pretrained weights
+    loaded", "cast with to()"): true of every network here, and not the plan's output."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def make_plan(config: RunConfig, options: PlanOptions) -> Plan:
     """Measure every role of ``config`` on the meta device and put the plan together."""
+    with _library_logs_off():
+        return _make_plan(config, options)
+
+
+def _make_plan(config: RunConfig, options: PlanOptions) -> Plan:
     meta = roles.build_meta_policy(config)
     rows = _stage1_rows(meta, config, options)
     rollout = roles.rollout_cost(meta, config)
