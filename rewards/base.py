@@ -146,6 +146,8 @@ class Reward(ABC):
     """False for a lower-is-better metric; ``__call__`` then negates what ``score`` returns."""
     resources: ClassVar[dict[str, float]] = {"num_cpus": 0.25, "num_gpus": 0.0}
     """What one instance needs where it runs (keys from ``RESOURCE_KEYS``; ``memory`` in bytes)."""
+    min_size: ClassVar[int] = 1
+    """Smallest image side (pixels) the reward can score; ``__call__`` refuses smaller images."""
     autocast: ClassVar[bool] = False
     """True: under a mixed ``precision`` the reward actor scores it inside ``torch.autocast`` to the
     compute dtype (its weights stay as built). False (the default): always float32."""
@@ -184,6 +186,11 @@ class Reward(ABC):
             )
         if len(batch) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but a batch of {len(batch)}")
+        if min(images.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"reward {self.name!r} needs images of at least {self.min_size} px per side, "
+                f"got {tuple(images.shape[-2:])}"
+            )
         if self.needs_clean and batch.clean is None:
             raise ValueError(
                 f"reward {self.name!r} compares each image with its clean face, but batch.clean is None; "

@@ -668,10 +668,11 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="Show progress bars.")
 
 
-# The paper's metrics (Table II) and the weight-free ones; those without weights here are reported as skipped.
+# The paper's metrics (Table II), the weight-free ones and the dlib face metrics (real weights from the
+# package registry); those without weights here are reported as skipped.
 DEFAULT_EVAL_METRICS = (
     "psnr", "ssim", "ms_ssim", "lpips", "fid", "musiq", "clipiqa+", "maniqa", "topiq_nr-face",
-    "niqe", "brisque", "piqe", "deg", "lmd", "hpsv2", "pickscore", "clipscore",
+    "niqe", "brisque", "piqe", "deg", "lmd", "dlib_identity", "dlib_lmd", "hpsv2", "pickscore", "clipscore",
 )  # fmt: skip
 
 
@@ -689,7 +690,8 @@ class EvalConfig(_Section):
         min_length=1,
         description="Metrics, in table order: registered reward names, plus 'deg' (ArcFace angle in degrees, "
         "args of the 'identity' reward), 'fid' (set-level, against the clean set or --reference) and 'lmd' "
-        "(landmark distance of AWing FAN landmarks, `rewards.landmarks`).",
+        "(landmark distance of AWing FAN landmarks, `rewards.landmarks`). 'dlib_identity', 'dlib_lmd', 'niqe' "
+        "and 'brisque' run offline with weights installed from the package registry.",
     )
     metric_args: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -730,8 +732,9 @@ class EvalConfig(_Section):
     )
     upscale_small: bool = Field(
         False,
-        description="Metrics with a minimum image side (ms_ssim 161 px, niqe 96 px): true upscales smaller images "
-        "(bicubic, restoration and ground truth alike) to it; false leaves them unscored and reports how many.",
+        description="Metrics with a minimum image side (ms_ssim 161 px, niqe 96 px, dlib_* 64 px): true upscales "
+        "smaller images (bicubic, restoration and ground truth alike) to it; false leaves them unscored and reports "
+        "how many.",
     )
     grid_images: int = Field(
         8,
