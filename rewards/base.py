@@ -41,6 +41,8 @@ Conventions every reward follows:
 - a reward may return NaN for an image it cannot score (the aggregator drops that sample),
   and may raise for a batch it cannot score (its error policy decides what follows:
   ``stage2.faults.reward_errors``, ``rewards.worker``);
+- ``min_size`` is the smallest image side it can score; ``Reward.__call__`` refuses smaller images
+  with a ValueError naming both (``rlrestore eval`` leaves them unscored or upscales them);
 - ``resources`` says what one instance needs where it runs (``num_cpus``, ``num_gpus``,
   ``memory`` in bytes); a reward actor reserves the sum over the rewards it hosts unless the
   config sets its resources (``rewards.worker.make_reward_actor``);

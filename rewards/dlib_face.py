@@ -109,6 +109,7 @@ def face_box(clean: np.ndarray, mode: str, detector: Any = None) -> Any:
     height, width = clean.shape[:2]
     if mode == "frame":
         return dlib.rectangle(0, 0, width - 1, height - 1)
+    detector = detector or dlib.get_frontal_face_detector()
     for upsample in range(_MAX_UPSAMPLE + 1):
         faces = detector(clean, upsample)
         if len(faces):
