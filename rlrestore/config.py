@@ -256,6 +256,11 @@ class DataConfig(_Section):
     shard_size: int = Field(256, gt=0, description="Images per Parquet shard.")
     holdout: int = Field(4, ge=0, description="Faces held back from training (for restoration reports).")
     seed: int = Field(0, description="Base seed of the per-sample degradation.")
+    fixed_degradation: bool = Field(
+        False,
+        description="One degradation per sample for the whole run (the paired-data setting) instead of a new "
+        "draw every epoch; lets Stage 2 rollout actors cache each input's condition across epochs.",
+    )
 
 
 class OptimConfig(_Section):
@@ -473,6 +478,13 @@ class RolloutConfig(_Section):
         description="Most policy versions a rollout may lag behind the weights it is trained with; a rollout "
         "lagging more is redone with the current weights. Asynchronous rollouts lag 1 by design (need >= 1); "
         "synchronous rollouts lag 0.",
+    )
+
+    condition_cache: int = Field(
+        1024,
+        ge=0,
+        description="Conditions each rollout actor keeps (least recently used dropped) when they cannot change: "
+        "data.fixed_degradation=true and a deterministic condition (greedy AR decoding); 0 turns the cache off.",
     )
 
     @model_validator(mode="after")

@@ -205,7 +205,9 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
         write_devices(config.run_dir, stage_name, records)
 
     train, _ = split_holdout(read_shards(Path(payload["shards"])), config.data.holdout)
-    dataset = FaceDataset(train, config.policy.resolution, config.degradation, config.data.seed)
+    dataset = FaceDataset(
+        train, config.policy.resolution, config.degradation, config.data.seed, config.data.fixed_degradation
+    )
     policy, resume = initial_policy(config, stage_name, dataset)
     batches = EpochBatches(len(dataset), stage.batch_size // world, rank, world, derived_seed(config.seed, stage_name))
     policy.float().to(device)  # float32 master weights whatever the checkpoint held

@@ -35,22 +35,17 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rewards import RewardAggregator, RewardErrorLog, RewardWorker
 from rewards.base import Reward, RewardBatch
-from rewards.pool import RewardOutcome, reward_actor_count
+from rewards.pool import RewardOutcome, candidate_labels, reward_actor_count, rows_of_range
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
 from rlrestore.flow import shifted_timesteps
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
-from rlrestore.orchestration.stage2 import (
-    RolloutCall,
-    RolloutPlan,
-    Stage2Run,
-    Stage2Step,
-    concat_rollouts,
-)
+from rlrestore.orchestration.stage2 import RolloutCall, RolloutPlan, Stage2Run, Stage2Step, StepRollouts
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
+from rlrestore.runtime.dataplane import RewardInputs, RolloutMeta, Traffic
 from rlrestore.runtime.devices import DeviceRecord, local_device, write_devices
 from rlrestore.runtime.precision import Precision
-from rollouts import RolloutBatch, RolloutWorker
-from trainers.nft_learner import NFTLearner, NFTSamples
+from rollouts import RolloutWorker
+from trainers.nft_learner import NFTLearner, NFTSamples, StepSamples
 
 FIGURE_PARTS = ("rollout", "learner", "stage2")
 """The benchmarks that report one figure each (and need the policy)."""
@@ -210,7 +205,11 @@ class PlainNFTStep:
         x0 = samples.x0.to(self.device)
         condition = samples.condition.select(samples.group).to(self.device)
         r = samples.r.to(self.device)
-        count, timesteps, micro = len(x0), self.stage2.nft.timesteps_per_sample, self.stage2.learner.micro_batch
+        count, timesteps, micro = (
+            len(x0),
+            self.stage2.nft.timesteps_per_sample,
+            self.stage2.learner.micro_batch,
+        )
         generator = torch.Generator().manual_seed(step)
         picks = torch.stack(
             [torch.randperm(len(self.grid), generator=generator)[:timesteps] for _ in range(count)]
@@ -288,9 +287,11 @@ class InProcessRollouts:
     def launch(self, step: int) -> list[RolloutCall]:
         return self.plan.calls(step, 1, self.worker.version)
 
-    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
+    def collect(self, calls: list[RolloutCall], step: int, traffic: Traffic) -> StepRollouts:
         sampler = self.plan.sampler
-        return concat_rollouts([self.worker.rollout(c.chunk, c.epoch, c.seeds, sampler) for c in calls])
+        parts = [self.worker.rollout_parts(c.chunk, c.epoch, c.seeds, sampler) for c in calls]
+        metas, rewards, learners = (list(column) for column in zip(*parts, strict=True))
+        return StepRollouts(metas, rewards, learners)
 
 
 class InProcessRewards:
@@ -299,8 +300,26 @@ class InProcessRewards:
     def __init__(self, worker: RewardWorker) -> None:
         self.worker = worker
 
-    def score(self, images: torch.Tensor, batch: RewardBatch) -> RewardOutcome:
-        return RewardOutcome(self.worker.score(images, batch), self.worker.take_errors())
+    def score_rollouts(
+        self, parts: list[RewardInputs], metas: list[RolloutMeta], traffic: Traffic
+    ) -> RewardOutcome:
+        captions, metadata = candidate_labels(metas)
+        _, rows = rows_of_range([meta.inputs * meta.candidates for meta in metas], 0, len(captions))
+        scores = self.worker.score_rows(parts, rows, RewardBatch(captions, None, metadata))
+        return RewardOutcome(scores, self.worker.take_errors())
+
+
+class InProcessLearner:
+    """One ``NFTLearner`` rank behind the driver's ``Learner`` interface."""
+
+    def __init__(self, learner: NFTLearner) -> None:
+        self.learner = learner
+
+    def train_step(self, samples: StepSamples, step: int, traffic: Traffic) -> dict[str, float]:
+        return self.learner.train_step(samples.local(), step)
+
+    def skip_step(self, step: int) -> None:
+        self.learner.skip_step(step)
 
 
 class SequentialStage2(Stage2Step):
@@ -319,22 +338,26 @@ class SequentialStage2(Stage2Step):
         )
         self.rollouts = InProcessRollouts(worker, stage, config.seed)
         self.rewards = InProcessRewards(RewardWorker(stage.rewards, errors=stage.faults.reward_errors))
-        self.learners = NFTLearner(
-            policy_dir,
-            stage.nft,
-            stage.optim,
-            micro_batch=learner.micro_batch,
-            zero_stage=learner.zero_stage,
-            device=local_device(config.device),
-            sampler_steps=stage.rollout.sampler_steps,
-            total_steps=stage.steps,
-            seed=config.seed,
+        self.learners = InProcessLearner(
+            NFTLearner(
+                policy_dir,
+                stage.nft,
+                stage.optim,
+                micro_batch=learner.micro_batch,
+                zero_stage=learner.zero_stage,
+                device=local_device(config.device),
+                sampler_steps=stage.rollout.sampler_steps,
+                total_steps=stage.steps,
+                seed=config.seed,
+            )
         )
         self.aggregator = RewardAggregator.from_config(stage)
         self.reward_errors = RewardErrorLog(stage.rewards)
 
-    def sync_weights(self, version: int) -> None:
-        self.rollouts.worker.load_weights(version, self.learners.state_dict_for_rollout())
+    def sync_weights(self, version: int) -> int:
+        update = self.learners.learner.rollout_update()
+        self.rollouts.worker.load_weights(version, update)
+        return update.nbytes
 
 
 def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
@@ -549,7 +572,11 @@ def run_bench(
         # Rollouts sample with an inference copy in the compute dtype; the policy stays float32.
         rollout_policy = precision.for_inference(copy.deepcopy(policy)) if precision.mixed else policy
         report["rollout"] = bench_rollout(
-            rollout_policy.to(device), stage.rollout.batch_size, stage.candidates, stage.rollout.sampler_steps, repeats
+            rollout_policy.to(device),
+            stage.rollout.batch_size,
+            stage.candidates,
+            stage.rollout.sampler_steps,
+            repeats,
         )
     if "learner" in parts:
         report["learner"] = bench_learner(

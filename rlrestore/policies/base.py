@@ -192,6 +192,13 @@ class RestorationPolicy(nn.Module, ABC):
     def condition(self, lq: Tensor, captions: list[str], sampler: SamplerConfig, generator: torch.Generator) -> Condition:
         """The condition of degraded images ``lq`` ([-1, 1], generation size) at inference."""
 
+    def deterministic_condition(self, sampler: SamplerConfig) -> bool:
+        """Whether :meth:`condition` gives the same condition for the same input under ``sampler``
+        whatever the generator (and whatever Stage 2 trains: the condition is made outside the
+        velocity model). Rollout actors cache such conditions across epochs when the degradation of
+        each sample is fixed. Conservative default: False."""
+        return False
+
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """Clean images -> the latent the flow generates (its x0), float32."""
@@ -210,11 +217,19 @@ class RestorationPolicy(nn.Module, ABC):
         return int(self.config.resolution)
 
     @torch.no_grad()
-    def restore(self, lq: Tensor, captions: list[str], seeds: Tensor, sampler: SamplerConfig) -> RestoreOutput:
-        """K candidate restorations per degraded image (``rlrestore.policies.pipeline``)."""
+    def restore(
+        self,
+        lq: Tensor,
+        captions: list[str],
+        seeds: Tensor,
+        sampler: SamplerConfig,
+        condition: Condition | None = None,
+    ) -> RestoreOutput:
+        """K candidate restorations per degraded image (``rlrestore.policies.pipeline``);
+        ``condition``: the inputs' conditions if already known."""
         from rlrestore.policies.pipeline import restore_candidates
 
-        return restore_candidates(self, lq, captions, seeds, sampler)
+        return restore_candidates(self, lq, captions, seeds, sampler, condition)
 
     # ----------------------------------------------------------------------------- Stage 1
     @abstractmethod
