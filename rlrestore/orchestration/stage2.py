@@ -651,26 +651,30 @@ class Stage2Run(Stage2Step):
             wandb_run.finish()
 
     def train(self, writer: MetricsWriter, wandb_run: WandbRun) -> None:
-        """The steps from ``self.start`` to the end, each :meth:`run_step` on the rollouts launched
-        for it; asynchronous rollouts of step i+1 are launched before step i runs (with the weights
-        of step i), synchronous ones after its sync."""
-        steps, asynchronous = self.stage.steps, self.stage.rollout.asynchronous
+        """The steps from ``self.start`` to the end (:meth:`records`), each logged as it completes."""
+        steps = self.stage.steps
         bar = tqdm(total=steps, initial=self.start, desc=STAGE, disable=not self.config.logging.progress)
-        pending = self.rollouts.launch(self.start) if self.start < steps else []
-        if self.rollouts.actor_version != self.start:  # async resume: step `start` rolled out with start - 1
-            self.sync_weights(self.start)
-        for step in range(self.start, steps):
-            self.step = step
-            last = step + 1 == steps
-            ahead = (
-                self.rollouts.launch(step + 1) if asynchronous and not last else []
-            )  # runs during this step
-            record = self.run_step(step, pending)
-            pending = ahead if asynchronous or last else self.rollouts.launch(step + 1)
+        for record in self.records(self.start, steps):
             metrics = self.log_step(record, writer, wandb_run)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.4f}")
         bar.close()
+
+    def records(self, start: int, stop: int) -> Iterator[StepRecord]:
+        """Steps ``start`` to ``stop`` - 1, each :meth:`run_step` on the rollouts launched for it;
+        asynchronous rollouts of step i+1 are launched before step i runs (with the weights of
+        step i), synchronous ones after its sync."""
+        asynchronous = self.stage.rollout.asynchronous
+        pending = self.rollouts.launch(start) if start < stop else []
+        if self.rollouts.actor_version != start:  # async resume: step `start` rolled out with start - 1
+            self.sync_weights(start)
+        for step in range(start, stop):
+            self.step = step
+            last = step + 1 == stop
+            ahead = self.rollouts.launch(step + 1) if asynchronous and not last else []  # runs during this step
+            record = self.run_step(step, pending)
+            pending = ahead if asynchronous or last else self.rollouts.launch(step + 1)
+            yield record
 
     def log_step(self, record: StepRecord, writer: MetricsWriter, wandb_run: WandbRun) -> dict[str, float]:
         """Log a step's metrics, and write its sample grid and checkpoint when they are due (the
