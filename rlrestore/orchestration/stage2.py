@@ -455,6 +455,7 @@ class Stage2Run(Stage2Step):
             "threads": max(1, int(resources.rollout.num_cpus)),
             "device": config.device,
             "precision": config.precision,
+            "policy_runtime": config.policy.runtime_options(),
         }
         strategies = [next(bundles) for _ in range(resources.rollout.num_actors)]
         self.rollouts = RolloutActors(self.stage, config.seed, worker_args, strategies, self.faults)
