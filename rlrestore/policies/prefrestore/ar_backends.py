@@ -138,7 +138,9 @@ def codes_from_outputs(outputs: list[Any], vocabulary: Vocabulary, num_codes: in
     for index, output in enumerate(outputs):
         ids = list(output.outputs[0].token_ids)
         if len(ids) != num_codes:
-            raise RuntimeError(f"vLLM returned {len(ids)} tokens for input {index}, expected {num_codes} codes")
+            raise RuntimeError(
+                f"vLLM returned {len(ids)} tokens for input {index}, expected {num_codes} codes"
+            )
         outside = [token for token in ids if not first <= token < first + count]
         if outside:
             raise RuntimeError(
@@ -150,9 +152,14 @@ def codes_from_outputs(outputs: list[Any], vocabulary: Vocabulary, num_codes: in
 
 
 # ----------------------------------------------------------------------------- the model folder
+CONFIG_BOOKKEEPING = ("architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path")
+
+
 def integrator_fingerprint(integrator: nn.Module) -> str:
-    """sha256 of the integrator's config, tensor names, dtypes, shapes and bytes."""
-    digest = hashlib.sha256(json.dumps(integrator.config.to_dict(), sort_keys=True, default=str).encode())
+    """sha256 of the integrator's config (less what ``save_pretrained`` fills in) and its tensors'
+    names, dtypes, shapes and bytes."""
+    config = {k: v for k, v in integrator.config.to_dict().items() if k not in CONFIG_BOOKKEEPING}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(integrator.state_dict().items()):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
@@ -225,7 +232,10 @@ class VLLMCodeGenerator:
                 gpu_memory_utilization=self.options.gpu_memory_utilization,
                 enforce_eager=self.options.enforce_eager, max_model_len=self.options.max_model_len,
             )  # fmt: skip
-        elif _weight_versions(integrator) != self._versions and integrator_fingerprint(integrator) != self.fingerprint:
+        elif (
+            _weight_versions(integrator) != self._versions
+            and integrator_fingerprint(integrator) != self.fingerprint
+        ):
             raise RuntimeError(
                 "policy.ar_backend=vllm decodes a frozen integrator, but its weights changed after the vLLM "
                 f"engine was built from {self.folder}: train the integrator with ar_backend=hf, or load the "
@@ -242,8 +252,12 @@ class VLLMCodeGenerator:
         engine = self.engine_for(integrator)
         assert self.api is not None
         seeds = input_seeds(sampler, prompt_ids.shape[0], generator)
-        prompts = [self.api.TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompt_ids, prompt_mask)]
-        params = [self.api.SamplingParams(**sampling_arguments(sampler, vocabulary, num_codes, s)) for s in seeds]
+        prompts = [
+            self.api.TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(prompt_ids, prompt_mask)
+        ]
+        params = [
+            self.api.SamplingParams(**sampling_arguments(sampler, vocabulary, num_codes, s)) for s in seeds
+        ]
         outputs = engine.generate(prompts, sampling_params=params, use_tqdm=False)
         return codes_from_outputs(outputs, vocabulary, num_codes).to(prompt_ids.device)
 
