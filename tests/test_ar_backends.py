@@ -118,7 +118,7 @@ def test_generated_ids_map_back_to_codes_and_bad_outputs_are_refused() -> None:
 # ----------------------------------------------------------------------------- errors and fallback
 @pytest.mark.skipif(not VLLM_MISSING, reason="vLLM and CUDA are here")
 def test_vllm_where_it_cannot_run_is_an_error_at_load(tmp_path) -> None:
-    with pytest.raises(VLLMUnavailableError, match=r"policy.ar_backend=vllm.*pip install -e .\[vllm\]"):
+    with pytest.raises(VLLMUnavailableError, match=r"policy.ar_backend=vllm, but .*install vLLM \(the `vllm` extra"):
         build_tiny_policy(0, "policy.ar_backend=vllm")
     build_tiny_policy().save_pretrained(tmp_path / "policy")
     runtime = PolicyConfig(ar_backend="vllm").runtime_options()

@@ -36,8 +36,9 @@ from rlrestore.config import SamplerConfig, VLLMOptions
 from rlrestore.models.text_tokenizer import Vocabulary
 
 INSTALL_HINT = (
-    "install vLLM on the machines that decode (`pip install -e .[vllm]`, a CUDA build), or set "
-    "policy.ar_backend=hf (or policy.vllm.fallback=hf to decode with hf where vLLM cannot run)"
+    "install vLLM (the `vllm` extra of pyproject.toml, a CUDA build; README, 'policy.ar_backend') where the "
+    "policy decodes, or set policy.ar_backend=hf (or policy.vllm.fallback=hf to decode with hf where vLLM "
+    "cannot run)"
 )
 EXPORT_MARKER = "rlrestore_export.json"  # written last: a folder without it is incomplete
 VLLM_MAX_TEMPERATURE = 2.0  # SamplingParams refuses temperatures above it
