@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlrestore.config import PolicyConfig, SamplerConfig, VLLMOptions
+from rlrestore.config import DegradationConfig, PolicyConfig, SamplerConfig, VLLMOptions
+from rlrestore.data import build_shards, embedded_faces_dir
 from rlrestore.policies import load_policy
 from rlrestore.policies.prefrestore import ar_backends
 from rlrestore.policies.prefrestore.ar_backends import (
@@ -24,8 +25,9 @@ from rlrestore.policies.prefrestore.ar_backends import (
     prompt_token_lists,
     sampling_arguments,
 )
+from rollouts import RolloutWorker
 from tests import fake_vllm
-from tests.conftest import build_tiny_policy
+from tests.conftest import build_tiny_policy, tiny_config
 from tests.test_official_conventions import OFFICIAL
 
 LAYOUTS = {"plain": (), "official": OFFICIAL}
@@ -256,3 +258,18 @@ def test_gpu_check_compares_hf_and_vllm_codes(tmp_path, fake_engine) -> None:
     )
     (engine,) = fake_vllm.LLM.instances
     assert engine.model_path.parent == tmp_path / "vllm-export"
+
+
+def test_a_rollout_worker_decodes_with_the_run_configs_backend(tmp_path, fake_engine) -> None:
+    build_tiny_policy(0).save_pretrained(tmp_path / "policy")  # stores ar_backend=hf
+    build_shards(embedded_faces_dir(), tmp_path / "shards", image_size=64, shard_size=32, progress=False)
+    args = {"policy_dir": str(tmp_path / "policy"), "shards": str(tmp_path / "shards"),
+            "degradation": DegradationConfig().model_dump(mode="json"), "data_seed": 3, "holdout": 4}  # fmt: skip
+    runtime = tiny_config("unused", *fake_engine).policy.runtime_options()  # what Stage 2 hands its actors
+    seeds, sampler = torch.tensor([[1, 2], [3, 4]]), SamplerConfig(steps=2)
+    hf = RolloutWorker(**args).rollout([0, 5], epoch=0, seeds=seeds, sampler=sampler)
+    assert not fake_vllm.LLM.instances
+    vllm = RolloutWorker(**args, policy_runtime=runtime).rollout([0, 5], epoch=0, seeds=seeds, sampler=sampler)
+    (engine,) = fake_vllm.LLM.instances
+    assert len(engine.calls) == 1 and len(engine.calls[0][0]) == 2  # one AR decode per input, not per candidate
+    assert torch.equal(hf.condition.codes, vllm.condition.codes) and torch.equal(hf.x0, vllm.x0)
