@@ -130,7 +130,7 @@ class PolicyConfig(PolicyBaseConfig):
     ar_backend: Literal["hf", "vllm"] = Field(
         "hf",
         description="What generates the semantic codes S. 'hf': the integrator's own KV-cached transformers loop. "
-        "'vllm': vLLM (`pip install vllm`, CUDA only) from token-id prompts, restricted to the image tokens, "
+        "'vllm': vLLM (the `vllm` extra, CUDA only) from token-id prompts, restricted to the image tokens, "
         "exactly N codes, greedy or top-k/top-p as sampler.ar_* says, a seed per input; the hidden states then "
         "come from the same teacher-forced pass as with 'hf'. vLLM loads the integrator written once as a "
         "Hugging Face folder (policy.vllm.export_dir), so it needs a frozen integrator (Stage 2 rollouts, "
