@@ -98,13 +98,14 @@ class RolloutWorker:
         precision: PrecisionName = "fp32",
         fixed_degradation: bool = False,
         condition_cache: int = 0,
+        policy_runtime: dict | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.device = actor_device(
             device, num_gpus, "Stage 2 rollout actors", "stage2.resources.rollout.num_gpus"
         )
         self.precision = Precision(precision)
-        policy = load_policy(policy_dir).eval().to(self.device)
+        policy = load_policy(policy_dir, policy_runtime).eval().to(self.device)
         self.policy = self.precision.for_inference(policy)
         train, _ = split_holdout(read_shards(Path(shards)), holdout)
         self.dataset = FaceDataset(

@@ -400,6 +400,7 @@ class SequentialStage2(Stage2Step):
             config.data.seed,
             config.data.holdout,
             threads=torch.get_num_threads(),
+            policy_runtime=config.policy.runtime_options(),
         )
         self.rollouts = InProcessRollouts(worker, stage, config.seed)
         self.rewards = InProcessRewards(RewardWorker(stage.rewards, errors=stage.faults.reward_errors))

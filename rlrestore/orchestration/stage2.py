@@ -549,6 +549,7 @@ class Stage2Run(Stage2Step):
             "precision": config.precision,
             "fixed_degradation": config.data.fixed_degradation,
             "condition_cache": self.stage.rollout.condition_cache,
+            "policy_runtime": config.policy.runtime_options(),
         }
         strategies = [next(bundles) for _ in range(resources.rollout.num_actors)]
         self.rollouts = RolloutActors(self.stage, config.seed, worker_args, strategies, self.faults)

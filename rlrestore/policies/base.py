@@ -187,6 +187,16 @@ class RestorationPolicy(nn.Module, ABC):
         """A policy directory equal to ``base`` except for the velocity model's weights ``state``
         (Stage 2 checkpoints), written without building the other networks."""
 
+    def apply_runtime_options(self, options: dict[str, Any]) -> None:
+        """Adopt a run's runtime options (``PolicyBaseConfig.runtime_options()``: how the policy runs,
+        e.g. Pref-Restore's ``ar_backend``), which policy directories do not keep. Options of another
+        policy type are ignored; the keys are validated as the policy's config section."""
+        if options.get("type") != self.policy_type:
+            return
+        keys = type(self.config).runtime_keys
+        updated = {**self.config.model_dump(), **{key: options[key] for key in keys if key in options}}
+        self.config = type(self.config).model_validate(updated)
+
     # ----------------------------------------------------------------------------- inference
     @abstractmethod
     def condition(self, lq: Tensor, captions: list[str], sampler: SamplerConfig, generator: torch.Generator) -> Condition:

@@ -89,6 +89,11 @@ class PrefRestorePolicy(RestorationPolicy):
     def from_pretrained(cls, path: str | Path) -> PrefRestorePolicy:
         return serialization.load_policy(cls, path)
 
+    def apply_runtime_options(self, options: dict[str, Any]) -> None:
+        """The run's ``ar_backend`` and ``vllm`` settings (checked here: vLLM must be able to run)."""
+        super().apply_runtime_options(options)
+        self.semantic.use_config(self.config)
+
     @classmethod
     def velocity_from_pretrained(cls, path: str | Path) -> PrefRestoreVelocity:
         return serialization.load_velocity(path)
