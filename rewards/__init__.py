@@ -1,7 +1,9 @@
 """Stage 2 rewards: the reward interface and registry, built-in rewards, reward actors, aggregation.
 
-Built-in rewards (no weights needed): ``psnr`` and ``ssim`` (fidelity to the clean face,
-pyiqa), ``sharpness`` (mean Sobel gradient of the luma) and ``piqe`` (negated pyiqa PIQE).
+Built-in rewards that need no downloaded weights: ``psnr`` and ``ssim`` (fidelity to the clean
+face, pyiqa), ``sharpness`` (mean Sobel gradient of the luma), ``piqe`` (negated pyiqa PIQE),
+``niqe`` and ``brisque`` (negated; parameters vendored / shipped by the ``brisque`` package) and
+``dlib_identity`` / ``dlib_lmd`` (dlib's face models from ``face_recognition_models``).
 ``http`` scores with a remote scorer (``rewards.http``). Other rewards subclass :class:`Reward`
 and are named in the config by registered name, installed plugin (entry point group
 ``rlrestore.rewards``) or ``package.module:Class`` path (see ``rewards.base``). How rewards share
@@ -24,6 +26,7 @@ from rewards.base import (
     reward_name,
     to_unit_range,
 )
+from rewards.dlib_face import DlibIdentity, DlibLandmarkDistance
 from rewards.fidelity import PSNR, SSIM
 from rewards.http import HTTPReward
 from rewards.identity import Identity, embedding_angle_degrees
@@ -66,6 +69,8 @@ __all__ = [
     "CLIPIQAPlus",
     "CLIPScore",
     "CLIPScoreImage",
+    "DlibIdentity",
+    "DlibLandmarkDistance",
     "HPSv2",
     "HTTPReward",
     "Identity",

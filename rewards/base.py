@@ -41,6 +41,8 @@ Conventions every reward follows:
 - a reward may return NaN for an image it cannot score (the aggregator drops that sample),
   and may raise for a batch it cannot score (its error policy decides what follows:
   ``stage2.faults.reward_errors``, ``rewards.worker``);
+- ``min_size`` is the smallest image side it can score; ``Reward.__call__`` refuses smaller images
+  with a ValueError naming both (``rlrestore eval`` leaves them unscored or upscales them);
 - ``resources`` says what one instance needs where it runs (``num_cpus``, ``num_gpus``,
   ``memory`` in bytes); a reward actor reserves the sum over the rewards it hosts unless the
   config sets its resources (``rewards.worker.make_reward_actor``);
@@ -146,6 +148,8 @@ class Reward(ABC):
     """False for a lower-is-better metric; ``__call__`` then negates what ``score`` returns."""
     resources: ClassVar[dict[str, float]] = {"num_cpus": 0.25, "num_gpus": 0.0}
     """What one instance needs where it runs (keys from ``RESOURCE_KEYS``; ``memory`` in bytes)."""
+    min_size: ClassVar[int] = 1
+    """Smallest image side (pixels) the reward can score; ``__call__`` refuses smaller images."""
     autocast: ClassVar[bool] = False
     """True: under a mixed ``precision`` the reward actor scores it inside ``torch.autocast`` to the
     compute dtype (its weights stay as built). False (the default): always float32."""
@@ -184,6 +188,11 @@ class Reward(ABC):
             )
         if len(batch) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but a batch of {len(batch)}")
+        if min(images.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"reward {self.name!r} needs images of at least {self.min_size} px per side, "
+                f"got {tuple(images.shape[-2:])}"
+            )
         if self.needs_clean and batch.clean is None:
             raise ValueError(
                 f"reward {self.name!r} compares each image with its clean face, but batch.clean is None; "

@@ -1,10 +1,15 @@
-"""pyiqa image-quality rewards (``musiq``, ``clipiqa+``, ``maniqa``, ``topiq_nr-face``, ``niqe``,
-``brisque``, ``lpips``, ``ms_ssim``), built only from weight files already on this machine.
+"""Image-quality rewards: pyiqa metrics (``musiq``, ``clipiqa+``, ``maniqa``, ``topiq_nr-face``,
+``niqe``, ``lpips``, ``ms_ssim``) built only from weight files already on this machine, and
+``brisque`` (the ``brisque`` package, which ships its SVM).
 
 pyiqa downloads each metric's files on construction; rlrestore never lets it. Every reward here
 lists the files its metric reads (:class:`WeightFile`: what, URL, exact path), reports the absent
 ones in ``missing_weights`` (so a run fails before any actor starts) and refuses to build while
-any is absent. Where the files go, by default (``TORCH_HOME`` and ``HF_HOME`` move them):
+any is absent. Two need nothing beyond the installed packages: ``niqe`` reads NIQE's published
+pristine-image parameters vendored in this repository (``rewards/assets/niqe_pris_params.npz``,
+from the basicsr 1.4.2 sdist, Apache-2.0, see ``rewards/assets/NOTICE.md``), and ``brisque``
+reads the SVM shipped inside the ``brisque`` package. Where the other files go, by default
+(``TORCH_HOME`` and ``HF_HOME`` move them):
 
 - pyiqa's own weights and the facexlib face models of ``topiq_nr-face``: pyiqa's
   ``DEFAULT_CACHE_DIR``, ``$TORCH_HOME/hub/pyiqa`` (``~/.cache/torch/hub/pyiqa``; read from
@@ -16,23 +21,26 @@ any is absent. Where the files go, by default (``TORCH_HOME`` and ``HF_HOME`` mo
 
 A reward's optional ``weights`` arg points at a local file to use instead of the metric's own
 published weights (same format as the published file); backbone files are still needed. Each
-metric is one :class:`IqaMetric` row; one :class:`IqaReward` subclass is made per row.
+pyiqa metric is one :class:`IqaMetric` row; one :class:`IqaReward` subclass is made per row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from rewards.base import PyiqaReward, RewardBatch, RewardError, register_reward
+from rewards.base import PyiqaReward, Reward, RewardBatch, RewardError, register_reward
+from rlrestore.data.images import to_uint8
 
 __all__ = [
     "BRISQUE",
@@ -41,12 +49,22 @@ __all__ = [
     "MSSSIM",
     "MUSIQ",
     "NIQE",
+    "NIQE_PARAMETERS",
     "CLIPIQAPlus",
     "IqaMetric",
     "IqaReward",
     "TOPIQFace",
     "WeightFile",
 ]
+
+NIQE_PARAMETERS = Path(__file__).resolve().parent / "assets" / "niqe_pris_params.npz"
+"""NIQE's published pristine-image model (mean [1, 36] and covariance [36, 36] of the NSS features),
+vendored from the basicsr 1.4.2 sdist (``basicsr/metrics/niqe_pris_params.npz``, Apache-2.0)."""
+_NIQE_PARAMETERS_SHA256 = "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296"
+_BASICSR_SDIST = (
+    "https://files.pythonhosted.org/packages/86/41/00a6b000f222f0fa4c6d9e1d6dcc9811a374cabb8abb9d408b77de39648c/"
+    "basicsr-1.4.2.tar.gz"
+)
 
 _GPU_MODEL = {"num_cpus": 1.0, "num_gpus": 0.25}  # a network best run on a GPU, four per GPU
 _CPU_STATISTIC = {"num_cpus": 0.5, "num_gpus": 0.0}  # hand-crafted statistics, CPU is fine
@@ -66,7 +84,8 @@ class WeightFile:
     ``path`` is the file itself, except for a file the loader reads through the Hugging Face hub
     cache (``hub_repo`` set): then ``path`` is that cache and the file is ``hub_repo``'s file named
     by the URL (or one of ``hub_alternatives``, which the loader accepts as well). ``sha256``, when
-    set, must match: the loader would re-download a file whose hash differs.
+    set, must match: the loader would re-download a file whose hash differs. ``bundled``: the file
+    ships with rlrestore (``url`` names where it was taken from), so it is always read from ``path``.
     """
 
     what: str
@@ -75,6 +94,7 @@ class WeightFile:
     sha256: str | None = None
     hub_repo: str | None = None
     hub_alternatives: tuple[str, ...] = ()
+    bundled: bool = False
 
     @property
     def filename(self) -> str:
@@ -101,6 +121,12 @@ class WeightFile:
                 f"`hf download {self.hub_repo} {self.filename}` with the same HF_HOME (source: {self.url})"
             )
         wrong = " (the file there has the wrong SHA-256)" if self.path.is_file() else ""
+        if self.bundled:
+            return (
+                f"{self.what}: the file shipped with rlrestore is missing or changed at {self.path}{wrong}; "
+                f"restore it from the repository (git checkout -- {self.path}) or reinstall rlrestore "
+                f"(it was taken from {self.url})"
+            )
         return f"{self.what}: download {self.url} to {self.path}{wrong}"
 
 
@@ -198,8 +224,10 @@ class IqaMetric:
     functions, so that pyiqa/timm are imported only when files are checked. ``options``: pyiqa
     metric options always passed. ``load_weights``: how a local ``weights`` file is loaded when
     pyiqa's ``pretrained_model_path`` option would read it differently from the published file
-    (the metric is then built with ``pretrained=False`` and this loads the file); None passes it
-    as ``pretrained_model_path``. ``min_size``: smallest image side the metric can score.
+    (the metric is then built with ``pretrained=False`` and this loads the file);
+    ``weights_options``: the pyiqa options that make it read a local file in another format;
+    None for both passes the file as ``pretrained_model_path``. A ``bundled`` own file is passed
+    the same way, always. ``min_size``: smallest image side the metric can score.
     """
 
     name: str
@@ -211,6 +239,7 @@ class IqaMetric:
     backbones: Callable[[], list[WeightFile]] = list
     options: dict[str, Any] = field(default_factory=dict)
     load_weights: Callable[[Any, str], None] | None = None
+    weights_options: Callable[[str], dict[str, Any]] | None = None
     min_size: int = 1
 
 
@@ -230,16 +259,23 @@ class IqaReward(PyiqaReward):
                 f"reward {self.name!r} cannot be built: files are missing (rlrestore never downloads them):\n"
                 + "\n".join(f"- {item}" for item in missing)
             )
+        if weights is None and spec.own_weights is not None and spec.own_weights().bundled:
+            weights = str(spec.own_weights().path)
         options = dict(spec.options)
         if weights is not None:
-            options.update({"pretrained": False} if spec.load_weights else {"pretrained_model_path": weights})
+            if spec.load_weights is not None:
+                options["pretrained"] = False
+            elif spec.weights_options is not None:
+                options.update(spec.weights_options(weights))
+            else:
+                options["pretrained_model_path"] = weights
         super().__init__(device, **options)
         if weights is not None and spec.load_weights is not None:
             spec.load_weights(self.metric, weights)
 
     @classmethod
     def weight_files(cls, weights: str | None = None) -> list[WeightFile]:
-        """Every file the metric reads from the caches (its own weights unless ``weights`` replaces them)."""
+        """Every file the metric reads (its own weights unless ``weights`` replaces them)."""
         spec = cls.metric_spec
         own = [spec.own_weights()] if spec.own_weights is not None and weights is None else []
         return own + spec.backbones()
@@ -251,14 +287,6 @@ class IqaReward(PyiqaReward):
         if weights is not None and cls.metric_spec.own_weights is not None and not Path(weights).is_file():
             missing.insert(0, f"{cls.name} weights given in args.weights: {weights} does not exist")
         return missing
-
-    def score(self, images: Tensor, batch: RewardBatch) -> Tensor:
-        if min(images.shape[-2:]) < self.metric_spec.min_size:
-            raise ValueError(
-                f"reward {self.name!r} needs images of at least {self.metric_spec.min_size} px per side, "
-                f"got {tuple(images.shape[-2:])}"
-            )
-        return super().score(images, batch)
 
 
 def _iqa_reward(class_name: str, spec: IqaMetric) -> type[IqaReward]:
@@ -272,6 +300,7 @@ def _iqa_reward(class_name: str, spec: IqaMetric) -> type[IqaReward]:
         "needs_clean": spec.needs_clean,
         "higher_is_better": spec.higher_is_better,
         "resources": spec.resources,
+        "min_size": spec.min_size,
     }
     return register_reward(spec.name)(type(class_name, (IqaReward,), attributes))
 
@@ -337,32 +366,104 @@ TOPIQFace = _iqa_reward(
     ),
 )
 
+
+def _niqe_parameters() -> WeightFile:
+    return WeightFile(
+        "NIQE pristine-image parameters (basicsr 1.4.2 basicsr/metrics/niqe_pris_params.npz)",
+        _BASICSR_SDIST,
+        NIQE_PARAMETERS,
+        sha256=_NIQE_PARAMETERS_SHA256,
+        bundled=True,
+    )
+
+
+def _niqe_options(path: str) -> dict[str, Any]:
+    """pyiqa's NIQE reads its parameters with ``scipy.io.loadmat`` (keys ``mu_prisparam``,
+    ``cov_prisparam``): a ``.mat`` file is passed as is; basicsr's ``.npz`` (``mu_pris_param``
+    [1, 36], ``cov_pris_param`` [36, 36]) is rewritten as such a file in memory."""
+    if Path(path).suffix != ".npz":
+        return {"pretrained_model_path": path}
+    import scipy.io
+
+    with np.load(path) as stored:
+        shapes = {key: stored[key].shape for key in stored.files}
+        if shapes.get("mu_pris_param") != (1, 36) or shapes.get("cov_pris_param") != (36, 36):
+            raise RewardError(
+                f"{path} does not hold NIQE parameters in basicsr's layout: expected mu_pris_param (1, 36) "
+                f"and cov_pris_param (36, 36), found {shapes}"
+            )
+        matlab = {"mu_prisparam": stored["mu_pris_param"], "cov_prisparam": stored["cov_pris_param"]}
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, matlab)
+    buffer.seek(0)
+    return {"pretrained_model_path": buffer}
+
+
 NIQE = _iqa_reward(
     "NIQE",
     IqaMetric(
         name="niqe",
         doc="""NIQE (natural image quality evaluator) on the luma: distance of the image's
         natural-scene statistics from a pristine-image model; lower is better, so the reward is
-        ``-NIQE``. Works on 96x96 blocks: images need at least 96 px per side. CPU-only
-        statistics, float64.""",
+        ``-NIQE``. pyiqa's own ``niqe`` with NIQE's published pristine parameters, vendored
+        (:data:`NIQE_PARAMETERS`): it works offline out of the box. Works on 96x96 blocks:
+        images need at least 96 px per side, and the score is stable only with several blocks
+        (192 px and up; one 96 px block at 128 px makes it noisy). CPU-only statistics, float64.
+        ``weights``: another parameter file, pyiqa's ``.mat`` layout or basicsr's ``.npz``.""",
         higher_is_better=False,
         resources=dict(_CPU_STATISTIC),
-        own_weights=_pyiqa_weights("NIQE pristine model parameters", "niqe_arch", "url"),
+        own_weights=_niqe_parameters,
+        weights_options=_niqe_options,
         min_size=96,
     ),
 )
 
-BRISQUE = _iqa_reward(
-    "BRISQUE",
-    IqaMetric(
-        name="brisque",
-        doc="""BRISQUE: an SVM on natural-scene statistics of the luma; about 0-150, lower is
-        better, so the reward is ``-BRISQUE``. CPU-only statistics.""",
-        higher_is_better=False,
-        resources=dict(_CPU_STATISTIC),
-        own_weights=_pyiqa_weights("BRISQUE SVM parameters", "brisque_arch", "url"),
-    ),
-)
+
+@register_reward("brisque")
+class BRISQUE(Reward):
+    """BRISQUE (Mittal et al., 2012) as the ``brisque`` 0.2.0 package computes it: 36 natural-scene
+    statistics of the grey image at full and half scale, scaled with the package's feature ranges,
+    fed to the RBF support-vector regressor it ships (``brisque/models/svm.txt``, libsvm). About
+    0-100 (very clean images can go slightly below 0); lower is better, so the reward is
+    ``-BRISQUE``. Images are scored as they are saved (8-bit RGB), at least 32 px per side; a flat
+    image scores NaN (its statistics are undefined). CPU-only statistics, about 0.4 s at 512 px.
+
+    The package's ``BRISQUE.score`` fails on numpy 2 (it calls ``float`` on one-element arrays among
+    its features); this reward calls the same feature and prediction methods and flattens the
+    features first, without touching the installed package.
+    """
+
+    higher_is_better = False
+    # at 24 px and below the features degenerate (a face scores the SVM's constant, 155.8)
+    min_size: ClassVar[int] = 32
+    resources: ClassVar[dict[str, float]] = dict(_CPU_STATISTIC)
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
+        try:
+            from brisque import BRISQUE as PackageBRISQUE
+        except ImportError as exc:
+            raise RewardError(
+                f"reward 'brisque' needs the brisque package ({exc}); run `pip install brisque==0.2.0`"
+            ) from exc
+        self.model = PackageBRISQUE(url=False)
+
+    def brisque(self, image: np.ndarray) -> float:
+        """BRISQUE of one ``HxWx3`` uint8 image (the steps of the package's ``BRISQUE.score``)."""
+        import cv2
+        import skimage.color
+
+        grey = skimage.color.rgb2gray(image)
+        half = cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_CUBIC)
+        features = [
+            self.model.calculate_brisque_features(level, kernel_size=7, sigma=7 / 6) for level in (grey, half)
+        ]
+        flat = np.array([np.ravel(value)[0] for value in np.concatenate(features)], dtype=np.float64)
+        return float(self.model.calculate_image_quality_score(flat))
+
+    def score(self, images: Tensor, batch: RewardBatch) -> Tensor:
+        return torch.tensor([self.brisque(to_uint8(image)) for image in images], dtype=torch.float64)
+
 
 LPIPS = _iqa_reward(
     "LPIPS",

@@ -15,8 +15,9 @@ group share its actors; a group per reward gives each its own resources::
         reward_groups:
           gpu: {num_actors: 2, num_cpus: 1, num_gpus: 0.5}
 
-:class:`RewardActorPool` sends every group all of a step's images, split evenly over the
-group's actors, and merges the per-group score dicts. :class:`RewardErrorLog` turns the
+:class:`RewardActorPool` gives every group all of a step's candidates, split evenly over the
+group's actors, as references to the rollout actors' outputs (each actor fetches the images it
+scores; they never pass through the driver), and merges the per-group score dicts. :class:`RewardErrorLog` turns the
 :class:`~rewards.worker.RewardFailure` records the actors report into per-step metrics and skip
 decisions, and writes the end-of-run summary ``<run_dir>/reward_errors.json`` (one
 :class:`RewardErrorCounts` per reward).
@@ -36,9 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rewards.base import RewardBatch, RewardError, reward_name
-from rewards.worker import ErrorHandling, RewardFailure, collect_scores, make_reward_actor, submit_scores
+from rewards.base import RewardError, reward_name
+from rewards.worker import CandidateRows, ErrorHandling, RewardFailure, collect_scores, make_reward_actor
 from rlrestore.config import ActorGroupConfig, RewardSpec, Stage2Config
+from rlrestore.runtime.dataplane import RolloutMeta, Traffic
 from rlrestore.runtime.devices import DeviceName, DeviceRecord
 from rlrestore.runtime.precision import PrecisionName
 
@@ -140,8 +142,13 @@ class RewardActorPool:
         """Every reward actor's handle, in group order."""
         return [actor for group in self.groups for actor in group.actors]
 
-    def score(self, images: Tensor, batch: RewardBatch) -> RewardOutcome:
-        """Scores of ``images`` from every group, each splitting them evenly over its actors.
+    def score_rollouts(
+        self, parts: Sequence[Any], metas: Sequence[RolloutMeta], traffic: Traffic | None = None
+    ) -> RewardOutcome:
+        """Scores of every candidate of a step's rollout ``parts`` (references to ``RewardInputs``;
+        ``metas`` their ``RolloutMeta``), each group splitting the candidates evenly over its actors.
+        The actors fetch the parts they score: the images never pass through this process
+        (``traffic`` counts what does: captions, metadata, references and the scores).
 
         A reward whose policy is ``fail`` raises :class:`RewardError`. An actor that died (and
         stayed dead through Ray's restarts and task retries) counts as a failed call of each of
@@ -149,16 +156,29 @@ class RewardActorPool:
         """
         import ray
 
-        count = images.shape[0]
+        traffic = traffic or Traffic()
+        captions, metadata = candidate_labels(metas)
+        sizes = [meta.inputs * meta.candidates for meta in metas]
         calls = []
         for group in self.groups:
-            bounds = np.linspace(0, count, len(group.actors) + 1).astype(int)
+            bounds = np.linspace(0, len(captions), len(group.actors) + 1).astype(int)
             for index, (start, stop) in enumerate(pairwise(bounds.tolist())):
                 if stop > start:
                     actor = group.actors[index]
-                    ref = submit_scores(actor, images[start:stop], batch.select(start, stop))
-                    calls.append((group, index, start, stop, ref, actor.take_errors.remote()))
-        parts: dict[str, list[Tensor]] = {}
+                    used, rows = rows_of_range(sizes, start, stop)
+                    args = ([parts[i] for i in used], rows, captions[start:stop], metadata[start:stop])
+                    traffic.sent(*args)
+                    calls.append(
+                        (
+                            group,
+                            index,
+                            start,
+                            stop,
+                            actor.score_rows.remote(*args),
+                            actor.take_errors.remote(),
+                        )
+                    )
+        parts_of: dict[str, list[Tensor]] = {}
         errors: list[RewardFailure] = []
         for group, index, start, stop, ref, errors_ref in calls:
             try:
@@ -170,12 +190,13 @@ class RewardActorPool:
                 raise
             except ray.exceptions.RayActorError as exc:
                 scores, found = self._lost_call(group, start, stop, exc)
+            traffic.received(scores, found)
             for name, values in scores.items():
-                parts.setdefault(name, []).append(values)
+                parts_of.setdefault(name, []).append(values)
             errors.extend(found)
             if any(failure.timed_out or failure.actor_lost for failure in found):
                 self._replace(group, index)
-        return RewardOutcome({name: torch.cat(values) for name, values in parts.items()}, errors)
+        return RewardOutcome({name: torch.cat(values) for name, values in parts_of.items()}, errors)
 
     def _lost_call(
         self, group: _Group, start: int, stop: int, exc: Exception
@@ -192,7 +213,9 @@ class RewardActorPool:
                 )
             log.warning("reward %r: %s", name, message)
             scores[name] = torch.full((stop - start,), torch.nan)
-            errors.append(RewardFailure.of(name, (start, stop), [exc], policy, actor_lost=True, error=message))
+            errors.append(
+                RewardFailure.of(name, (start, stop), [exc], policy, actor_lost=True, error=message)
+            )
         return scores, errors
 
     def _replace(self, group: _Group, index: int) -> None:
@@ -211,6 +234,34 @@ class RewardActorPool:
 
         for actor in self.actors:
             ray.kill(actor)
+
+
+def candidate_labels(metas: Sequence[RolloutMeta]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Caption and metadata (input id, input row) of every candidate of a step, in order."""
+    captions: list[str] = []
+    metadata: list[dict[str, Any]] = []
+    row = 0
+    for meta in metas:
+        for caption, sample_id in zip(meta.captions, meta.ids, strict=True):
+            captions += [caption] * meta.candidates
+            metadata += [{"id": sample_id, "input": row}] * meta.candidates
+            row += 1
+    return captions, metadata
+
+
+def rows_of_range(sizes: Sequence[int], start: int, stop: int) -> tuple[list[int], list[CandidateRows]]:
+    """The parts (indices into ``sizes``, candidates per part) that candidates ``start:stop`` of the
+    whole step lie in, and the rows to take from each, numbered among those parts."""
+    used: list[int] = []
+    rows: list[CandidateRows] = []
+    offset = 0
+    for part, size in enumerate(sizes):
+        low, high = max(start, offset), min(stop, offset + size)
+        if high > low:
+            rows.append(CandidateRows(len(used), low - offset, high - offset))
+            used.append(part)
+        offset += size
+    return used, rows
 
 
 @dataclass
@@ -259,7 +310,14 @@ class RewardErrorCounts:
 
     def merge_earlier(self, earlier: RewardErrorCounts) -> None:
         """Add the counts of an earlier session of the run (its errors come first)."""
-        for name in ("failed_calls", "failed_attempts", "retried_calls", "recovered_calls", "timeouts", "skipped_steps"):
+        for name in (
+            "failed_calls",
+            "failed_attempts",
+            "retried_calls",
+            "recovered_calls",
+            "timeouts",
+            "skipped_steps",
+        ):
             setattr(self, name, getattr(earlier, name) + getattr(self, name))
         self.first_errors = [*earlier.first_errors, *self.first_errors][:FIRST_ERRORS]
 
@@ -319,7 +377,9 @@ class RewardErrorLog:
         earlier = json.loads(path.read_text())
         self.skipped_steps = [*earlier.get("skipped_steps", []), *self.skipped_steps]
         for name, counts in earlier.get("rewards", {}).items():
-            self.counts.setdefault(name, RewardErrorCounts()).merge_earlier(RewardErrorCounts.from_json(counts))
+            self.counts.setdefault(name, RewardErrorCounts()).merge_earlier(
+                RewardErrorCounts.from_json(counts)
+            )
 
     def write(self, path: Path) -> None:
         """Write :meth:`summary` as JSON to ``path``."""

@@ -54,6 +54,7 @@ from rlrestore.config import (
     RewardSpec,
     reward_group_key,
 )
+from rlrestore.runtime.dataplane import resolve
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.runtime.precision import Precision, PrecisionName
 
@@ -177,6 +178,15 @@ class ErrorHandling:
         )
 
 
+@dataclass(frozen=True)
+class CandidateRows:
+    """Candidates ``start:stop`` (flattened [B * K] rows) of rollout part ``part`` of a call."""
+
+    part: int
+    start: int
+    stop: int
+
+
 class RewardWorker:
     """Score images with every configured reward, ``batch_size`` images per reward call.
 
@@ -244,13 +254,27 @@ class RewardWorker:
                 if error is not None:
                     if error.timed_out and not error.recovered:  # the reward hangs: skip its remaining chunks
                         stop = count
-                        error = replace(error, stop=count, error=f"{error.error}; samples {start}:{count} not scored")
+                        error = replace(
+                            error, stop=count, error=f"{error.error}; samples {start}:{count} not scored"
+                        )
                     self.errors.append(error)
                 chunks.append(torch.full((stop - start,), torch.nan) if scores is None else scores)
                 if stop == count:
                     break
             results[reward.name] = torch.cat(chunks) if chunks else torch.empty(0)
         return results
+
+    def score_rows(
+        self, parts: Sequence[Any], rows: Sequence[CandidateRows], batch: RewardBatch
+    ) -> dict[str, Tensor]:
+        """Scores of the candidate ``rows`` of rollout ``parts`` (``RewardInputs``, or references
+        to them, which are fetched here: the images never pass through the caller). ``batch``
+        holds the captions and metadata of those candidates; the clean faces come from the parts."""
+        resolved = [resolve(part) for part in parts]
+        pieces = [resolved[row.part].candidate_rows(row.start, row.stop) for row in rows]
+        images = torch.cat([images for images, _ in pieces])
+        clean = torch.cat([clean for _, clean in pieces])
+        return self.score(images, RewardBatch(batch.captions, clean, batch.metadata))
 
     def take_errors(self) -> list[RewardFailure]:
         """The recorded failures since the last call; clears them."""
@@ -263,7 +287,9 @@ class RewardWorker:
 
     def _call(self, reward: Reward, images: Tensor, batch: RewardBatch) -> Tensor:
         # Autocast state is per thread: entered here, inside the thread that scores.
-        context = self.precision.autocast(self.device) if self.autocast_dtype(reward) else contextlib.nullcontext()
+        context = (
+            self.precision.autocast(self.device) if self.autocast_dtype(reward) else contextlib.nullcontext()
+        )
         with context:
             return reward(images, batch)
 
@@ -278,7 +304,9 @@ class RewardWorker:
         for _ in range(1 + handling.retries):
             try:
                 scores = call_with_timeout(
-                    lambda: self._call(reward, images, batch), handling.timeout_s, name=f"reward {reward.name}"
+                    lambda: self._call(reward, images, batch),
+                    handling.timeout_s,
+                    name=f"reward {reward.name}",
                 )
                 break
             except Exception as exc:  # any reward failure is handled by its policy
@@ -295,7 +323,9 @@ class RewardWorker:
         if not failures:
             return scores, None
         samples = (start, start + len(batch))
-        return scores, RewardFailure.of(reward.name, samples, failures, handling.policy, recovered=scores is not None)
+        return scores, RewardFailure.of(
+            reward.name, samples, failures, handling.policy, recovered=scores is not None
+        )
 
 
 class RewardActor:
@@ -329,7 +359,9 @@ class RewardActor:
         """Where this actor scores (role ``reward``, named ``actor``): its device, the run's
         precision, its rewards' weight dtype(s) and, if any reward runs under autocast, its dtype."""
         worker = self.worker
-        weights = sorted({str(getattr(reward, "dtype", torch.float32)).removeprefix("torch.") for reward in worker.rewards})
+        weights = sorted(
+            {str(getattr(reward, "dtype", torch.float32)).removeprefix("torch.") for reward in worker.rewards}
+        )
         autocast = next((d for d in map(worker.autocast_dtype, worker.rewards) if d is not None), None)
         return DeviceRecord.here(
             stage, "reward", actor, worker.device, worker.precision.name, ",".join(weights), autocast=autocast
@@ -345,6 +377,13 @@ class RewardActor:
         # Arrays from the object store are read-only views; torch wants writable memory.
         batch = RewardBatch(captions, None if clean is None else torch.from_numpy(np.array(clean)), metadata)
         scores = self.worker.score(torch.from_numpy(np.array(images)), batch)
+        return {name: values.numpy() for name, values in scores.items()}
+
+    def score_rows(
+        self, parts: list[Any], rows: list[CandidateRows], captions: list[str], metadata: list[dict[str, Any]]
+    ) -> dict[str, np.ndarray]:
+        """:meth:`RewardWorker.score_rows` on references to rollout parts (fetched by this actor)."""
+        scores = self.worker.score_rows(parts, rows, RewardBatch(captions, None, metadata))
         return {name: values.numpy() for name, values in scores.items()}
 
     def take_errors(self) -> list[RewardFailure]:
@@ -412,7 +451,9 @@ def make_reward_actor(
             scheduling_strategy=scheduling_strategy,
             **options,
         )
-        .remote(list(specs), device, float(reserved.get("num_gpus", 0.0)), batch_size, errors, precision, group)
+        .remote(
+            list(specs), device, float(reserved.get("num_gpus", 0.0)), batch_size, errors, precision, group
+        )
     )
 
 

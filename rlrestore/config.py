@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -53,8 +53,14 @@ class ComponentSpec(_Section):
 
 
 class PolicyBaseConfig(_Section):
-    """What every restoration policy's section has; ``type`` names the policy (``rlrestore.policies``)."""
+    """What every restoration policy's section has; ``type`` names the policy (``rlrestore.policies``).
 
+    ``runtime_keys`` name the keys that say how the policy runs, not what it is (e.g. Pref-Restore's
+    ``ar_backend``): a policy directory does not keep them (they are written at their defaults), and a
+    run applies its own config's values to the policy it loads (``rlrestore.policies.load_policy``).
+    """
+
+    runtime_keys: ClassVar[tuple[str, ...]] = ()
     type: str
     resolution: int = Field(512, gt=0, description="Generation resolution in pixels (square).")
     flow_shift: float = Field(3.0, gt=0, description="Timestep shift of the flow sampler (SANA uses 3.0).")
@@ -72,12 +78,69 @@ class PolicyBaseConfig(_Section):
         "`precision` instead (bfloat16 here means precision=bf16-mixed).",
     )
 
+    def runtime_options(self) -> dict[str, Any]:
+        """``type`` and the runtime keys of this section, as JSON (what a run hands a loaded policy)."""
+        dumped = self.model_dump(mode="json", include={"type", *self.runtime_keys})
+        return {"type": self.type, **dumped}
+
+    def without_runtime_options(self) -> PolicyBaseConfig:
+        """A copy with every runtime key at its default (what a policy directory stores)."""
+        defaults = {key: type(self).model_fields[key].get_default(call_default_factory=True) for key in self.runtime_keys}
+        return self.model_copy(update=defaults, deep=True)
+
+
+class VLLMOptions(_Section):
+    """How the integrator runs under vLLM (``policy.ar_backend: vllm``)."""
+
+    fallback: Literal["error", "hf"] = Field(
+        "error",
+        description="Where vLLM cannot run (not installed, no CUDA device): 'error' stops with a message naming "
+        "policy.ar_backend and what to install; 'hf' decodes with the transformers loop instead, with a warning "
+        "(the codes then come from other kernels and, when sampled, from another random stream).",
+    )
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Fraction of the GPU's memory vLLM may take (weights + KV cache); the rest is left to the "
+        "policy's other networks on the same GPU (vLLM's own default, 0.9, would leave the DiT nothing).",
+    )
+    max_model_len: int | None = Field(
+        None,
+        gt=0,
+        description="Longest prompt + generated codes vLLM plans its KV cache for; None: the integrator's "
+        "max_position_embeddings.",
+    )
+    enforce_eager: bool = Field(
+        False, description="Run vLLM without CUDA graphs (slower decode, faster start, less memory)."
+    )
+    export_dir: str | None = Field(
+        None,
+        description="Where the integrator is written as a Hugging Face folder for vLLM to load, one subfolder "
+        "per weights fingerprint (reused by every actor on the node); None: <tmp>/rlrestore-vllm.",
+    )
+
 
 class PolicyConfig(PolicyBaseConfig):
     """The Pref-Restore policy (``type: prefrestore``, the default): visual tokenizer, AR integrator,
     connectors, SANA DiT, DC-AE."""
 
+    runtime_keys: ClassVar[tuple[str, ...]] = ("ar_backend", "vllm")
     type: Literal["prefrestore"] = Field("prefrestore", description="The policy: Pref-Restore.")
+    ar_backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What generates the semantic codes S. 'hf': the integrator's own KV-cached transformers loop. "
+        "'vllm': vLLM (the `vllm` extra, CUDA only) from token-id prompts, restricted to the image tokens, "
+        "exactly N codes, greedy or top-k/top-p as sampler.ar_* says, a seed per input; the hidden states then "
+        "come from the same teacher-forced pass as with 'hf'. vLLM loads the integrator written once as a "
+        "Hugging Face folder (policy.vllm.export_dir), so it needs a frozen integrator (Stage 2 rollouts, "
+        "Stage 1.2 generated codes); a change of its weights after that is refused. A run key: Stage 1 workers "
+        "and Stage 2 rollout actors apply the run config's value to the policy they load; policy directories do "
+        "not keep it, so `restore` and `eval` decode with 'hf'.",
+    )
+    vllm: VLLMOptions = Field(
+        default_factory=VLLMOptions, description="vLLM settings of policy.ar_backend=vllm."
+    )
     tokenizer_resolution: int = Field(384, gt=0, description="Input size of the SigLIP2 tower.")
     vision: ComponentSpec = Field(
         default_factory=ComponentSpec, description="SigLIP2 vision tower (transformers SiglipVisionModel)."
@@ -256,6 +319,11 @@ class DataConfig(_Section):
     shard_size: int = Field(256, gt=0, description="Images per Parquet shard.")
     holdout: int = Field(4, ge=0, description="Faces held back from training (for restoration reports).")
     seed: int = Field(0, description="Base seed of the per-sample degradation.")
+    fixed_degradation: bool = Field(
+        False,
+        description="One degradation per sample for the whole run (the paired-data setting) instead of a new "
+        "draw every epoch; lets Stage 2 rollout actors cache each input's condition across epochs.",
+    )
 
 
 class OptimConfig(_Section):
@@ -475,6 +543,13 @@ class RolloutConfig(_Section):
         "synchronous rollouts lag 0.",
     )
 
+    condition_cache: int = Field(
+        1024,
+        ge=0,
+        description="Conditions each rollout actor keeps (least recently used dropped) when they cannot change: "
+        "data.fixed_degradation=true and a deterministic condition (greedy AR decoding); 0 turns the cache off.",
+    )
+
     @model_validator(mode="after")
     def _async_needs_lag(self) -> RolloutConfig:
         if self.asynchronous and self.max_policy_lag < 1:
@@ -668,10 +743,11 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="Show progress bars.")
 
 
-# The paper's metrics (Table II) and the weight-free ones; those without weights here are reported as skipped.
+# The paper's metrics (Table II), the weight-free ones and the dlib face metrics (real weights from the
+# package registry); those without weights here are reported as skipped.
 DEFAULT_EVAL_METRICS = (
     "psnr", "ssim", "ms_ssim", "lpips", "fid", "musiq", "clipiqa+", "maniqa", "topiq_nr-face",
-    "niqe", "brisque", "piqe", "deg", "lmd", "hpsv2", "pickscore", "clipscore",
+    "niqe", "brisque", "piqe", "deg", "lmd", "dlib_identity", "dlib_lmd", "hpsv2", "pickscore", "clipscore",
 )  # fmt: skip
 
 
@@ -689,7 +765,8 @@ class EvalConfig(_Section):
         min_length=1,
         description="Metrics, in table order: registered reward names, plus 'deg' (ArcFace angle in degrees, "
         "args of the 'identity' reward), 'fid' (set-level, against the clean set or --reference) and 'lmd' "
-        "(landmark distance of AWing FAN landmarks, `rewards.landmarks`).",
+        "(landmark distance of AWing FAN landmarks, `rewards.landmarks`). 'dlib_identity', 'dlib_lmd', 'niqe' "
+        "and 'brisque' run offline with weights installed from the package registry.",
     )
     metric_args: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -730,8 +807,9 @@ class EvalConfig(_Section):
     )
     upscale_small: bool = Field(
         False,
-        description="Metrics with a minimum image side (ms_ssim 161 px, niqe 96 px): true upscales smaller images "
-        "(bicubic, restoration and ground truth alike) to it; false leaves them unscored and reports how many.",
+        description="Metrics with a minimum image side (ms_ssim 161 px, niqe 96 px, dlib_* 64 px): true upscales "
+        "smaller images (bicubic, restoration and ground truth alike) to it; false leaves them unscored and reports "
+        "how many.",
     )
     grid_images: int = Field(
         8,

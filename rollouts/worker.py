@@ -1,11 +1,18 @@
 """Rollout worker: K candidate restorations per degraded training face, tagged with a policy version.
 
 The worker holds an inference copy of the policy and the training shards. Given sample indices
-and an epoch it degrades the clean faces itself (Eq. 16, seeded per (sample, epoch), so every
-worker produces the same LQ image for the same sample), samples K candidates per input in one
-batched call with per-candidate seeds, and returns what Stage 2 needs: the clean latents x0 of
-the candidates, their decoded images, one condition per input (the AR decode runs once per input,
-never per candidate), the clean faces, and the version of the weights that produced them.
+and an epoch it degrades the clean faces itself (Eq. 16, seeded per (sample, epoch), or per sample
+with ``data.fixed_degradation``, so every worker produces the same LQ image for the same sample),
+samples K candidates per input in one batched call with per-candidate seeds, and returns what
+Stage 2 needs as three parts (``rlrestore.runtime.dataplane``; three objects on Ray, so the driver
+reads only the small first one): metadata for the driver (ids, seeds, the policy version), uint8
+images for the reward actors (candidates, clean and degraded faces), and for the learners the
+clean latents x0 of the candidates with one condition per input (the AR decode runs once per
+input, never per candidate; with a fixed degradation and a deterministic condition it runs once
+per input for the whole run, kept in the actor's condition cache).
+
+Weights arrive as a ``WeightUpdate``: LoRA adapters (added to the actor's DiT on first use) or
+the trained weights, in the actor's compute dtype.
 
 The worker runs on the device its Ray resources give it (``rlrestore.runtime.devices``) and holds its
 weights in the run's compute dtype (``rlrestore.runtime.precision``; the sampler state stays float32).
@@ -14,6 +21,7 @@ weights in the run's compute dtype (``rlrestore.runtime.precision``; the sampler
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,28 +30,60 @@ import torch
 
 from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
-from rlrestore.policies import Condition, load_policy
+from rlrestore.models.lora import add_lora, has_lora, merged_state_dict
+from rlrestore.policies import Condition, VelocityModel, load_policy
+from rlrestore.runtime.dataplane import (
+    LORA,
+    LearnerInputs,
+    RewardInputs,
+    RolloutMeta,
+    RolloutParts,
+    WeightUpdate,
+    to_uint8_images,
+)
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.runtime.precision import Precision, PrecisionName
 
 
 @dataclass
 class RolloutBatch:
-    """One rollout call: B inputs x K candidates."""
+    """One rollout call in this process: B inputs x K candidates, as its three parts (on Ray the
+    parts stay in the object store, see ``rlrestore.runtime.dataplane``)."""
 
-    ids: list[str]
-    captions: list[str]
-    lq: torch.Tensor  # [B, 3, R, R] degraded inputs in [-1, 1]
-    clean: torch.Tensor  # [B, 3, R, R] clean faces in [-1, 1]
-    x0: torch.Tensor  # [B, K, C, h, w] clean latents of the candidates (float32)
-    images: torch.Tensor  # [B, K, 3, R, R] decoded candidates in [-1, 1] (float32)
-    condition: Condition  # the policy's condition of each input, shared by its K candidates
-    seeds: torch.Tensor  # [B, K]
-    policy_version: int
+    meta: RolloutMeta
+    reward: RewardInputs
+    learner: LearnerInputs
+
+    @property
+    def ids(self) -> list[str]:
+        return self.meta.ids
+
+    @property
+    def policy_version(self) -> int:
+        return self.meta.policy_version
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """[B, K, C, h, w] clean latents of the candidates (float32)."""
+        return self.learner.x0
+
+    @property
+    def condition(self) -> Condition:
+        """The condition of each input, shared by its K candidates."""
+        return self.learner.condition
+
+    @property
+    def images(self) -> torch.Tensor:
+        """[B, K, 3, R, R] decoded candidates (uint8)."""
+        return self.reward.images
 
 
 class RolloutWorker:
-    """Samples candidates from the current rollout policy (plain class; no Ray needed to test it)."""
+    """Samples candidates from the current rollout policy (plain class; no Ray needed to test it).
+
+    ``condition_cache``: how many inputs' conditions it keeps when they cannot change (a fixed
+    degradation per sample and a deterministic condition, see ``RestorationPolicy.deterministic_condition``).
+    """
 
     def __init__(
         self,
@@ -56,16 +96,26 @@ class RolloutWorker:
         device: DeviceName = "auto",
         num_gpus: float = 0.0,
         precision: PrecisionName = "fp32",
+        fixed_degradation: bool = False,
+        condition_cache: int = 0,
+        policy_runtime: dict | None = None,
     ) -> None:
         torch.set_num_threads(threads)
-        self.device = actor_device(device, num_gpus, "Stage 2 rollout actors", "stage2.resources.rollout.num_gpus")
+        self.device = actor_device(
+            device, num_gpus, "Stage 2 rollout actors", "stage2.resources.rollout.num_gpus"
+        )
         self.precision = Precision(precision)
-        policy = load_policy(policy_dir).eval().to(self.device)
+        policy = load_policy(policy_dir, policy_runtime).eval().to(self.device)
         self.policy = self.precision.for_inference(policy)
         train, _ = split_holdout(read_shards(Path(shards)), holdout)
         self.dataset = FaceDataset(
-            train, self.policy.config.resolution, DegradationConfig.model_validate(degradation), data_seed
+            train,
+            self.policy.config.resolution,
+            DegradationConfig.model_validate(degradation),
+            data_seed,
+            fixed_degradation,
         )
+        self.conditions = ConditionCache(condition_cache if fixed_degradation else 0)
         self.version = 0
 
     def num_samples(self) -> int:
@@ -78,41 +128,120 @@ class RolloutWorker:
         )
 
     def velocity_state(self) -> dict[str, torch.Tensor]:
-        """The velocity model's weights this worker samples with (CPU copies, its compute dtype)."""
-        state = self.policy.velocity_model.state_dict()
-        return {key: value.detach().cpu().clone() for key, value in state.items()}
+        """The velocity model's weights this worker samples with (CPU copies, its compute dtype;
+        LoRA adapters merged in)."""
+        return merged_state_dict(self.policy.velocity_model)
 
-    def load_weights(self, version: int, velocity_state: dict[str, torch.Tensor], rewind: bool = False) -> int:
+    def load_weights(
+        self, version: int, weights: WeightUpdate | dict[str, torch.Tensor], rewind: bool = False
+    ) -> int:
         """Adopt new velocity-model weights (from the learners) as policy ``version``; returns it.
+        ``weights``: a :class:`WeightUpdate` (adapters or trained weights) or a whole state dict.
 
         Versions only move forward, unless ``rewind`` (the driver went back to a checkpoint)."""
         if version < self.version and not rewind:
             raise ValueError(f"weights version {version} is older than the worker's {self.version}")
-        self.policy.velocity_model.load_state_dict(velocity_state)
+        model = self.policy.velocity_model
+        if isinstance(weights, WeightUpdate):
+            apply_weight_update(model, weights)
+        else:
+            model.load_state_dict(weights)
         self.version = version
         return version
 
     @torch.no_grad()
-    def rollout(
+    def rollout_parts(
         self, indices: list[int], epoch: int, seeds: torch.Tensor, sampler: SamplerConfig
-    ) -> RolloutBatch:
-        """K = seeds.shape[1] candidates for each training sample in ``indices`` at ``epoch``."""
+    ) -> tuple[RolloutMeta, RewardInputs, LearnerInputs]:
+        """K = seeds.shape[1] candidates for each training sample in ``indices`` at ``epoch``, as
+        three parts (on Ray call it with ``num_returns=3``: three objects, the driver reads only the first)."""
         if seeds.shape[0] != len(indices):
             raise ValueError(f"seeds has {seeds.shape[0]} rows for {len(indices)} inputs")
         self.dataset.set_epoch(epoch)
         batch = collate_faces([self.dataset[i] for i in indices])
-        out = self.policy.restore(batch["lq"].to(self.device), batch["caption"], seeds, sampler)
-        return RolloutBatch(
-            ids=batch["id"],
-            captions=batch["caption"],
-            lq=batch["lq"],
-            clean=batch["hq"],
-            x0=out.latents.cpu(),
-            images=out.images.cpu(),
-            condition=out.condition.to("cpu"),
-            seeds=seeds,
-            policy_version=self.version,
+        lq = batch["lq"].to(self.device)
+        cached, hits = self.cached_condition(indices, lq, batch["caption"], seeds, sampler)
+        out = self.policy.restore(lq, batch["caption"], seeds, sampler, condition=cached)
+        meta = RolloutMeta(batch["id"], batch["caption"], seeds, self.version, cached_conditions=hits)
+        reward = RewardInputs(
+            to_uint8_images(out.images), to_uint8_images(batch["hq"]), to_uint8_images(batch["lq"])
         )
+        learner = LearnerInputs(out.latents.cpu(), out.condition.to("cpu"))
+        parts = RolloutParts.of(meta, reward, learner)
+        return parts.meta, parts.reward, parts.learner
+
+    def rollout(
+        self, indices: list[int], epoch: int, seeds: torch.Tensor, sampler: SamplerConfig
+    ) -> RolloutBatch:
+        """:meth:`rollout_parts` as one batch, in this process."""
+        return RolloutBatch(*self.rollout_parts(indices, epoch, seeds, sampler))
+
+    def cached_condition(
+        self,
+        indices: list[int],
+        lq: torch.Tensor,
+        captions: list[str],
+        seeds: torch.Tensor,
+        sampler: SamplerConfig,
+    ) -> tuple[Condition | None, int]:
+        """The inputs' conditions from the cache (computing the missing ones) and how many were
+        cached, or (None, 0) when the cache is off or the condition is not deterministic (the
+        pipeline then computes it)."""
+        if not self.conditions.enabled or not self.policy.deterministic_condition(sampler):
+            return None, 0
+        found = {index: self.conditions.items[index] for index in indices if index in self.conditions}
+        missing = [row for row, index in enumerate(indices) if index not in found]
+        if missing:
+            generator = torch.Generator().manual_seed(int(seeds[missing[0], 0]))
+            rows = torch.tensor(missing, device=lq.device)
+            fresh = self.policy.condition(
+                lq[rows], [captions[row] for row in missing], sampler, generator
+            ).to("cpu")
+            for position, row in enumerate(missing):
+                found[indices[row]] = fresh.select(torch.tensor([position]))
+        conditions = [found[index] for index in indices]
+        for index in indices:
+            self.conditions.put(index, found[index])
+        return type(conditions[0]).cat(conditions).to(self.device), len(indices) - len(missing)
+
+
+class ConditionCache:
+    """Conditions by training-sample index, least recently used dropped beyond ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[int, Condition] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.items
+
+    def put(self, index: int, condition: Condition) -> None:
+        """Keep ``condition`` as the most recently used."""
+        self.items[index] = condition
+        self.items.move_to_end(index)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+
+def apply_weight_update(model: VelocityModel, update: WeightUpdate) -> None:
+    """Load ``update`` into the velocity model: LoRA factors (adding the adapters the first time)
+    or the trained weights; the keys must be exactly ones the model has."""
+    if update.kind == LORA and not has_lora(model):
+        for module in model.stage2_modules():  # where the learners add them
+            add_lora(module, update.lora["rank"], update.lora["alpha"], update.lora["targets"])
+    own = model.state_dict()
+    unknown = sorted(set(update.tensors) - set(own))
+    if unknown:
+        raise ValueError(
+            f"weight update names {len(unknown)} tensors the rollout policy lacks, e.g. {unknown[:3]}"
+        )
+    with torch.no_grad():
+        for key, value in update.tensors.items():
+            own[key].copy_(value)
 
 
 def make_rollout_actor(

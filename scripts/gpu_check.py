@@ -6,7 +6,12 @@ Run through ``scripts/gpu_check.sh`` (which installs first). In order, each time
    then ``rlrestore restore`` of two faces with the converted policy on the GPU in bf16;
 2. Stage 1 (autoencoder, 1.1, 1.2) as a Ray Train job whose worker holds a GPU fraction;
 3. Stage 2 with 2 rollout actors, 1 reward actor and 1 learner rank sharing the GPU;
-4. ``rlrestore eval`` of F against Q on one GPU eval actor.
+4. ``rlrestore eval`` of F against Q on one GPU eval actor;
+5. when vLLM is importable and CUDA is there: the semantic codes of a random-init integrator (hidden
+   512, 8 layers, 4,096 codes, 256 per input) decoded greedily by the hf loop and by vLLM
+   (``policy.ar_backend``) from the same prompts, in bf16: the fraction of codes that agree, the
+   fraction before the first disagreement, and codes/s of each. Without vLLM it says why it skipped
+   (not a failure of the check).
 
 It prints every ``devices.json`` (role, actor, node, device, dtype), the step times (Stage 1
 ``step_time``, Stage 2 ``timing/*``) and the peak GPU memory (``nvidia-smi`` sampled every 0.25 s), and
@@ -99,6 +104,85 @@ def convert_and_restore(out: Path, device: str, log: Path, timings: dict[str, fl
     run("restore", [*restore, "--device", device, "--precision", "bf16-mixed", "--quiet"], log, timings)
 
 
+AR_ARCH = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "head_dim": 64, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+
+
+def _best_time(fn, repeats: int, cuda: bool) -> tuple[object, float]:
+    """fn()'s result and its fastest wall time over ``repeats`` calls (after one warm-up call)."""
+    import torch
+
+    result, best = fn(), float("inf")
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        result = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - began)
+    return result, best
+
+
+def compare_ar_backends(device: str, out: Path, arch: dict | None = None, codebook: int = 4096, grid: int = 256,
+                        inputs: int = 16, repeats: int = 2) -> dict:  # fmt: skip
+    """Greedy codes of the hf loop against vLLM on one random-init integrator, or why it was skipped."""
+    import torch
+
+    from rlrestore.config import PolicyConfig, SamplerConfig, VLLMOptions
+    from rlrestore.models.text_tokenizer import Vocabulary, load_text_tokenizer
+    from rlrestore.policies.prefrestore import ar_backends
+    from rlrestore.policies.prefrestore.integrator import SemanticIntegrator
+    from rlrestore.policies.prefrestore.networks import build_integrator
+
+    reason = ar_backends.unavailable_reason(torch.device(device))
+    if reason is not None:
+        return {"skipped": reason}
+    cuda, dtype = device.startswith("cuda"), torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    vocabulary = Vocabulary(load_text_tokenizer(None), codebook)
+    integrator = build_integrator({**(arch or AR_ARCH), "vocab_size": vocabulary.size}).to(device, dtype).eval()
+    semantic = SemanticIntegrator(integrator, vocabulary, PolicyConfig(codebook_size=codebook), grid)
+    lq_codes = torch.randint(0, codebook, (inputs, grid), generator=torch.Generator().manual_seed(0))
+    ids, mask = semantic.prompt_batch(lq_codes, [""] * inputs)
+    greedy, generator = SamplerConfig(), torch.Generator()
+    hf, hf_s = _best_time(lambda: semantic.generate_codes_hf(ids, mask, greedy, generator), repeats, cuda)
+    engine = ar_backends.VLLMCodeGenerator(VLLMOptions(export_dir=str(out / "vllm-export")))
+    began = time.perf_counter()
+    engine.engine_for(integrator)
+    build_s = time.perf_counter() - began
+    decode = lambda: engine.generate(integrator, vocabulary, grid, ids, mask, greedy, generator)
+    vllm, vllm_s = _best_time(decode, repeats, cuda)
+    same = (hf == vllm).cpu()
+    first_diff = torch.where(same.all(1), grid, (~same).int().argmax(1))
+    return {
+        "integrator_params_m": round(sum(p.numel() for p in integrator.parameters()) / 1e6, 1),
+        "dtype": str(dtype).removeprefix("torch."), "inputs": inputs, "codes_per_input": grid,
+        "agreement": round(float(same.float().mean()), 4),
+        "agreement_before_first_difference": round(float(first_diff.float().mean()) / grid, 4),
+        "inputs_identical": int(same.all(1).sum()),
+        "hf_codes_per_s": round(inputs * grid / hf_s, 1), "vllm_codes_per_s": round(inputs * grid / vllm_s, 1),
+        "vllm_speedup": round(hf_s / vllm_s, 2), "vllm_engine_build_s": round(build_s, 1),
+    }  # fmt: skip
+
+
+def ar_backend_step(out: Path, device: str, timings: dict[str, float]) -> dict:
+    """Step 5, printed; an error is reported (and fails the check at the end), a skip is not."""
+    began = time.perf_counter()
+    try:
+        figures = compare_ar_backends(device, out)
+    except Exception as exc:  # noqa: BLE001 - reported, the other steps' figures still count
+        figures = {"error": f"{type(exc).__name__}: {exc}"}
+    timings["ar_backends"] = round(time.perf_counter() - began, 1)
+    if "skipped" in figures:
+        print(f"  vllm vs hf codes: skipped ({figures['skipped']})")
+    elif "error" in figures:
+        print(f"  vllm vs hf codes: FAILED: {figures['error']}")
+    else:
+        print(f"  vllm vs hf codes: ok in {timings['ar_backends']} s: {json.dumps(figures)}")
+    return figures
+
+
 def step_times(run_dir: Path) -> dict[str, dict[str, float]]:
     """Median step time of each Stage 1 stage and median Stage 2 phase timings, in seconds."""
     from rlrestore.tracking import read_metrics
@@ -141,13 +225,15 @@ def main() -> int:
         evaluate = ["eval", str(TINY), *ckpts, "--data", str(REPO / "rlrestore" / "assets" / "faces")]
         metrics = ["eval.metrics=[psnr,ssim,sharpness]", "eval.chunk_size=8"]
         run("eval", [*evaluate, "--out", str(out / "eval"), *common, *STAGE1, *metrics], log, timings)
+        ar_backends = ar_backend_step(out, args.device, timings)
     devices = {
         "run": json.loads((run_dir / "devices.json").read_text()),
         "restore": json.loads((out / "restored" / "devices.json").read_text()),
         "eval": json.loads((out / "eval" / "devices.json").read_text()),
     }
     report = {"gpu": gpu, "torch": torch.__version__, "wall_s": timings, "step_times_s": step_times(run_dir),
-              "peak_gpu_memory_mib": memory.peak_mib if memory.available else None, "devices": devices}  # fmt: skip
+              "peak_gpu_memory_mib": memory.peak_mib if memory.available else None, "devices": devices,
+              "ar_backends": ar_backends}  # fmt: skip
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     for name, records in devices.items():
         for record in records:
@@ -156,6 +242,9 @@ def main() -> int:
                   f"{record['precision']:11s} {record['dtype']}")  # fmt: skip
     print(json.dumps({"step_times_s": report["step_times_s"], "peak_gpu_memory_mib": report["peak_gpu_memory_mib"]},
                      indent=2))  # fmt: skip
+    if "error" in ar_backends:
+        print(f"gpu check FAILED at the vllm vs hf step: {ar_backends['error']} ({out / 'gpu_check.json'})")
+        return 1
     print(f"gpu check passed: {out / 'gpu_check.json'}")
     return 0
 

@@ -42,7 +42,33 @@ def test_rollout_and_learner_figures(tmp_path: Path) -> None:
     # the diffusers baseline samples the same model on the same grid: the same latents
     assert report["rollout"]["settings"]["max_abs_latent_difference"] < 1e-4
     assert report["learner"]["settings"]["forward_backward_passes"] == 2
+    for name in ("rollout", "learner"):  # achieved FLOP/s against this machine's matmul rate
+        settings = report[name]["settings"]
+        assert settings["flops"] > 0 and 0 < settings["matmul_fraction"] < 2, settings
     assert "rollout" in format_report(report)
+
+
+def test_the_medium_size_is_a_dit_of_tens_of_millions_of_parameters_at_128_px() -> None:
+    import torch
+
+    from rlrestore.orchestration.bench import SIZES
+    from rlrestore.policies.prefrestore import PrefRestorePolicy
+
+    config = tiny_config("unused", *SIZES["medium"])
+    with torch.device("meta"):
+        policy = PrefRestorePolicy.from_config(config.policy)
+    parameters = sum(param.numel() for param in policy.transformer.parameters())
+    assert 20e6 < parameters < 80e6 and config.policy.resolution == 128
+
+
+def test_flop_counting_counts_a_matmul() -> None:
+    import torch
+
+    from rlrestore.orchestration.bench import count_flops, matmul_flops_per_second
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+    assert matmul_flops_per_second(torch.device("cpu"), n=128) > 1e6
 
 
 def test_cli_rejects_an_unknown_part(tmp_path: Path, capsys) -> None:
@@ -82,5 +108,13 @@ def test_stage2_figure_on_ray(tmp_path: Path, ray_cluster) -> None:
     report = run_bench(
         tiny_config(tmp_path / "run", *overrides), tmp_path / "bench.json", repeats=1, parts=["stage2"]
     )
-    check_figure(report["stage2"])
+    for name in ("stage2", "stage2_driver_bytes", "stage2_async"):
+        check_figure(report[name])
     assert report["stage2"]["settings"]["learner_ranks"] == 1
+    # the data plane moves far fewer bytes through the driver than relaying the rollouts would
+    moved = report["stage2_driver_bytes"]
+    assert moved["ratio"] < 0.05, moved
+    direct = moved["settings"]["data_plane"]
+    assert direct["rollout/bytes"] >= 100 * direct["driver/bytes_in"]
+    assert direct["sync/bytes"] > 0 and moved["settings"]["driver_relay"]["sync/bytes"] == direct["sync/bytes"]
+    assert "stage2_driver_bytes" in format_report(report)

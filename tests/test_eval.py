@@ -69,7 +69,7 @@ def _unit(image: np.ndarray) -> torch.Tensor:
 
 def test_summary_has_one_row_per_checkpoint_with_directions_and_best_marked(synthetic, setup):
     summary = pd.read_csv(synthetic / "summary.csv")
-    # weight-free metrics are computed; every other default metric lacks weights here (skipped)
+    # metrics with no weights or offline weights are computed; every other default metric lacks weights here (skipped)
     assert list(summary.columns) == [
         "model",
         "images",
@@ -77,14 +77,30 @@ def test_summary_has_one_row_per_checkpoint_with_directions_and_best_marked(synt
         "psnr↑",
         "ssim↑",
         "ms_ssim↑",
+        "niqe↓",
+        "brisque↓",
         "piqe↓",
+        "dlib_identity↓",
+        "dlib_lmd↓",
         "best",
     ]
     assert summary["model"].tolist() == ["F", "Q"]
     assert summary["images"].tolist() == [FACES, FACES] and summary["restorations"].tolist() == [FACES, FACES]
 
     per_image = pd.read_parquet(synthetic / "per_image.parquet")
-    assert list(per_image.columns) == ["model", "image", "seed", "psnr", "ssim", "ms_ssim", "piqe"]
+    assert list(per_image.columns) == [
+        "model",
+        "image",
+        "seed",
+        "psnr",
+        "ssim",
+        "ms_ssim",
+        "niqe",
+        "brisque",
+        "piqe",
+        "dlib_identity",
+        "dlib_lmd",
+    ]
     assert per_image["image"].tolist() == setup.ids * 2 and set(per_image["seed"]) == {0}
     means = per_image.groupby("model")[["psnr", "ssim", "piqe"]].mean()
     np.testing.assert_allclose(summary[["psnr↑", "ssim↑", "piqe↓"]].to_numpy(), means.to_numpy(), rtol=1e-12)
@@ -95,10 +111,14 @@ def test_summary_has_one_row_per_checkpoint_with_directions_and_best_marked(synt
     best = dict(zip(summary["model"], summary["best"].fillna("").str.split(";"), strict=True))
     assert "psnr" in best[best_psnr] and "psnr" not in best[({"F", "Q"} - {best_psnr}).pop()]
     assert "piqe" in best[best_piqe] and "piqe" not in best[({"F", "Q"} - {best_piqe}).pop()]
-    assert not any("ms_ssim" in entries for entries in best.values())  # no value, no best
+    unscored = ("ms_ssim", "niqe")  # no value, no best
+    assert not any(key in entries for entries in best.values() for key in unscored)
 
     markdown = (synthetic / "summary.md").read_text()
-    assert "| model | images | PSNR (dB) ↑ | SSIM ↑ | MS-SSIM ↑ | PIQE ↓ |" in markdown
+    assert (
+        "| model | images | PSNR (dB) ↑ | SSIM ↑ | MS-SSIM ↑ | NIQE ↓ | BRISQUE ↓ | PIQE ↓ | "
+        "dlib identity distance ↓ | dlib LMD (× inter-ocular) ↓ |"
+    ) in markdown
     assert f"**{format_value(summary['psnr↑'].max())}**" in markdown
     assert f"**{format_value(summary['piqe↓'].min())}**" in markdown
 
@@ -107,7 +127,7 @@ def test_every_metric_is_computed_or_skipped_with_its_reason(synthetic, setup):
     payload = json.loads((synthetic / "summary.json").read_text())
     computed = [metric["key"] for metric in payload["metrics"]]
     skipped = payload["skipped_metrics"]
-    assert computed == ["psnr", "ssim", "ms_ssim", "piqe"]
+    assert computed == ["psnr", "ssim", "ms_ssim", "niqe", "brisque", "piqe", "dlib_identity", "dlib_lmd"]
     assert sorted(computed + list(skipped)) == sorted(DEFAULT_EVAL_METRICS)
     assert all(reason.strip() for reason in skipped.values())
     assert skipped["fid"].startswith("weights missing: FID Inception-v3") and "pt_inception" in skipped["fid"]
@@ -116,11 +136,12 @@ def test_every_metric_is_computed_or_skipped_with_its_reason(synthetic, setup):
     markdown = (synthetic / "summary.md").read_text()
     skipped_section = markdown.split("## Skipped metrics")[1]
     assert all(f"- `{key}`: " in skipped_section for key in skipped)
-    # MS-SSIM needs 161 px: the 64 px faces are left unscored and the summary says so
-    assert any(
-        note["metric"] == "ms_ssim" and "161 px" in note["reason"] and note["images"] == FACES
-        for note in payload["notes"]
-    )
+    # MS-SSIM needs 161 px, NIQE 96 px: the 64 px faces are left unscored and the summary says so
+    for metric, side in (("ms_ssim", 161), ("niqe", 96)):
+        assert any(
+            note["metric"] == metric and f"{side} px" in note["reason"] and note["images"] == FACES
+            for note in payload["notes"]
+        )
     broken = {"path": str(setup.data / "broken.png"), "reason": "not a recognised image format"}
     assert payload["skipped_inputs"] == [broken]
     assert f"- {broken['path']}: {broken['reason']}" in markdown

@@ -1,9 +1,11 @@
 """pyiqa rewards (rewards.iqa): the weight files each metric reads, the refusal to build without
 them, and real pyiqa metrics loaded from random-init files written where pyiqa looks for them.
 
-lpips, musiq, niqe and brisque are built through the same code as with real weights: the test
-writes random weights in the published files' formats and names into a fresh torch hub dir; any
-download attempt fails the test. maniqa, clipiqa+ and topiq_nr-face are too large to build here
+lpips and musiq are built through the same code as with real weights: the test writes random
+weights in the published files' formats and names into a fresh torch hub dir; any download
+attempt fails the test. niqe reads its published parameters vendored in rewards/assets (and, here,
+a random local file too); brisque, the ``brisque`` package's SVM (tests/test_offline_metrics.py
+checks both on real faces). maniqa, clipiqa+ and topiq_nr-face are too large to build here
 (and clipiqa+'s CLIP file is SHA-256 checked), so only their file lists and errors are tested.
 """
 
@@ -24,17 +26,28 @@ import torch
 import torchvision
 from torchvision.transforms.functional import gaussian_blur
 
-from rewards import IqaReward, RewardBatch, RewardError, build_reward, check_reward_weights, reward_class
+from rewards import (
+    IqaReward,
+    Reward,
+    RewardBatch,
+    RewardError,
+    WeightFile,
+    build_reward,
+    check_reward_weights,
+    reward_class,
+)
+from rewards.iqa import NIQE_PARAMETERS
 from rlrestore.config import RewardSpec
 from rlrestore.data import embedded_faces_dir, iter_image_files, load_image, square_resize, to_tensor
 
+ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128
 FACES = 3
-IQA_NAMES = ["musiq", "clipiqa+", "maniqa", "topiq_nr-face", "niqe", "brisque", "lpips", "ms_ssim"]
+IQA_NAMES = ["musiq", "clipiqa+", "maniqa", "topiq_nr-face", "niqe", "lpips", "ms_ssim"]
 TIMM_VIT = "timm/vit_base_patch8_224.augreg2_in21k_ft_in1k"
 
 # What pyiqa 0.1.16 reads on construction, relative to the torch hub dir ($TORCH_HOME/hub);
-# "hf:" marks a Hugging Face hub repo read through the HF cache.
+# "hf:" marks a Hugging Face hub repo read through the HF cache, "rlrestore:" a file shipped in the repository.
 EXPECTED_FILES = {
     "musiq": ["pyiqa/musiq_koniq_ckpt-e95806b9.pth"],
     "clipiqa+": ["pyiqa/CLIP-IQA%2B_learned_prompts-603f3273.pth", "clip/RN50.pt"],
@@ -44,8 +57,7 @@ EXPECTED_FILES = {
         "pyiqa/detection_Resnet50_Final.pth",
         "pyiqa/parsing_parsenet.pth",
     ],
-    "niqe": ["pyiqa/niqe_modelparameters.mat"],
-    "brisque": ["pyiqa/brisque_svm_weights.pth"],
+    "niqe": ["rlrestore:rewards/assets/niqe_pris_params.npz"],
     "lpips": ["pyiqa/LPIPS_v0.1_alex-df73285e.pth", "checkpoints/alexnet-owt-7be5be79.pth"],
     "ms_ssim": [],
 }
@@ -121,24 +133,13 @@ def _write_niqe(path: Path, seed: int = 0) -> None:
     scipy.io.savemat(path, params)
 
 
-def _write_brisque(hub: Path) -> None:
-    """BRISQUE's file: the tuple (support-vector coefficients [S], support vectors [S, 36])."""
-    generator = torch.Generator().manual_seed(0)
-    torch.save(
-        (torch.randn(40, generator=generator), torch.randn(40, 36, generator=generator)),
-        hub / "pyiqa" / "brisque_svm_weights.pth",
-    )
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A torch hub dir holding random-init files for lpips, musiq, niqe and brisque."""
+    """A torch hub dir holding random-init files for lpips and musiq."""
     with _caches_at(tmp_path_factory.mktemp("hub")) as hub:
         (hub / "pyiqa").mkdir(parents=True)
         _write_lpips(hub)
         _write_musiq(hub)
-        _write_niqe(hub / "pyiqa" / "niqe_modelparameters.mat")
-        _write_brisque(hub)
         yield hub
 
 
@@ -163,7 +164,7 @@ def _scores(
     return build_reward(RewardSpec(name=name, args=dict(args)))(images, _batch(clean, images.shape[0]))
 
 
-def _check_batching(reward: IqaReward, images: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
+def _check_batching(reward: Reward, images: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
     """Scores of the batch, after checking shape, finiteness and equality with one-by-one calls."""
     scores = reward(images, _batch(clean, images.shape[0]))
     assert scores.shape == (images.shape[0],) and scores.dtype == torch.float32
@@ -187,7 +188,7 @@ def test_rewards_match_pyiqa_metric_properties() -> None:
     from pyiqa.default_model_configs import DEFAULT_CONFIGS
     from pyiqa.utils.registry import ARCH_REGISTRY
 
-    for module in ("musiq", "clipiqa", "maniqa", "topiq", "niqe", "brisque", "lpips", "ssim"):
+    for module in ("musiq", "clipiqa", "maniqa", "topiq", "niqe", "lpips", "ssim"):
         importlib.import_module(f"pyiqa.archs.{module}_arch")
     for name in IQA_NAMES:
         cls = reward_class(name)
@@ -203,17 +204,25 @@ def test_rewards_match_pyiqa_metric_properties() -> None:
         assert options <= set(inspect.signature(network.__init__).parameters), name
 
 
+def _place(file: WeightFile, hub: Path) -> str:
+    if file.hub_repo:
+        return f"hf:{file.hub_repo}"
+    if file.bundled:
+        return f"rlrestore:{file.path.relative_to(ROOT).as_posix()}"
+    return file.path.relative_to(hub).as_posix()
+
+
 @pytest.mark.parametrize("name", IQA_NAMES)
 def test_missing_weights_name_every_file_its_url_and_place(name: str, empty_hub: Path) -> None:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     cls = reward_class(name)
     files = cls.weight_files()
-    places = [f"hf:{f.hub_repo}" if f.hub_repo else f.path.relative_to(empty_hub).as_posix() for f in files]
-    assert places == EXPECTED_FILES[name]
+    assert [_place(file, empty_hub) for file in files] == EXPECTED_FILES[name]
+    downloaded = [file for file in files if not file.bundled]
     missing = cls.missing_weights()
-    assert len(missing) == len(files)
-    for item, file in zip(missing, files, strict=True):
+    assert len(missing) == len(downloaded)
+    for item, file in zip(missing, downloaded, strict=True):
         assert file.url.startswith("https://") and file.url in item
         assert str(file.path) in item
         if file.hub_repo:
@@ -240,7 +249,19 @@ def test_clip_file_with_the_wrong_hash_counts_as_missing(empty_hub: Path) -> Non
     assert any("RN50.pt (the file there has the wrong SHA-256)" in item for item in missing)
 
 
-@pytest.mark.parametrize("name", [name for name in IQA_NAMES if EXPECTED_FILES[name]])
+def test_a_changed_bundled_file_counts_as_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The vendored NIQE parameters are SHA-256 checked; a changed copy is reported with how to restore it."""
+    import rewards.iqa
+
+    changed = tmp_path / "niqe_pris_params.npz"
+    changed.write_bytes(NIQE_PARAMETERS.read_bytes()[:-1])
+    monkeypatch.setattr(rewards.iqa, "NIQE_PARAMETERS", changed)
+    (item,) = reward_class("niqe").missing_weights()
+    assert "shipped with rlrestore is missing or changed" in item and "wrong SHA-256" in item
+    assert f"git checkout -- {changed}" in item
+
+
+@pytest.mark.parametrize("name", [name for name in IQA_NAMES if EXPECTED_FILES[name] and name != "niqe"])
 def test_building_without_the_files_fails_naming_them_and_downloads_nothing(
     name: str, empty_hub: Path
 ) -> None:
@@ -299,20 +320,23 @@ def test_full_state_dict_loader_loads_strictly(installed: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("name", ["niqe", "brisque"])
-def test_niqe_and_brisque_score_each_image(name: str, installed: Path, faces: torch.Tensor) -> None:
+def test_niqe_and_brisque_score_each_image_with_no_file_in_the_caches(
+    name: str, empty_hub: Path, faces: torch.Tensor
+) -> None:
+    assert reward_class(name).missing_weights() == []
     reward = build_reward(RewardSpec(name=name))
     assert not reward.higher_is_better
     _check_batching(reward, faces, None)
 
 
-def test_niqe_reads_a_local_parameter_file(installed: Path, faces: torch.Tensor, tmp_path: Path) -> None:
+def test_niqe_reads_a_local_parameter_file(faces: torch.Tensor, tmp_path: Path) -> None:
     _write_niqe(tmp_path / "niqe.mat", seed=1)
     default = _scores("niqe", faces)
     local = _scores("niqe", faces, weights=str(tmp_path / "niqe.mat"))
     assert torch.isfinite(local).all() and not torch.allclose(local, default)
 
 
-def test_niqe_refuses_images_smaller_than_its_block(installed: Path, faces: torch.Tensor) -> None:
+def test_niqe_refuses_images_smaller_than_its_block(faces: torch.Tensor) -> None:
     small = torch.nn.functional.interpolate(faces, size=64, mode="bilinear", antialias=True)
     with pytest.raises(ValueError, match=r"'niqe' needs images of at least 96 px per side, got \(64, 64\)"):
         _scores("niqe", small)

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from rlrestore.config import (
@@ -21,8 +22,9 @@ from rlrestore.config import (
 from rlrestore.models.loading import CheckpointError
 from rlrestore.nft import ema_update
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
+from rlrestore.runtime.dataplane import LearnerInputs
 from tests.conftest import build_tiny_policy
-from trainers.nft_learner import LearnerGroup, NFTLearner, NFTSamples, split_samples
+from trainers.nft_learner import LearnerGroup, NFTLearner, NFTSamples, StepSamples, split_samples
 
 OPTIM = OptimConfig(lr=1e-3, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0)
 LATENT = (32, 8, 8)  # tiny policy: 64 px, DC-AE f8, 32 channels
@@ -286,6 +288,33 @@ def test_split_samples_keeps_every_sample_its_index_and_only_the_conditions_it_u
         assert torch.equal(mine.semantic, theirs.semantic) and torch.equal(mine.z_low, theirs.z_low)
 
 
+def as_step_samples(samples: NFTSamples, inputs_per_call: list[int], put=lambda part: part) -> StepSamples:
+    """``samples`` (K = 2 candidates per input, in input order) as rollout calls of
+    ``inputs_per_call`` inputs each, every call's learner part passed through ``put``."""
+    parts, sizes, first = [], [], 0
+    for inputs in inputs_per_call:
+        rows = slice(2 * first, 2 * (first + inputs))
+        x0 = samples.x0[rows].reshape(inputs, 2, *samples.x0.shape[1:])
+        parts.append(put(LearnerInputs(x0, samples.condition.select(torch.arange(first, first + inputs)))))
+        sizes.append(2 * inputs)
+        first += inputs
+    return StepSamples(parts, sizes, samples.r, samples.valid)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_shares_by_reference_equal_the_split_of_the_whole_batch(world_size: int) -> None:
+    samples = make_samples(n=10, seed=3)
+    step = as_step_samples(samples, [2, 1, 2])
+    for share, expected in zip(step.shares(world_size), split_samples(samples, world_size), strict=True):
+        got = share.samples()
+        assert torch.equal(got.x0, expected.x0) and torch.equal(got.group, expected.group)
+        assert torch.equal(got.index, expected.index) and torch.equal(got.r, expected.r)
+        assert torch.equal(got.condition.semantic, expected.condition.semantic)
+        assert world_size == 1 or len(share.parts) <= 2  # a share references only the calls its rows lie in
+    with pytest.raises(ValueError, match="StepSamples"):
+        StepSamples(step.parts, [4, 2], samples.r, samples.valid)
+
+
 @pytest.mark.slow
 def test_two_rank_zero2_group_matches_a_single_learner(ray_cluster: None, tmp_path: Path) -> None:
     policy = build_tiny_policy(0)
@@ -297,17 +326,20 @@ def test_two_rank_zero2_group_matches_a_single_learner(ray_cluster: None, tmp_pa
         rollout=RolloutConfig(sampler_steps=8),
         resources=Stage2Resources(learner=ActorGroupConfig(num_actors=2, num_cpus=0.5)),
     )
-    # 5 samples: shares of 3 and 2, so rank 1 runs one zero-weighted micro-batch per timestep.
-    samples = make_samples(n=5, seed=1)
-    samples = replace(samples, r=torch.tensor([0.9, 0.2, 0.5, 0.7, 0.1]))
+    # 6 samples from two rollout calls (2 and 1 inputs x K = 2), held in the object store: shares of
+    # 3 and 3, rank 1's spanning both calls; with sample 2 invalid rank 0 runs one zero-weighted
+    # micro-batch per timestep.
+    samples = make_samples(n=6, seed=1)
+    samples = replace(samples, r=torch.tensor([0.9, 0.2, 0.5, 0.7, 0.1, 0.6]))
     samples.valid[2] = False
+    step_samples = as_step_samples(samples, [2, 1], put=ray.put)
     single = NFTLearner(tmp_path / "policy", stage2.nft, OPTIM, micro_batch=2, zero_stage=0, sampler_steps=8)
     group = LearnerGroup(tmp_path / "policy", stage2, device="cpu")
     try:
         for step in (0, 1):
-            metrics = group.train_step(samples, step)
+            metrics = group.train_step(step_samples, step)
             expected = single.train_step(split_samples(samples, 1)[0], step)
-            assert metrics["samples"] == 4 and torch.isfinite(torch.tensor(metrics["loss"]))
+            assert metrics["samples"] == 5 and torch.isfinite(torch.tensor(metrics["loss"]))
             for key in ("loss", "loss_positive", "loss_negative", "grad_norm"):
                 assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
         checksums = group.check_in_sync()

@@ -8,6 +8,8 @@ import torch
 
 from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import build_shards, embedded_faces_dir
+from rlrestore.models.lora import add_lora, merged_state_dict
+from rlrestore.runtime.dataplane import WeightUpdate, from_uint8_images, payload_bytes
 from rollouts import RolloutWorker, make_rollout_actor
 from tests.conftest import build_tiny_policy
 
@@ -33,15 +35,18 @@ def test_rollout_shapes_and_candidates(setup: dict) -> None:
     assert worker.num_samples() == 67 - 4
     seeds = torch.tensor([[1, 2, 3], [4, 5, 6]])
     batch = worker.rollout([0, 5], epoch=0, seeds=seeds, sampler=SAMPLER)
-    assert batch.x0.shape == (2, 3, 32, 8, 8)
-    assert batch.images.shape == (2, 3, 3, 64, 64)
-    assert batch.lq.shape == batch.clean.shape == (2, 3, 64, 64)
+    assert batch.x0.shape == (2, 3, 32, 8, 8) and batch.x0.dtype == torch.float32
+    assert batch.images.shape == (2, 3, 3, 64, 64) and batch.images.dtype == torch.uint8
+    assert batch.reward.lq.shape == batch.reward.clean.shape == (2, 3, 64, 64)
     # one condition per input (not per candidate): 64 codes + the trigger, and z_low
     assert batch.condition.semantic.shape == (2, 64 + 1, 64)
     assert batch.condition.z_low.shape == (2, 32, 8, 8)
     assert batch.policy_version == 0 and len(batch.ids) == 2
     assert not torch.allclose(batch.x0[0, 0], batch.x0[0, 1])
-    assert not torch.equal(batch.lq, batch.clean)
+    assert not torch.equal(batch.reward.lq, batch.reward.clean)
+    # the driver's part is small and records the sizes of the other two
+    assert batch.meta.nbytes == {"reward": 5 * 2 * 3 * 64 * 64, "learner": payload_bytes(batch.learner)}
+    assert payload_bytes(batch.meta) < 500 < batch.meta.nbytes["learner"]
 
 
 def test_two_workers_agree_and_epochs_change_the_degradation(setup: dict) -> None:
@@ -49,9 +54,9 @@ def test_two_workers_agree_and_epochs_change_the_degradation(setup: dict) -> Non
     seeds = torch.tensor([[11, 12]])
     a = first.rollout([7], epoch=2, seeds=seeds, sampler=SAMPLER)
     b = second.rollout([7], epoch=2, seeds=seeds, sampler=SAMPLER)
-    assert torch.equal(a.lq, b.lq) and torch.equal(a.x0, b.x0)
+    assert torch.equal(a.reward.lq, b.reward.lq) and torch.equal(a.x0, b.x0)
     c = first.rollout([7], epoch=3, seeds=seeds, sampler=SAMPLER)
-    assert not torch.equal(a.lq, c.lq)
+    assert not torch.equal(a.reward.lq, c.reward.lq)
 
 
 def test_new_weights_change_the_policy_and_versions_only_move_forward(setup: dict) -> None:
@@ -102,6 +107,52 @@ def test_bf16_rollouts_keep_a_float32_sampler_state(setup: dict) -> None:
     seeds = torch.tensor([[7, 8]])
     a = fp32.rollout([2], epoch=0, seeds=seeds, sampler=SAMPLER)
     b = mixed.rollout([2], epoch=0, seeds=seeds, sampler=SAMPLER)
-    assert b.x0.dtype == b.images.dtype == torch.float32
+    assert b.x0.dtype == torch.float32 and b.images.dtype == torch.uint8
     # same restoration up to bf16 rounding of the networks
-    assert (a.images - b.images).abs().mean() < 0.05
+    assert (from_uint8_images(a.images) - from_uint8_images(b.images)).abs().mean() < 0.05
+
+
+def test_a_fixed_degradation_caches_each_inputs_condition_across_epochs(setup: dict) -> None:
+    greedy = SamplerConfig(steps=2, ar_sampling="greedy")
+    cached = RolloutWorker(**setup, fixed_degradation=True, condition_cache=8)
+    plain = RolloutWorker(**setup, fixed_degradation=True)
+    seeds = torch.tensor([[1, 2], [3, 4]])
+    first = cached.rollout([4, 9], epoch=0, seeds=seeds, sampler=greedy)
+    assert first.meta.cached_conditions == 0
+    again = cached.rollout([9, 4], epoch=5, seeds=seeds, sampler=greedy)  # another epoch, same LQ
+    assert again.meta.cached_conditions == 2
+    assert torch.equal(again.reward.lq[0], first.reward.lq[1])
+    fresh = plain.rollout([9, 4], epoch=5, seeds=seeds, sampler=greedy)
+    assert fresh.meta.cached_conditions == 0
+    assert torch.allclose(again.condition.semantic, fresh.condition.semantic, atol=1e-5)
+    assert torch.allclose(again.x0, fresh.x0, atol=1e-4)
+    # AR sampling is not deterministic: nothing is cached
+    sampled = cached.rollout([4], epoch=1, seeds=seeds[:1], sampler=SamplerConfig(steps=2, ar_sampling="sample"))
+    assert sampled.meta.cached_conditions == 0
+    # the least recently used condition is dropped beyond the capacity
+    small = RolloutWorker(**setup, fixed_degradation=True, condition_cache=1)
+    small.rollout([4, 9], epoch=0, seeds=seeds, sampler=greedy)
+    assert list(small.conditions.items) == [9]
+
+
+def test_weight_updates_carry_lora_adapters_or_the_trained_weights(setup: dict) -> None:
+    learner_side = build_tiny_policy(0).velocity_model
+    add_lora(learner_side, rank=2, alpha=4.0, targets=["to_q", "to_v"])
+    for name, param in learner_side.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    adapters = {key: value for key, value in learner_side.state_dict().items() if ".lora_" in key}
+    update = WeightUpdate("lora", adapters, {"rank": 2, "alpha": 4.0, "targets": ["to_q", "to_v"]})
+    worker = RolloutWorker(**setup)
+    assert update.nbytes < sum(v.numel() * 4 for v in worker.velocity_state().values()) / 5
+    worker.load_weights(1, update)
+    expected = merged_state_dict(learner_side)
+    held = worker.velocity_state()
+    assert held.keys() == expected.keys()
+    assert all(torch.allclose(held[key], expected[key], atol=1e-6) for key in held)
+    full = RolloutWorker(**setup)
+    trained = {key: value + 0.5 for key, value in full.velocity_state().items() if "proj_out" in key}
+    full.load_weights(1, WeightUpdate("full", trained))
+    assert all(torch.equal(full.velocity_state()[key], value) for key, value in trained.items())
+    with pytest.raises(ValueError, match="tensors the rollout policy lacks"):
+        full.load_weights(2, WeightUpdate("full", {"no.such.weight": torch.zeros(1)}))

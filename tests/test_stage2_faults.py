@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
@@ -57,14 +57,10 @@ REPO = Path(__file__).resolve().parents[1]
 SECRET = "wandb-key-3f9c2e71-never-logged-8d4b"
 
 
-def actor_pids(class_name: str) -> list[int]:
-    """PIDs of live Ray actor processes of ``class_name`` (Ray titles them ``ray::Class...``)."""
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith(f"ray::{class_name}"):
-            pids.append(proc.pid)
-    return sorted(pids)
+def actor_pid(handle) -> int:
+    """PID of a live actor of this run (asked through its handle, so other Ray sessions on the
+    machine, e.g. a second test run, are never touched)."""
+    return ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()), timeout=120)
 
 
 def final_dit(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -133,19 +129,16 @@ def test_killed_rollout_reward_and_learner_actors(stage1_run: Path, reference: P
     # After the checkpoint of step 2, kill a learner rank: the group is rebuilt from it and, as the
     # run is async, step 2 is rolled out again with the lagged weights stored in that checkpoint.
     wait_for(lambda: run.step >= 3 and list_checkpoints(run_dir, "stage2"), "the step-2 checkpoint", thread, errors)
-    pids = actor_pids("LearnerActor")
-    assert len(pids) == 2, pids
-    os.kill(pids[-1], signal.SIGKILL)
+    assert len(run.learners.actors) == 2
+    os.kill(actor_pid(run.learners.actors[-1]), signal.SIGKILL)
     injected.append("LearnerActor")
     # Step 4 of the rebuilt run is under way (step 5 is rolling out with the weights of step 4):
     # kill a rollout actor, then the reward actor. The rollout actor's chunk must be redone with
     # the weights it was launched with, not the newer ones the replacement got at the next sync.
     rebuilt = lambda: any(fault.role == "learner group" for fault in run.faults)
     wait_for(lambda: rebuilt() and run.step >= 4, "step 4 after the rebuild", thread, errors)
-    for role in ("RolloutWorker", "RewardActor"):
-        pids = actor_pids(role)
-        assert pids, f"no live {role} process"
-        os.kill(pids[0], signal.SIGKILL)
+    for role, handle in (("RolloutWorker", run.rollouts.actors[0]), ("RewardActor", run.rewards.actors[0])):
+        os.kill(actor_pid(handle), signal.SIGKILL)
         injected.append(role)
     thread.join(timeout=600)
     assert not thread.is_alive() and not errors, errors

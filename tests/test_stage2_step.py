@@ -13,27 +13,39 @@ from rewards import RewardAggregator, RewardErrorLog
 from rewards.pool import RewardErrorCounts, RewardOutcome
 from rewards.worker import RewardFailure, RewardTimeout
 from rlrestore.config import RewardSpec
-from rlrestore.orchestration.stage2 import FaultLog, Stage2Step, phase
+from rlrestore.orchestration.stage2 import FaultLog, Stage2Step, StepRollouts, phase
 from rlrestore.policies.prefrestore import PrefRestoreCondition
-from rollouts import RolloutBatch
+from rlrestore.runtime.dataplane import (
+    LearnerInputs,
+    RewardInputs,
+    RolloutMeta,
+    RolloutParts,
+    Traffic,
+    payload_bytes,
+)
+from trainers.nft_learner import StepSamples
 
 GROUPS, K = 2, 3
 
 
-def rollout_batch(version: int) -> RolloutBatch:
-    return RolloutBatch(
+def step_rollouts(version: int) -> StepRollouts:
+    meta = RolloutMeta(
         ids=[f"face{g}" for g in range(GROUPS)],
         captions=[""] * GROUPS,
-        lq=torch.zeros(GROUPS, 3, 8, 8),
-        clean=torch.zeros(GROUPS, 3, 8, 8),
-        x0=torch.randn(GROUPS, K, 4, 2, 2),
-        images=torch.zeros(GROUPS, K, 3, 8, 8),
-        condition=PrefRestoreCondition(
-            torch.zeros(GROUPS, 5, 6), torch.zeros(GROUPS, 4, 2, 2), torch.zeros(GROUPS, 4, dtype=torch.long)
-        ),
         seeds=torch.zeros(GROUPS, K, dtype=torch.long),
         policy_version=version,
     )
+    reward = RewardInputs(
+        torch.zeros(GROUPS, K, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(GROUPS, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(GROUPS, 3, 8, 8, dtype=torch.uint8),
+    )
+    condition = PrefRestoreCondition(
+        torch.zeros(GROUPS, 5, 6), torch.zeros(GROUPS, 4, 2, 2), torch.zeros(GROUPS, 4, dtype=torch.long)
+    )
+    learner = LearnerInputs(torch.randn(GROUPS, K, 4, 2, 2), condition)
+    parts = RolloutParts.of(meta, reward, learner)
+    return StepRollouts([parts.meta], [parts.reward], [parts.learner])
 
 
 class InMemoryStep(Stage2Step):
@@ -47,18 +59,19 @@ class InMemoryStep(Stage2Step):
             def launch(self, step: int) -> list:
                 return []
 
-            def collect(self, pending: list, step: int) -> RolloutBatch:
+            def collect(self, pending: list, step: int, traffic: Traffic) -> StepRollouts:
                 calls.append(("rollout", step))
-                return rollout_batch(version=step - 1)
+                return step_rollouts(version=step - 1)
 
         class Scorer:
-            def score(self, images: torch.Tensor, batch) -> RewardOutcome:
-                calls.append(("reward", images.shape[0], len(batch)))
-                return RewardOutcome({"sharpness": torch.arange(float(images.shape[0]))}, failures)
+            def score_rollouts(self, parts: list, metas: list, traffic: Traffic) -> RewardOutcome:
+                count = sum(part.images.shape[0] * part.images.shape[1] for part in parts)
+                calls.append(("reward", count, sum(meta.inputs * meta.candidates for meta in metas)))
+                return RewardOutcome({"sharpness": torch.arange(float(count))}, failures)
 
         class Learner:
-            def train_step(self, samples, step: int) -> dict[str, float]:
-                calls.append(("learn", len(samples), step))
+            def train_step(self, samples: StepSamples, step: int, traffic: Traffic) -> dict[str, float]:
+                calls.append(("learn", len(samples.local()), step))
                 return {"loss": 0.25}
 
             def skip_step(self, step: int) -> None:
@@ -69,8 +82,9 @@ class InMemoryStep(Stage2Step):
         self.aggregator = RewardAggregator(specs)
         self.reward_errors = RewardErrorLog(specs)
 
-    def sync_weights(self, version: int) -> None:
+    def sync_weights(self, version: int) -> int:
         self.calls.append(("sync", version))
+        return 1234
 
 
 def test_a_step_is_rollout_reward_learn_sync_each_timed() -> None:
@@ -84,7 +98,10 @@ def test_a_step_is_rollout_reward_learn_sync_each_timed() -> None:
     assert metrics["reward/skipped_step"] == 0.0 and metrics["reward/errors/sharpness"] == 0.0
     assert {f"timing/{name}" for name in record.timings} <= set(metrics)
     assert metrics["throughput/candidates_per_s"] > 0
-    assert record.rewards.r.shape == (GROUPS, K) and record.batch.x0.shape[:2] == (GROUPS, K)
+    assert record.rewards.r.shape == (GROUPS, K) and record.rollouts.sizes == [GROUPS * K]
+    assert metrics["sync/bytes"] == 1234 and metrics["sync/seconds"] == record.timings["sync"]
+    assert metrics["rollout/bytes"] == GROUPS * K * 3 * 64 + 2 * GROUPS * 3 * 64 + payload_bytes(record.rollouts.learner)
+    assert metrics["driver/bytes_in"] == metrics["driver/bytes_out"] == 0  # nothing crossed a process
 
 
 def test_a_step_whose_weighted_reward_failed_is_counted_but_not_trained() -> None:

@@ -89,17 +89,17 @@ def initial_policy(config: RunConfig, stage: str, dataset: FaceDataset) -> tuple
     policy's first stage, or one after the optional autoencoder stage)."""
     resume = latest_checkpoint(config.run_dir, stage)
     if resume is not None:
-        return load_policy(resume / "policy"), resume
+        return load_policy(resume / "policy", config.policy.runtime_options()), resume
     previous = previous_stage(config.policy.type, stage)
     handoff = latest_checkpoint(config.run_dir, previous) if previous else None
     if handoff is not None:
-        policy = load_policy(handoff / "policy")
+        policy = load_policy(handoff / "policy", config.policy.runtime_options())
         calibration = torch.stack([dataset[i]["hq"] for i in range(min(len(dataset), CALIBRATION_FACES))])
         policy.after_handoff(previous, calibration)
         return policy, None
     start = configured_policy_dir(config.policy.checkpoint)
     if start is not None:
-        return load_policy(start), None
+        return load_policy(start, config.policy.runtime_options()), None
     if previous not in (None, "autoencoder"):
         raise FileNotFoundError(
             f"{stage} starts from the end of {previous}, but {config.run_dir}/checkpoints/{previous} has no "
@@ -205,7 +205,9 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
         write_devices(config.run_dir, stage_name, records)
 
     train, _ = split_holdout(read_shards(Path(payload["shards"])), config.data.holdout)
-    dataset = FaceDataset(train, config.policy.resolution, config.degradation, config.data.seed)
+    dataset = FaceDataset(
+        train, config.policy.resolution, config.degradation, config.data.seed, config.data.fixed_degradation
+    )
     policy, resume = initial_policy(config, stage_name, dataset)
     batches = EpochBatches(len(dataset), stage.batch_size // world, rank, world, derived_seed(config.seed, stage_name))
     policy.float().to(device)  # float32 master weights whatever the checkpoint held

@@ -32,6 +32,7 @@ class FaceDataset(Dataset):
         resolution: int,
         degradation: DegradationConfig,
         seed: int,
+        fixed_degradation: bool = False,
     ) -> None:
         if not records:
             raise ValueError("FaceDataset needs at least one face record")
@@ -41,11 +42,13 @@ class FaceDataset(Dataset):
         self.resolution = resolution
         self.degradation = degradation
         self.seed = seed
+        self.fixed_degradation = fixed_degradation
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the degradation draw of ``epoch`` for every item."""
-        self.epoch = epoch
+        """Select the degradation draw of ``epoch`` for every item (with ``fixed_degradation`` every
+        epoch uses the draw of epoch 0)."""
+        self.epoch = 0 if self.fixed_degradation else epoch
 
     def __len__(self) -> int:
         return len(self.records)

@@ -6,7 +6,10 @@
     learner  seconds per ``NFTLearner.train_step`` (DeepSpeed, one rank) vs a plain PyTorch loop
              with ``torch.optim.AdamW`` and the same NFT loss, micro-batches and forward/backward count
     stage2   seconds per Stage 2 step (the driver's ``Stage2Step.run_step``) on Ray (rollout, reward
-             and learner actors, weight sync) vs the same method on the plain classes in one process
+             and learner actors, weight sync) vs the same method on the plain classes in one process;
+             also ``stage2_driver_bytes``, bytes through the driver per step on the data plane vs the
+             driver relaying every rollout part (with the rollout and sync bytes), and
+             ``stage2_async``, asynchronous vs synchronous rollouts seconds per step
     rewards  images/s of each reward scored as a reward actor scores it (``RewardWorker.score``,
              batched) vs its model called directly one image at a time; model rewards get tiny
              random weights (``rewards.tiny``)
@@ -35,7 +38,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rewards import RewardAggregator, RewardErrorLog, RewardWorker
 from rewards.base import Reward, RewardBatch
-from rewards.pool import RewardOutcome, reward_actor_count
+from rewards.pool import RewardOutcome, candidate_labels, reward_actor_count, rows_of_range
 from rlrestore.config import RewardErrorConfig, RewardSpec, RunConfig, SamplerConfig, Stage2Config
 from rlrestore.flow import shifted_timesteps
 from rlrestore.nft import ema_decay, ema_update, interpolate, nft_loss
@@ -44,16 +47,20 @@ from rlrestore.orchestration.stage2 import (
     RolloutPlan,
     Stage2Run,
     Stage2Step,
-    concat_rollouts,
+    StepRecord,
+    StepRollouts,
 )
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
+from rlrestore.runtime.dataplane import RewardInputs, RolloutMeta, Traffic
 from rlrestore.runtime.devices import DeviceRecord, local_device, write_devices
 from rlrestore.runtime.precision import Precision
-from rollouts import RolloutBatch, RolloutWorker
-from trainers.nft_learner import NFTLearner, NFTSamples
+from rollouts import RolloutWorker
+from trainers.nft_learner import NFTLearner, NFTSamples, StepSamples
 
 FIGURE_PARTS = ("rollout", "learner", "stage2")
-"""The benchmarks that report one figure each (and need the policy)."""
+"""The benchmarks that report figures (and need the policy)."""
+FIGURES = ("rollout", "learner", "stage2", "stage2_driver_bytes", "stage2_async")
+"""The figures they report (``stage2`` reports three)."""
 PARTS = (*FIGURE_PARTS, "rewards")
 REWARD_BENCH_DEFAULT = (
     "sharpness",
@@ -84,6 +91,45 @@ def median_seconds(run: Callable[[int], Any], repeats: int, device: torch.device
         _sync(device)
         times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+SIZES: dict[str, tuple[str, ...]] = {
+    "tiny": (),
+    "medium": (
+        "policy.resolution=128",
+        "policy.transformer.arch.sample_size=16",
+        "policy.transformer.arch.num_layers=8",
+        "policy.transformer.arch.num_attention_heads=8",
+        "policy.transformer.arch.attention_head_dim=64",
+        "policy.transformer.arch.num_cross_attention_heads=8",
+        "policy.transformer.arch.cross_attention_head_dim=64",
+        "policy.transformer.arch.cross_attention_dim=512",
+    ),
+}
+"""``rlrestore bench --size``: overrides on the config. ``medium`` is a DiT of about 33M parameters
+(8 layers, width 512) at 128 px (256 latent tokens), where compute dominates the orchestration."""
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """This machine's matmul rate: 2 n^3 FLOPs per ``n x n`` product, median of 5 after a warm-up."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda _: a @ b, 5, device)
+
+
+def count_flops(run: Callable[[], Any]) -> int:
+    """FLOPs of ``run()`` as torch's FLOP counter counts them (matmuls and convolutions, forward
+    and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def flop_settings(flops: int, seconds: float, matmul_rate: float) -> dict[str, float]:
+    """A phase's achieved FLOP/s and its fraction of the machine's matmul rate."""
+    achieved = flops / seconds
+    return {"flops": float(flops), "achieved_gflops": achieved / 1e9, "matmul_fraction": achieved / matmul_rate}
 
 
 def _figure(
@@ -157,15 +203,25 @@ def bench_rollout(
         outputs["baseline"] = sample_one_at_a_time(policy, lq, captions, seeds, sampler)
 
     count = inputs * candidates
-    ours = count / median_seconds(batched, repeats, policy.device)
+    seconds = median_seconds(batched, repeats, policy.device)
+    ours = count / seconds
     base = count / median_seconds(baseline, repeats, policy.device)
     difference = float((outputs["batched"].float() - outputs["baseline"].float()).abs().max())
+    flops = count_flops(lambda: batched(0))
+    rate = matmul_flops_per_second(policy.device, policy.transformer.dtype)
     return _figure(
         "candidates/s",
         ours,
         base,
         "batched restore / one-at-a-time diffusers throughput (>1: batching is faster)",
-        {"inputs": inputs, "candidates": candidates, "steps": steps, "max_abs_latent_difference": difference},
+        {
+            "inputs": inputs,
+            "candidates": candidates,
+            "steps": steps,
+            "max_abs_latent_difference": difference,
+            "dit_parameters": sum(p.numel() for p in policy.transformer.parameters()),
+            **flop_settings(flops, seconds, rate),
+        },
     )
 
 
@@ -210,7 +266,11 @@ class PlainNFTStep:
         x0 = samples.x0.to(self.device)
         condition = samples.condition.select(samples.group).to(self.device)
         r = samples.r.to(self.device)
-        count, timesteps, micro = len(x0), self.stage2.nft.timesteps_per_sample, self.stage2.learner.micro_batch
+        count, timesteps, micro = (
+            len(x0),
+            self.stage2.nft.timesteps_per_sample,
+            self.stage2.learner.micro_batch,
+        )
         generator = torch.Generator().manual_seed(step)
         picks = torch.stack(
             [torch.randperm(len(self.grid), generator=generator)[:timesteps] for _ in range(count)]
@@ -260,6 +320,8 @@ def bench_learner(
     plain = PlainNFTStep(policy, stage2, device)
     ours = median_seconds(lambda i: learner.train_step(batch, i), repeats, device)
     base = median_seconds(lambda i: plain.train_step(batch, i), repeats, device)
+    flops = count_flops(lambda: plain.train_step(batch, repeats + 1))  # the same passes as a learner step
+    rate = matmul_flops_per_second(device)
     return _figure(
         "s/step",
         ours,
@@ -272,6 +334,8 @@ def bench_learner(
             "forward_backward_passes": math.ceil(samples / micro_batch) * stage2.nft.timesteps_per_sample,
             "zero_stage": zero_stage,
             "world_size": 1,
+            "dit_parameters": sum(p.numel() for p in policy.transformer.parameters()),
+            **flop_settings(flops, ours, rate),
         },
     )
 
@@ -288,9 +352,11 @@ class InProcessRollouts:
     def launch(self, step: int) -> list[RolloutCall]:
         return self.plan.calls(step, 1, self.worker.version)
 
-    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
+    def collect(self, calls: list[RolloutCall], step: int, traffic: Traffic) -> StepRollouts:
         sampler = self.plan.sampler
-        return concat_rollouts([self.worker.rollout(c.chunk, c.epoch, c.seeds, sampler) for c in calls])
+        parts = [self.worker.rollout_parts(c.chunk, c.epoch, c.seeds, sampler) for c in calls]
+        metas, rewards, learners = (list(column) for column in zip(*parts, strict=True))
+        return StepRollouts(metas, rewards, learners)
 
 
 class InProcessRewards:
@@ -299,8 +365,26 @@ class InProcessRewards:
     def __init__(self, worker: RewardWorker) -> None:
         self.worker = worker
 
-    def score(self, images: torch.Tensor, batch: RewardBatch) -> RewardOutcome:
-        return RewardOutcome(self.worker.score(images, batch), self.worker.take_errors())
+    def score_rollouts(
+        self, parts: list[RewardInputs], metas: list[RolloutMeta], traffic: Traffic
+    ) -> RewardOutcome:
+        captions, metadata = candidate_labels(metas)
+        _, rows = rows_of_range([meta.inputs * meta.candidates for meta in metas], 0, len(captions))
+        scores = self.worker.score_rows(parts, rows, RewardBatch(captions, None, metadata))
+        return RewardOutcome(scores, self.worker.take_errors())
+
+
+class InProcessLearner:
+    """One ``NFTLearner`` rank behind the driver's ``Learner`` interface."""
+
+    def __init__(self, learner: NFTLearner) -> None:
+        self.learner = learner
+
+    def train_step(self, samples: StepSamples, step: int, traffic: Traffic) -> dict[str, float]:
+        return self.learner.train_step(samples.local(), step)
+
+    def skip_step(self, step: int) -> None:
+        self.learner.skip_step(step)
 
 
 class SequentialStage2(Stage2Step):
@@ -316,60 +400,139 @@ class SequentialStage2(Stage2Step):
             config.data.seed,
             config.data.holdout,
             threads=torch.get_num_threads(),
+            policy_runtime=config.policy.runtime_options(),
         )
         self.rollouts = InProcessRollouts(worker, stage, config.seed)
         self.rewards = InProcessRewards(RewardWorker(stage.rewards, errors=stage.faults.reward_errors))
-        self.learners = NFTLearner(
-            policy_dir,
-            stage.nft,
-            stage.optim,
-            micro_batch=learner.micro_batch,
-            zero_stage=learner.zero_stage,
-            device=local_device(config.device),
-            sampler_steps=stage.rollout.sampler_steps,
-            total_steps=stage.steps,
-            seed=config.seed,
+        self.learners = InProcessLearner(
+            NFTLearner(
+                policy_dir,
+                stage.nft,
+                stage.optim,
+                micro_batch=learner.micro_batch,
+                zero_stage=learner.zero_stage,
+                device=local_device(config.device),
+                sampler_steps=stage.rollout.sampler_steps,
+                total_steps=stage.steps,
+                seed=config.seed,
+            )
         )
         self.aggregator = RewardAggregator.from_config(stage)
         self.reward_errors = RewardErrorLog(stage.rewards)
 
-    def sync_weights(self, version: int) -> None:
-        self.rollouts.worker.load_weights(version, self.learners.state_dict_for_rollout())
+    def sync_weights(self, version: int) -> int:
+        update = self.learners.learner.rollout_update()
+        self.rollouts.worker.load_weights(version, update)
+        return update.nbytes
 
 
-def bench_stage2(config: RunConfig, repeats: int) -> dict[str, Any]:
-    """Seconds per Stage 2 step (``Stage2Step.run_step``) on the Ray actors of a ``Stage2Run`` vs
-    the same step on the plain classes in one process (:class:`SequentialStage2`).
+class DriverRelay:
+    """The driver's old data plane, for comparison: the driver fetches every rollout part and
+    passes the objects on to the reward actors and the learners (everything else delegates to the
+    run's ``RolloutActors``)."""
+
+    def __init__(self, rollouts: Any) -> None:
+        self.inner = rollouts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def collect(self, calls: list[RolloutCall], step: int, traffic: Traffic) -> StepRollouts:
+        import ray
+
+        rollouts = self.inner.collect(calls, step, traffic)
+        reward, learner = ray.get(rollouts.reward), ray.get(rollouts.learner)
+        traffic.received(reward, learner)
+        return StepRollouts(rollouts.metas, reward, learner)
+
+
+def timed_steps(run: Stage2Run, start: int, count: int) -> tuple[float, list[StepRecord]]:
+    """Median seconds per step of ``count`` steps from ``start`` (the driver's loop,
+    ``Stage2Run.records``; the first step is a warm-up), and the records of the timed steps."""
+    times, records = [], []
+    began = time.perf_counter()
+    for record in run.records(start, start + count + 1):
+        now = time.perf_counter()
+        if record.step > start:
+            times.append(now - began)
+            records.append(record)
+        began = now
+    return statistics.median(times), records
+
+
+def step_bytes(records: list[StepRecord]) -> dict[str, float]:
+    """Median per-step bytes through the driver (in + out), produced by the rollouts, and synced."""
+    rows = [record.metrics() for record in records]
+    keys = ("driver/bytes_in", "driver/bytes_out", "rollout/bytes", "sync/bytes")
+    return {key: statistics.median(row[key] for row in rows) for key in keys}
+
+
+def bench_stage2(config: RunConfig, repeats: int) -> dict[str, dict[str, Any]]:
+    """Stage 2 step figures, each measured in this run:
+
+    - ``stage2``: seconds per step (the driver's loop) on the Ray actors of a ``Stage2Run`` vs the
+      same ``Stage2Step.run_step`` on the plain classes in one process (:class:`SequentialStage2`);
+    - ``stage2_driver_bytes``: bytes through the driver per step on the data plane vs the driver
+      relaying every rollout part (:class:`DriverRelay`), with the rollout and sync bytes;
+    - ``stage2_async``: seconds per step with asynchronous rollouts vs synchronous ones.
 
     Needs a connected Ray session, and a run directory with a Stage 1.2 checkpoint and the shards.
     """
     stage = config.stage2
-    cpu = torch.device("cpu")
-    run = Stage2Run(config)
-    try:
-        ray_seconds = median_seconds(lambda step: run.run_step(step, run.rollouts.launch(step)), repeats, cpu)
-    finally:
-        run.shutdown()
+    settings = {
+        "inputs_per_step": stage.inputs_per_step,
+        "candidates": stage.candidates,
+        "rollout_batch": stage.rollout.batch_size,
+        "sampler_steps": stage.rollout.sampler_steps,
+        "rollout_actors": stage.resources.rollout.num_actors,
+        "reward_actors": reward_actor_count(stage),
+        "learner_ranks": stage.resources.learner.num_actors,
+        "zero_stage": stage.learner.zero_stage,
+        "finetune": stage.learner.finetune,
+    }
+    figures: dict[str, dict[str, Any]] = {}
+    timings: dict[bool, float] = {}
+    for asynchronous in (False, True):
+        rollout = stage.rollout.model_copy(update={"asynchronous": asynchronous, "max_policy_lag": 1})
+        run = Stage2Run(config.model_copy(update={"stage2": stage.model_copy(update={"rollout": rollout})}))
+        try:
+            timings[asynchronous], records = timed_steps(run, 0, repeats)
+            if not asynchronous:
+                run.rollouts = DriverRelay(run.rollouts)
+                _, relayed = timed_steps(run, repeats + 1, repeats)
+                direct, relay = step_bytes(records), step_bytes(relayed)
+        finally:
+            run.shutdown()
     sequential = SequentialStage2(config, run.policy_dir)
     sequential_seconds = median_seconds(
-        lambda step: sequential.run_step(step, sequential.rollouts.launch(step)), repeats, cpu
+        lambda step: sequential.run_step(step, sequential.rollouts.launch(step)), repeats, torch.device("cpu")
     )
-    return _figure(
+    figures["stage2"] = _figure(
         "s/step",
-        ray_seconds,
+        timings[False],
         sequential_seconds,
         "Ray actors / sequential plain classes seconds per step (>1: orchestration overhead)",
-        {
-            "inputs_per_step": stage.inputs_per_step,
-            "candidates": stage.candidates,
-            "rollout_batch": stage.rollout.batch_size,
-            "sampler_steps": stage.rollout.sampler_steps,
-            "rollout_actors": stage.resources.rollout.num_actors,
-            "reward_actors": reward_actor_count(stage),
-            "learner_ranks": stage.resources.learner.num_actors,
-            "zero_stage": stage.learner.zero_stage,
-        },
+        settings,
     )
+    through = {
+        name: values["driver/bytes_in"] + values["driver/bytes_out"]
+        for name, values in (("direct", direct), ("relay", relay))
+    }
+    figures["stage2_driver_bytes"] = _figure(
+        "bytes/step",
+        through["direct"],
+        through["relay"],
+        "bytes through the driver (in + out) on the data plane / with the driver relaying every rollout part",
+        {**settings, "data_plane": direct, "driver_relay": relay},
+    )
+    figures["stage2_async"] = _figure(
+        "s/step",
+        timings[True],
+        timings[False],
+        "asynchronous / synchronous rollouts seconds per step (<1: rollouts overlap the learners)",
+        settings,
+    )
+    return figures
 
 
 # --------------------------------------------------------------------------------- rewards
@@ -549,7 +712,11 @@ def run_bench(
         # Rollouts sample with an inference copy in the compute dtype; the policy stays float32.
         rollout_policy = precision.for_inference(copy.deepcopy(policy)) if precision.mixed else policy
         report["rollout"] = bench_rollout(
-            rollout_policy.to(device), stage.rollout.batch_size, stage.candidates, stage.rollout.sampler_steps, repeats
+            rollout_policy.to(device),
+            stage.rollout.batch_size,
+            stage.candidates,
+            stage.rollout.sampler_steps,
+            repeats,
         )
     if "learner" in parts:
         report["learner"] = bench_learner(
@@ -561,7 +728,7 @@ def run_bench(
             save_checkpoint(tmp, "stage1.2", 1, policy.to("cpu"), {"step": 1}, keep=1)
             prepare_shards(run_config)
             with ray_session(config.ray):
-                report["stage2"] = bench_stage2(run_config, repeats)
+                report.update(bench_stage2(run_config, repeats))
     if "rewards" in parts:
         report["rewards"] = bench_rewards(
             rewards, reward_images, reward_size, stage.candidates, repeats, device
@@ -575,22 +742,22 @@ def run_bench(
 
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of the report's figures."""
-    header = f"{'benchmark':<10} {'unit':<13} {'ours':>10} {'baseline':>10} {'ratio':>7}  ratio means"
+    header = f"{'figure':<19} {'unit':<10} {'ours':>10} {'baseline':>10} {'ratio':>7}  ratio means"
     title = (
         f"device {report['device']}, torch threads {report['torch_threads']}, "
         f"median of {report['repeats']} after one warm-up"
     )
     lines = [title]
-    if any(name in report for name in FIGURE_PARTS):
+    if any(name in report for name in FIGURES):
         lines += [header, "-" * len(header)]
-    for name in FIGURE_PARTS:
+    for name in FIGURES:
         if name in report:
             f = report[name]
             lines.append(
-                f"{name:<10} {f['unit']:<13} {f['ours']:>10.4g} {f['baseline']:>10.4g} {f['ratio']:>7.3f}  {f['ratio_means']}"
+                f"{name:<19} {f['unit']:<10} {f['ours']:>10.4g} {f['baseline']:>10.4g} {f['ratio']:>7.3f}  {f['ratio_means']}"
             )
             lines.append(
-                " " * 11
+                " " * 20
                 + ", ".join(
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["settings"].items()
                 )

@@ -8,7 +8,7 @@
     rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
-    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--only PART] [--rewards A,B]
+    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
     rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
     rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
 """
@@ -169,13 +169,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rlrestore.orchestration.bench import REWARD_BENCH_DEFAULT, format_report, run_bench
+    from rlrestore.orchestration.bench import REWARD_BENCH_DEFAULT, SIZES, format_report, run_bench
 
     # `rlrestore bench key=value` : the first override lands in the optional CONFIG slot.
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
         config_path, overrides = None, [config_path, *overrides]
-    config = load_config(config_path or default_config_path(), overrides)
+    config = load_config(config_path or default_config_path(), [*SIZES[args.size], *overrides])
     report = run_bench(
         config,
         args.out,
@@ -365,6 +365,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage2.candidates=8.")
     bench.add_argument("--out", required=True, help="JSON file for the figures and their settings.")
     bench.add_argument("--repeats", type=int, default=3, help="Timed runs per figure after one warm-up (median).")
+    bench.add_argument(
+        "--size",
+        choices=("tiny", "medium"),
+        default="tiny",
+        help="Model size: tiny (the config as given) or medium (a ~33M-parameter DiT at 128 px, where compute "
+        "dominates); overrides given after it win.",
+    )
     bench.add_argument(
         "--only", action="append", choices=["rollout", "learner", "stage2", "rewards"], default=[],
         help="Run only this benchmark (repeatable; default all).",

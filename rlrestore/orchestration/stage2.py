@@ -11,6 +11,14 @@ One step is one method, :meth:`Stage2Step.run_step`, each phase timed (``timing/
              weighted reward failed for good: ``stage2.faults.reward_errors``, ``rewards.pool``)
     sync     the new rollout weights reach every rollout actor through the object store
 
+The step's data bypass the driver (``rlrestore.runtime.dataplane``): each rollout call leaves three
+objects in the object store; the driver reads only the small metadata part, the reward actors
+fetch the uint8 images they score, the learner ranks the latents and conditions of their share.
+The driver logs what does pass through it (``driver/bytes_in``, ``driver/bytes_out``), what the
+rollouts produced (``rollout/bytes``) and each weight sync (``sync/bytes``, ``sync/seconds``):
+LoRA runs send the adapters only, full fine-tuning the trained weights in the rollout dtype, put
+in the object store once per version.
+
 :meth:`Stage2Run.train` loops over it: it launches the rollouts, then logs (Parquet + W&B),
 writes sample grids and checkpoints every N steps (``stage2.outputs``). ``rlrestore bench`` runs
 the same step on the Ray actors and on plain in-process workers.
@@ -51,26 +59,35 @@ import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from rewards import AggregateResult, RewardAggregator, RewardBatch, check_reward_args, check_reward_weights
+from rewards import AggregateResult, RewardAggregator, check_reward_args, check_reward_weights
 from rewards.pool import RewardActorPool, RewardErrorLog, RewardOutcome, StepErrors, reward_actor_count
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
 from rlrestore.config import RunConfig, SamplerConfig, Stage2Config, save_config
-from rlrestore.data import image_grid, save_image, to_uint8
+from rlrestore.data import image_grid, save_image
 from rlrestore.orchestration.jobs import prepare_shards
 from rlrestore.policies import write_policy_with_velocity
 from rlrestore.runtime.batches import EpochBatches
+from rlrestore.runtime.dataplane import (
+    RewardInputs,
+    RolloutMeta,
+    Traffic,
+    load_weight_update,
+    payload_bytes,
+    save_weight_update,
+)
 from rlrestore.runtime.devices import DeviceRecord, write_devices
 from rlrestore.runtime.seeds import derived_seed
 from rlrestore.tracking import MetricsWriter, WandbRun
-from rollouts import RolloutBatch, make_rollout_actor
-from trainers.nft_learner import LearnerGroup, LearnerLost, NFTSamples, gather
+from rollouts import make_rollout_actor
+from trainers.nft_learner import LearnerGroup, LearnerLost, StepSamples, gather
 
 STAGE = "stage2"
 REWARD_ERRORS_FILE = "reward_errors.json"
-PENDING_WEIGHTS = "pending_rollout_weights.safetensors"  # async checkpoints: weights of the rollouts in flight
+PENDING_WEIGHTS = (
+    "pending_rollout_weights.safetensors"  # async checkpoints: weights of the rollouts in flight
+)
 FAULTS_FILE = "faults.json"
 
 log = logging.getLogger(__name__)
@@ -166,12 +183,48 @@ class RolloutCall:
     seeds: torch.Tensor
     version: int
     handle: ray.actor.ActorHandle | None = None  # the actor it was last sent to
-    ref: ray.ObjectRef | None = None
+    refs: tuple[Any, ...] = ()  # its RolloutParts: (meta, reward, learner) object refs
+    sent_bytes: int = 0  # what the driver sent for it (every attempt)
 
 
-def stale_parts(parts: list[RolloutBatch], step: int, max_lag: int) -> list[int]:
+@dataclass
+class StepRollouts:
+    """A step's rollouts as the driver holds them: each call's metadata, and its reward and learner
+    parts (object references on Ray, the objects themselves in process)."""
+
+    metas: list[RolloutMeta]
+    reward: list[Any]
+    learner: list[Any]
+
+    @property
+    def inputs(self) -> int:
+        return sum(meta.inputs for meta in self.metas)
+
+    @property
+    def candidates(self) -> int:
+        """K (the same in every call)."""
+        return self.metas[0].candidates
+
+    @property
+    def sizes(self) -> list[int]:
+        """Candidates per call."""
+        return [meta.inputs * meta.candidates for meta in self.metas]
+
+    @property
+    def policy_version(self) -> int:
+        """The oldest policy version the step's rollouts were made with."""
+        return min(meta.policy_version for meta in self.metas)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "rollout/bytes": float(sum(sum(meta.nbytes.values()) for meta in self.metas)),
+            "rollout/cached_conditions": float(sum(meta.cached_conditions for meta in self.metas)),
+        }
+
+
+def stale_parts(metas: list[RolloutMeta], step: int, max_lag: int) -> list[int]:
     """Indices of the rollout chunks of ``step`` made more than ``max_lag`` versions ago."""
-    return [index for index, part in enumerate(parts) if step - part.policy_version > max_lag]
+    return [index for index, meta in enumerate(metas) if step - meta.policy_version > max_lag]
 
 
 def candidate_seeds(seed: int, step: int, indices: list[int], candidates: int) -> torch.Tensor:
@@ -196,7 +249,13 @@ class RolloutPlan:
         size = self.stage.rollout.batch_size
         chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
         return [
-            RolloutCall(n % actors, chunk, epoch, candidate_seeds(self.seed, step, chunk, self.stage.candidates), version)
+            RolloutCall(
+                n % actors,
+                chunk,
+                epoch,
+                candidate_seeds(self.seed, step, chunk, self.stage.candidates),
+                version,
+            )
             for n, chunk in enumerate(chunks)
         ]
 
@@ -214,25 +273,31 @@ def phase(name: str, timings: dict[str, float]) -> Iterator[None]:
 @dataclass
 class StepRecord:
     """What one Stage 2 step produced: its rollouts, rewards, reward failures, the learners'
-    metrics (empty when the step was skipped) and seconds per phase (rollout, reward, learn, sync)."""
+    metrics (empty when the step was skipped), seconds per phase (rollout, reward, learn, sync),
+    the bytes through the driver and the size of the weight sync."""
 
     step: int
-    batch: RolloutBatch
+    rollouts: StepRollouts
     rewards: AggregateResult
     errors: StepErrors
     learned: dict[str, float]
     timings: dict[str, float]
+    traffic: Traffic
+    sync_bytes: int
 
     def metrics(self) -> dict[str, float]:
         """The step's row of metrics."""
-        groups, k = self.batch.x0.shape[:2]
         return {
             **self.rewards.metrics,
             **self.errors.metrics,
             **{f"learn/{key}": value for key, value in self.learned.items()},
-            "policy_lag": float(self.step - self.batch.policy_version),
+            "policy_lag": float(self.step - self.rollouts.policy_version),
             **{f"timing/{name}": seconds for name, seconds in self.timings.items()},
-            "throughput/candidates_per_s": groups * k / max(sum(self.timings.values()), 1e-9),
+            "throughput/candidates_per_s": sum(self.rollouts.sizes) / max(sum(self.timings.values()), 1e-9),
+            **self.traffic.metrics(),
+            **self.rollouts.metrics(),
+            "sync/bytes": float(self.sync_bytes),
+            "sync/seconds": self.timings.get("sync", 0.0),
         }
 
 
@@ -243,21 +308,23 @@ class Rollouts(Protocol):
         """Start the rollouts of ``step`` (with the weights held now)."""
         ...
 
-    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
-        """The rollouts of ``calls``, as one batch."""
+    def collect(self, calls: list[RolloutCall], step: int, traffic: Traffic) -> StepRollouts:
+        """The rollouts of ``calls`` (counting in ``traffic`` what reaches the caller)."""
         ...
 
 
 class Scorer(Protocol):
     """Scores candidates: the run's reward actors or a ``RewardWorker`` in this process."""
 
-    def score(self, images: torch.Tensor, batch: RewardBatch) -> RewardOutcome: ...
+    def score_rollouts(
+        self, parts: list[Any], metas: list[RolloutMeta], traffic: Traffic
+    ) -> RewardOutcome: ...
 
 
 class Learner(Protocol):
     """Trains on a step's samples: the run's learner group or one ``NFTLearner`` in this process."""
 
-    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]: ...
+    def train_step(self, samples: StepSamples, step: int, traffic: Traffic) -> dict[str, float]: ...
 
     def skip_step(self, step: int) -> None: ...
 
@@ -276,25 +343,30 @@ class Stage2Step(ABC):
     def run_step(self, step: int, calls: list[RolloutCall]) -> StepRecord:
         """rollout -> reward -> learn -> sync for ``step``, whose rollouts ``calls`` were launched."""
         timings: dict[str, float] = {}
+        traffic = Traffic()
         with phase("rollout", timings):
-            batch = self.rollouts.collect(calls, step)
+            rollouts = self.rollouts.collect(calls, step, traffic)
         with phase("reward", timings):
-            outcome = self.rewards.score(batch.images.flatten(0, 1), candidate_reward_batch(batch))
-            result = self.aggregator.combine(outcome.scores, *batch.images.shape[:2])
+            outcome = self.rewards.score_rollouts(rollouts.reward, rollouts.metas, traffic)
+            result = self.aggregator.combine(outcome.scores, rollouts.inputs, rollouts.candidates)
             errors = self.reward_errors.record(step, outcome.errors)
         with phase("learn", timings):  # a skipped step still counts and syncs: versions keep counting steps
             if errors.skip:
                 self.learners.skip_step(step)
                 learned = {}
             else:
-                learned = self.learners.train_step(learner_samples(batch, result), step)
+                samples = StepSamples(
+                    rollouts.learner, rollouts.sizes, result.r.flatten(), result.valid.flatten()
+                )
+                learned = self.learners.train_step(samples, step, traffic)
         with phase("sync", timings):
-            self.sync_weights(step + 1)
-        return StepRecord(step, batch, result, errors, learned, timings)
+            sync_bytes = self.sync_weights(step + 1)
+        return StepRecord(step, rollouts, result, errors, learned, timings, traffic, sync_bytes)
 
     @abstractmethod
-    def sync_weights(self, version: int) -> None:
-        """Give the rollouts the learners' new rollout weights (v_old) as policy ``version``."""
+    def sync_weights(self, version: int) -> int:
+        """Give the rollouts the learners' new rollout weights (v_old) as policy ``version``;
+        returns the bytes of the update."""
 
 
 def reserve_placement_group(stage: Stage2Config) -> PlacementGroup:
@@ -328,7 +400,12 @@ class RolloutActors:
     still need them (``stage2.rollout.max_policy_lag`` versions)."""
 
     def __init__(
-        self, stage: Stage2Config, seed: int, worker_args: dict[str, Any], strategies: list[Any], faults: FaultLog
+        self,
+        stage: Stage2Config,
+        seed: int,
+        worker_args: dict[str, Any],
+        strategies: list[Any],
+        faults: FaultLog,
     ) -> None:
         self.stage, self.seed, self.worker_args = stage, seed, worker_args
         self.strategies, self.faults = strategies, faults
@@ -346,7 +423,11 @@ class RolloutActors:
         the driver knows which weights it holds."""
         group = self.stage.resources.rollout
         return make_rollout_actor(
-            group.num_cpus, group.num_gpus, max_restarts=0, scheduling_strategy=self.strategies[index], **self.worker_args
+            group.num_cpus,
+            group.num_gpus,
+            max_restarts=0,
+            scheduling_strategy=self.strategies[index],
+            **self.worker_args,
         )
 
     def replace(self, index: int, step: int, error: BaseException) -> None:
@@ -364,7 +445,9 @@ class RolloutActors:
 
     def submit(self, call: RolloutCall) -> None:
         call.handle = self.actors[call.actor]
-        call.ref = call.handle.rollout.remote(call.chunk, call.epoch, call.seeds, self.plan.sampler)
+        args = (call.chunk, call.epoch, call.seeds, self.plan.sampler)
+        call.sent_bytes += payload_bytes(args)
+        call.refs = tuple(call.handle.rollout_parts.options(num_returns=3).remote(*args))
 
     def redo(self, call: RolloutCall) -> None:
         """Roll ``call`` out again on its (replacement) actor with the weights it was launched
@@ -375,33 +458,38 @@ class RolloutActors:
         if call.version != self.actor_version:
             actor.load_weights.remote(self.actor_version, self.weights[self.actor_version])
 
-    def collect(self, calls: list[RolloutCall], step: int) -> RolloutBatch:
-        """The chunks of ``calls`` as one batch. A chunk whose actor died is redone on a replacement
-        with the weights it was launched with; a chunk lagging more than
-        ``stage2.rollout.max_policy_lag`` versions is redone with the current weights."""
-        return concat_rollouts(self.collect_parts(calls, step))
+    def collect(self, calls: list[RolloutCall], step: int, traffic: Traffic) -> StepRollouts:
+        """The chunks of ``calls``: their metadata fetched here, their images, latents and conditions
+        left in the object store. A chunk whose actor died is redone on a replacement with the
+        weights it was launched with; a chunk lagging more than ``stage2.rollout.max_policy_lag``
+        versions is redone with the current weights."""
+        metas = self.collect_metas(calls, step)
+        max_lag = self.stage.rollout.max_policy_lag
+        for index in stale_parts(metas, step, max_lag):
+            log.warning(
+                "stage2 step %d: a rollout of policy version %d lags more than stage2.rollout.max_policy_lag=%d; "
+                "redone", step, metas[index].policy_version, max_lag,
+            )  # fmt: skip
+            calls[index].version = self.actor_version
+            self.redo(calls[index])
+            metas[index] = self.collect_metas([calls[index]], step)[0]
+        traffic.bytes_out += sum(call.sent_bytes for call in calls)
+        traffic.received(metas)
+        return StepRollouts(metas, [call.refs[1] for call in calls], [call.refs[2] for call in calls])
 
-    def collect_parts(self, calls: list[RolloutCall], step: int) -> list[RolloutBatch]:
-        parts = []
+    def collect_metas(self, calls: list[RolloutCall], step: int) -> list[RolloutMeta]:
+        """Each call's metadata, redoing a call whose actor died until it answers."""
+        metas = []
         for call in calls:
             while True:
                 try:
-                    parts.append(ray.get(call.ref))
+                    metas.append(ray.get(call.refs[0]))
                     break
                 except ray.exceptions.RayActorError as exc:
                     if self.actors[call.actor] is call.handle:  # not yet replaced (e.g. at a sync)
                         self.replace(call.actor, step, exc)
                     self.redo(call)
-        max_lag = self.stage.rollout.max_policy_lag
-        for index in stale_parts(parts, step, max_lag):
-            log.warning(
-                "stage2 step %d: a rollout of policy version %d lags more than stage2.rollout.max_policy_lag=%d; "
-                "redone", step, parts[index].policy_version, max_lag,
-            )  # fmt: skip
-            calls[index].version = self.actor_version
-            self.redo(calls[index])
-            parts[index] = self.collect_parts([calls[index]], step)[0]
-        return parts
+        return metas
 
     def sync(self, version: int, weights: ray.ObjectRef, rewind: bool = False) -> None:
         """Every actor takes ``weights`` as policy ``version`` (``rewind``: the run went back to a
@@ -426,7 +514,9 @@ class RolloutActors:
         self.actor_version = version
 
     def device_records(self) -> list[DeviceRecord]:
-        return ray.get([actor.device_record.remote(f"rollout {index}") for index, actor in enumerate(self.actors)])
+        return ray.get(
+            [actor.device_record.remote(f"rollout {index}") for index, actor in enumerate(self.actors)]
+        )
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -443,7 +533,9 @@ class Stage2Run(Stage2Step):
         self.policy_dir, self.resume = starting_point(config)
         shards = prepare_shards(config)
         resources = self.stage.resources
-        self.faults = FaultLog(self.run_dir / FAULTS_FILE, self.stage.faults.max_actor_failures, self.resume is not None)
+        self.faults = FaultLog(
+            self.run_dir / FAULTS_FILE, self.stage.faults.max_actor_failures, self.resume is not None
+        )
         self.placement = reserve_placement_group(self.stage)
         bundles = (self.bundle(index) for index in range(len(self.placement.bundle_specs)))
         worker_args = {
@@ -455,11 +547,16 @@ class Stage2Run(Stage2Step):
             "threads": max(1, int(resources.rollout.num_cpus)),
             "device": config.device,
             "precision": config.precision,
+            "fixed_degradation": config.data.fixed_degradation,
+            "condition_cache": self.stage.rollout.condition_cache,
+            "policy_runtime": config.policy.runtime_options(),
         }
         strategies = [next(bundles) for _ in range(resources.rollout.num_actors)]
         self.rollouts = RolloutActors(self.stage, config.seed, worker_args, strategies, self.faults)
         strategies = [next(bundles) for _ in range(reward_actor_count(self.stage))]
-        self.rewards = RewardActorPool(self.stage, strategies, device=config.device, precision=config.precision)
+        self.rewards = RewardActorPool(
+            self.stage, strategies, device=config.device, precision=config.precision
+        )
         self.aggregator = RewardAggregator.from_config(self.stage)
         self.reward_errors = RewardErrorLog(self.stage.rewards)
         if self.resume is not None:
@@ -488,12 +585,17 @@ class Stage2Run(Stage2Step):
 
     def record_devices(self) -> None:
         """Write every actor's device, node and dtype to ``<run_dir>/devices.json`` (and the log)."""
-        records = self.rollouts.device_records() + self.rewards.device_records() + self.learners.device_records()
+        records = (
+            self.rollouts.device_records() + self.rewards.device_records() + self.learners.device_records()
+        )
         write_devices(self.run_dir, STAGE, records)
 
-    def sync_weights(self, version: int, rewind: bool = False) -> None:
-        """Send the learners' rollout weights (v_old) to every rollout actor as policy ``version``."""
-        self.rollouts.sync(version, self.learners.rollout_weights_ref(), rewind)
+    def sync_weights(self, version: int, rewind: bool = False) -> int:
+        """Send the learners' rollout weights (v_old: the adapters, or the trained weights) to every
+        rollout actor as policy ``version``; returns their size in bytes."""
+        update, nbytes = self.learners.rollout_update_refs()
+        self.rollouts.sync(version, update, rewind)
+        return gather([nbytes])[0]
 
     # ----------------------------------------------------------------------------- faults
     def restart_from(self, checkpoint: Path | None) -> None:
@@ -506,7 +608,7 @@ class Stage2Run(Stage2Step):
         self.sync_weights(self.start, rewind=True)
         pending = checkpoint / PENDING_WEIGHTS if checkpoint is not None else None
         if self.stage.rollout.asynchronous and pending is not None and pending.is_file():
-            self.rollouts.weights[self.start - 1] = ray.put(load_file(str(pending)))
+            self.rollouts.weights[self.start - 1] = ray.put(load_weight_update(pending))
             self.rollouts.load(self.start - 1, rewind=True)
 
     def rebuild_learners(self, step: int, error: LearnerLost) -> None:
@@ -550,46 +652,65 @@ class Stage2Run(Stage2Step):
             wandb_run.finish()
 
     def train(self, writer: MetricsWriter, wandb_run: WandbRun) -> None:
-        """The steps from ``self.start`` to the end, each :meth:`run_step` on the rollouts launched
-        for it; asynchronous rollouts of step i+1 are launched before step i runs (with the weights
-        of step i), synchronous ones after its sync."""
-        steps, asynchronous = self.stage.steps, self.stage.rollout.asynchronous
+        """The steps from ``self.start`` to the end (:meth:`records`), each logged as it completes."""
+        steps = self.stage.steps
         bar = tqdm(total=steps, initial=self.start, desc=STAGE, disable=not self.config.logging.progress)
-        pending = self.rollouts.launch(self.start) if self.start < steps else []
-        if self.rollouts.actor_version != self.start:  # async resume: step `start` rolled out with start - 1
-            self.sync_weights(self.start)
-        for step in range(self.start, steps):
-            self.step = step
-            last = step + 1 == steps
-            ahead = self.rollouts.launch(step + 1) if asynchronous and not last else []  # runs during this step
-            record = self.run_step(step, pending)
-            pending = ahead if asynchronous or last else self.rollouts.launch(step + 1)
+        for record in self.records(self.start, steps):
             metrics = self.log_step(record, writer, wandb_run)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.4f}")
         bar.close()
 
+    def records(self, start: int, stop: int) -> Iterator[StepRecord]:
+        """Steps ``start`` to ``stop`` - 1, each :meth:`run_step` on the rollouts launched for it;
+        asynchronous rollouts of step i+1 are launched before step i runs (with the weights of
+        step i), synchronous ones after its sync."""
+        asynchronous = self.stage.rollout.asynchronous
+        pending = self.rollouts.launch(start) if start < stop else []
+        if self.rollouts.actor_version != start:  # async resume: step `start` rolled out with start - 1
+            self.sync_weights(start)
+        for step in range(start, stop):
+            self.step = step
+            last = step + 1 == stop
+            ahead = self.rollouts.launch(step + 1) if asynchronous and not last else []  # runs during this step
+            record = self.run_step(step, pending)
+            pending = ahead if asynchronous or last else self.rollouts.launch(step + 1)
+            yield record
+
     def log_step(self, record: StepRecord, writer: MetricsWriter, wandb_run: WandbRun) -> dict[str, float]:
-        """Log a step's metrics, and write its sample grid and checkpoint when they are due."""
+        """Log a step's metrics, and write its sample grid and checkpoint when they are due (the
+        images a grid fetches count in ``driver/bytes_in``)."""
         outputs, step = self.stage.outputs, record.step
+        done = step + 1
+        if done % outputs.sample_grid_every == 0 or done == self.stage.steps:
+            grid = self.sample_grid(record.rollouts, done, record.traffic)
+            wandb_run.log_images("samples", [grid], step=step, captions=["LQ | candidates | GT"])
         metrics = {**record.metrics(), "faults/total": float(len(self.faults))}
         writer.log(metrics, step=step)
         wandb_run.log(metrics, step=step)
-        done = step + 1
-        if done % outputs.sample_grid_every == 0 or done == self.stage.steps:
-            grid = self.sample_grid(record.batch, done)
-            wandb_run.log_images("samples", [grid], step=step, captions=["LQ | candidates | GT"])
         if done % outputs.checkpoint_every == 0 or done == self.stage.steps:
             writer.flush()
             self.checkpoint(done)
         return metrics
 
-    def sample_grid(self, batch: RolloutBatch, step: int) -> np.ndarray:
-        """LQ | up to 4 candidates | GT for up to 4 inputs, saved to <run_dir>/samples/."""
+    def sample_grid(self, rollouts: StepRollouts, step: int, traffic: Traffic) -> np.ndarray:
+        """LQ | up to 4 candidates | GT for up to 4 inputs, saved to <run_dir>/samples/ (fetching
+        the reward parts of the first calls)."""
         rows = []
-        for g in range(min(4, batch.images.shape[0])):
-            candidates = [to_uint8(image) for image in batch.images[g, :4]]
-            rows.append([to_uint8(batch.lq[g]), *candidates, to_uint8(batch.clean[g])])
+        for part in rollouts.reward:
+            inputs: RewardInputs = ray.get(part)
+            traffic.received(inputs)
+            for g in range(min(4 - len(rows), inputs.images.shape[0])):
+                candidates = [image.permute(1, 2, 0).numpy() for image in inputs.images[g, :4]]
+                rows.append(
+                    [
+                        inputs.lq[g].permute(1, 2, 0).numpy(),
+                        *candidates,
+                        inputs.clean[g].permute(1, 2, 0).numpy(),
+                    ]
+                )
+            if len(rows) == 4:
+                break
         grid = image_grid(rows)
         save_image(grid, self.run_dir / "samples" / f"stage2_step_{step:06d}.png")
         return grid
@@ -604,8 +725,7 @@ class Stage2Run(Stage2Step):
         def extra(directory: Path) -> None:
             self.learners.save(directory / "learner")
             if pending is not None:
-                state = {key: value.contiguous() for key, value in ray.get(pending).items()}
-                save_file(state, str(directory / PENDING_WEIGHTS))
+                save_weight_update(ray.get(pending), directory / PENDING_WEIGHTS)
 
         save_checkpoint(
             self.run_dir,
@@ -627,44 +747,6 @@ class Stage2Run(Stage2Step):
         self.rewards.shutdown()
         self.rollouts.shutdown()
         remove_placement_group(self.placement)
-
-
-def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
-    """One RolloutBatch from the per-actor chunks of a step."""
-    return RolloutBatch(
-        ids=[i for part in parts for i in part.ids],
-        captions=[c for part in parts for c in part.captions],
-        lq=torch.cat([part.lq for part in parts]),
-        clean=torch.cat([part.clean for part in parts]),
-        x0=torch.cat([part.x0 for part in parts]),
-        images=torch.cat([part.images for part in parts]),
-        condition=type(parts[0].condition).cat([part.condition for part in parts]),
-        seeds=torch.cat([part.seeds for part in parts]),
-        policy_version=min(part.policy_version for part in parts),
-    )
-
-
-def candidate_reward_batch(batch: RolloutBatch) -> RewardBatch:
-    """What the rewards see of each candidate: its input's caption, clean face and id."""
-    k = batch.images.shape[1]
-    return RewardBatch(
-        captions=[caption for caption in batch.captions for _ in range(k)],
-        clean=batch.clean.repeat_interleave(k, dim=0),
-        metadata=[{"id": sample_id, "input": g} for g, sample_id in enumerate(batch.ids) for _ in range(k)],
-    )
-
-
-def learner_samples(batch: RolloutBatch, result: AggregateResult) -> NFTSamples:
-    """The learner batch of a step: every candidate's x0, r and validity, and the index of its
-    input's condition (each condition travels once, not once per candidate)."""
-    groups, k = batch.x0.shape[:2]
-    return NFTSamples(
-        x0=batch.x0.flatten(0, 1),
-        group=torch.arange(groups).repeat_interleave(k),
-        condition=batch.condition,
-        r=result.r.flatten(),
-        valid=result.valid.flatten(),
-    )
 
 
 def run_stage2(config: RunConfig) -> None:

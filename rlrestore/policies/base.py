@@ -187,10 +187,27 @@ class RestorationPolicy(nn.Module, ABC):
         """A policy directory equal to ``base`` except for the velocity model's weights ``state``
         (Stage 2 checkpoints), written without building the other networks."""
 
+    def apply_runtime_options(self, options: dict[str, Any]) -> None:
+        """Adopt a run's runtime options (``PolicyBaseConfig.runtime_options()``: how the policy runs,
+        e.g. Pref-Restore's ``ar_backend``), which policy directories do not keep. Options of another
+        policy type are ignored; the keys are validated as the policy's config section."""
+        if options.get("type") != self.policy_type:
+            return
+        keys = type(self.config).runtime_keys
+        updated = {**self.config.model_dump(), **{key: options[key] for key in keys if key in options}}
+        self.config = type(self.config).model_validate(updated)
+
     # ----------------------------------------------------------------------------- inference
     @abstractmethod
     def condition(self, lq: Tensor, captions: list[str], sampler: SamplerConfig, generator: torch.Generator) -> Condition:
         """The condition of degraded images ``lq`` ([-1, 1], generation size) at inference."""
+
+    def deterministic_condition(self, sampler: SamplerConfig) -> bool:
+        """Whether :meth:`condition` gives the same condition for the same input under ``sampler``
+        whatever the generator (and whatever Stage 2 trains: the condition is made outside the
+        velocity model). Rollout actors cache such conditions across epochs when the degradation of
+        each sample is fixed. Conservative default: False."""
+        return False
 
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
@@ -210,11 +227,19 @@ class RestorationPolicy(nn.Module, ABC):
         return int(self.config.resolution)
 
     @torch.no_grad()
-    def restore(self, lq: Tensor, captions: list[str], seeds: Tensor, sampler: SamplerConfig) -> RestoreOutput:
-        """K candidate restorations per degraded image (``rlrestore.policies.pipeline``)."""
+    def restore(
+        self,
+        lq: Tensor,
+        captions: list[str],
+        seeds: Tensor,
+        sampler: SamplerConfig,
+        condition: Condition | None = None,
+    ) -> RestoreOutput:
+        """K candidate restorations per degraded image (``rlrestore.policies.pipeline``);
+        ``condition``: the inputs' conditions if already known."""
         from rlrestore.policies.pipeline import restore_candidates
 
-        return restore_candidates(self, lq, captions, seeds, sampler)
+        return restore_candidates(self, lq, captions, seeds, sampler, condition)
 
     # ----------------------------------------------------------------------------- Stage 1
     @abstractmethod

@@ -136,6 +136,9 @@ class FlowUNetPolicy(RestorationPolicy):
     ) -> FlowUNetCondition:
         return FlowUNetCondition(lq=lq.float())
 
+    def deterministic_condition(self, sampler: SamplerConfig) -> bool:
+        return True  # the condition is the degraded image itself
+
     def encode(self, images: Tensor) -> Tensor:
         return images.float()
 

@@ -11,24 +11,30 @@ from torch import Tensor
 
 from rlrestore.config import SamplerConfig
 from rlrestore.flow import sample_latents, sampling_times
-from rlrestore.policies.base import RestorationPolicy, RestoreOutput
+from rlrestore.policies.base import Condition, RestorationPolicy, RestoreOutput
 
 
 @torch.no_grad()
 def restore_candidates(
-    policy: RestorationPolicy, lq: Tensor, captions: list[str], seeds: Tensor, sampler: SamplerConfig
+    policy: RestorationPolicy,
+    lq: Tensor,
+    captions: list[str],
+    seeds: Tensor,
+    sampler: SamplerConfig,
+    condition: Condition | None = None,
 ) -> RestoreOutput:
     """K candidate restorations per degraded image in one batched sampler call.
 
     ``seeds`` is [B, K]: candidate (b, k) starts from noise seeded with seeds[b, k] (and its SDE
     noise, if any, too), so any candidate can be reproduced alone. Stochastic conditioning (AR
     sampling) draws the batch's condition with seed seeds[0, 0]; the condition is computed once per
-    input, never per candidate. The sampler state and t stay float32 whatever the weights' dtype.
+    input, never per candidate; ``condition`` passes one computed earlier (a rollout actor's cache).
+    The sampler state and t stay float32 whatever the weights' dtype.
     """
     batch, k = seeds.shape
-    condition = policy.condition(
-        lq, captions, sampler=sampler, generator=torch.Generator(device="cpu").manual_seed(int(seeds[0, 0]))
-    )
+    if condition is None:
+        generator = torch.Generator(device="cpu").manual_seed(int(seeds[0, 0]))
+        condition = policy.condition(lq, captions, sampler=sampler, generator=generator)
     per_candidate = condition.select(torch.arange(batch, device=lq.device).repeat_interleave(k))
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds.flatten().tolist()]
     shape = policy.latent_shape()

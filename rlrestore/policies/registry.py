@@ -73,9 +73,13 @@ def build_policy(config: PolicyBaseConfig) -> RestorationPolicy:
     return policy_class(config.type).from_config(config)
 
 
-def load_policy(path: str | Path) -> RestorationPolicy:
-    """The policy saved in a policy directory, in float32."""
-    return policy_class(policy_type_of(path)).from_pretrained(path)
+def load_policy(path: str | Path, runtime: dict[str, Any] | None = None) -> RestorationPolicy:
+    """The policy saved in a policy directory, in float32, running as the run's ``runtime`` options
+    say (``config.policy.runtime_options()``; None keeps the directory's defaults)."""
+    policy = policy_class(policy_type_of(path)).from_pretrained(path)
+    if runtime is not None:
+        policy.apply_runtime_options(runtime)
+    return policy
 
 
 def load_velocity_model(path: str | Path) -> VelocityModel:

@@ -1,7 +1,7 @@
 """Stage 2 learner: DeepSpeed ranks that minimise the DiffusionNFT loss on a policy's velocity model.
 
 * ``samples``: :class:`NFTSamples`, a step's candidates with one condition per input, and their
-  split over ranks;
+  split over ranks (:class:`StepSamples`, by reference to the rollout parts);
 * ``engine``: DeepSpeed set-up (process group, engine config, weights-only checkpoint loading);
 * ``learner``: :class:`NFTLearner`, one rank (the loss, the v_old EMA, weights, checkpoints);
 * ``group``: :class:`LearnerGroup`, the ranks as Ray actors in one torch.distributed group (gloo on
@@ -10,6 +10,16 @@
 
 from trainers.nft_learner.group import LearnerActor, LearnerGroup, LearnerLost, gather
 from trainers.nft_learner.learner import NFTLearner
-from trainers.nft_learner.samples import NFTSamples, split_samples
+from trainers.nft_learner.samples import NFTSamples, StepSamples, StepShare, split_samples
 
-__all__ = ["LearnerActor", "LearnerGroup", "LearnerLost", "NFTLearner", "NFTSamples", "gather", "split_samples"]
+__all__ = [
+    "LearnerActor",
+    "LearnerGroup",
+    "LearnerLost",
+    "NFTLearner",
+    "NFTSamples",
+    "StepSamples",
+    "StepShare",
+    "gather",
+    "split_samples",
+]

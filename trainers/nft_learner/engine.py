@@ -73,8 +73,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-
-
 @contextlib.contextmanager
 def lone_rank_env(world_size: int) -> Iterator[None]:
     """DeepSpeed reads the launcher's variables (RANK, LOCAL_RANK, ...) from the environment.
@@ -108,7 +106,9 @@ def init_distributed(rank: int, world_size: int, device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
-def deepspeed_config(optim: OptimConfig, micro_batch: int, zero_stage: int, precision: Precision) -> dict[str, Any]:
+def deepspeed_config(
+    optim: OptimConfig, micro_batch: int, zero_stage: int, precision: Precision
+) -> dict[str, Any]:
     """The engine config: AdamW (torch's, no fused op to JIT-build), clipping, ZeRO, the precision mode."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,

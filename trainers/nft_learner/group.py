@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from rlrestore.config import Stage2Config
+from rlrestore.runtime.dataplane import Traffic, WeightUpdate
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.runtime.precision import PrecisionName
 from trainers.nft_learner.engine import free_port
 from trainers.nft_learner.learner import NFTLearner
-from trainers.nft_learner.samples import NFTSamples, split_samples
+from trainers.nft_learner.samples import StepSamples, StepShare
 
 
 class LearnerActor:
@@ -25,7 +26,9 @@ class LearnerActor:
 
     def __init__(self, num_cpus: float, num_gpus: float, device: DeviceName) -> None:
         torch.set_num_threads(max(1, int(num_cpus)))
-        self.device = actor_device(device, num_gpus, "Stage 2 learner ranks", "stage2.resources.learner.num_gpus")
+        self.device = actor_device(
+            device, num_gpus, "Stage 2 learner ranks", "stage2.resources.learner.num_gpus"
+        )
         self.learner: NFTLearner | None = None
 
     def address(self) -> tuple[str, str, int]:
@@ -47,8 +50,9 @@ class LearnerActor:
     def uses_cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]:
-        return self.learner.train_step(samples, step)
+    def train_step(self, share: StepShare, step: int) -> dict[str, float]:
+        """Train on this rank's share (its rollout parts are fetched here, not by the driver)."""
+        return self.learner.train_step(share.samples(), step)
 
     def skip_step(self, step: int) -> None:
         self.learner.skip_step(step)
@@ -61,6 +65,12 @@ class LearnerActor:
 
     def state_dict_for_rollout(self) -> dict[str, Tensor]:
         return self.learner.state_dict_for_rollout()
+
+    def rollout_update(self) -> tuple[WeightUpdate, int]:
+        """The rollout weights as a :class:`WeightUpdate`, and its size in bytes (for the driver;
+        call with ``num_returns=2``)."""
+        update = self.learner.rollout_update()
+        return update, update.nbytes
 
     def trained_state_dict(self) -> dict[str, Tensor]:
         return self.learner.trained_state_dict()
@@ -190,13 +200,17 @@ class LearnerGroup:
             self.shutdown()
             raise
 
-    def train_step(self, samples: NFTSamples, step: int) -> dict[str, float]:
-        """Split the step's samples over the ranks, train, and return the group's metrics
-        (rank 0's, which are all-reduced over the group; ``step_time`` is the slowest rank's)."""
-        shares = split_samples(samples, self.world_size)
+    def train_step(self, samples: StepSamples, step: int, traffic: Traffic | None = None) -> dict[str, float]:
+        """Split the step's samples over the ranks (each fetches the rollout parts of its share),
+        train, and return the group's metrics (rank 0's, which are all-reduced over the group;
+        ``step_time`` is the slowest rank's). ``traffic`` counts what passes through the caller."""
+        traffic = traffic or Traffic()
+        shares = samples.shares(self.world_size)
+        traffic.sent(shares)
         results = gather(
             [actor.train_step.remote(share, step) for actor, share in zip(self.actors, shares, strict=True)]
         )
+        traffic.received(results)
         metrics = dict(results[0])
         metrics["step_time"] = max(result["step_time"] for result in results)
         return metrics
@@ -212,14 +226,16 @@ class LearnerGroup:
     def device_records(self) -> list[DeviceRecord]:
         return gather([actor.device_record.remote(f"rank {rank}") for rank, actor in enumerate(self.actors)])
 
-    def rollout_weights_ref(self) -> ray.ObjectRef:
-        """Object ref of rank 0's v_old DiT weights: pass it to rollout actors without a copy here
-        (a dead rank 0 surfaces as :class:`LearnerLost` where the ref is waited on)."""
-        return self.actors[0].state_dict_for_rollout.remote()
+    def rollout_update_refs(self) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        """Object refs of rank 0's :class:`WeightUpdate` (put in the object store once; rollout
+        actors read it without a copy here) and of its size in bytes. A dead rank 0 surfaces as
+        :class:`LearnerLost` where the refs are waited on."""
+        update, nbytes = self.actors[0].rollout_update.options(num_returns=2).remote()
+        return update, nbytes
 
     def rollout_weights(self) -> dict[str, Tensor]:
         """Rank 0's v_old DiT weights (see :meth:`NFTLearner.state_dict_for_rollout`)."""
-        return gather([self.rollout_weights_ref()])[0]
+        return gather([self.actors[0].state_dict_for_rollout.remote()])[0]
 
     def trained_weights(self) -> dict[str, Tensor]:
         return gather([self.actors[0].trained_state_dict.remote()])[0]

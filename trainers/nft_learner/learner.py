@@ -54,6 +54,7 @@ from rlrestore.models.loading import CheckpointError
 from rlrestore.models.lora import add_lora, merged_state_dict
 from rlrestore.nft import ema_decay, ema_update, nft_loss
 from rlrestore.policies import Condition, RestorationPolicy, VelocityModel, load_velocity_model
+from rlrestore.runtime.dataplane import FULL, LORA, WeightUpdate
 from rlrestore.runtime.devices import DeviceRecord
 from rlrestore.runtime.precision import Precision, PrecisionName
 from rlrestore.runtime.schedules import lr_lambda
@@ -145,6 +146,7 @@ class NFTLearner:
         self.micro_batch, self.zero_stage = micro_batch, zero_stage
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.finetune, self.lora_rank = finetune, lora_rank
+        self.lora_alpha, self.lora_targets = lora_alpha, list(lora_targets)
         self.device = torch.device(device)
         self.precision = Precision(precision)
         self.step = 0  # index of the next update (the last train_step's step + 1)
@@ -229,7 +231,9 @@ class NFTLearner:
                 )
                 if part.start < len(valid):
                     condition = valid.condition.select(valid.group[part])
-                    loss, stats = self._loss(valid.x0[part], condition, valid.r[part], t[part, j], eps[part, j])
+                    loss, stats = self._loss(
+                        valid.x0[part], condition, valid.r[part], t[part, j], eps[part, j]
+                    )
                     count = len(valid.r[part])
                     self.engine.backward(loss * (count * weight))
                     sums += count * stats
@@ -298,7 +302,9 @@ class NFTLearner:
             return torch.empty(0, count), torch.empty(0, count, *shape)
         return torch.stack(times).to(self.device), torch.stack(noise).to(self.device)
 
-    def _loss(self, x0: Tensor, condition: Condition, r: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    def _loss(
+        self, x0: Tensor, condition: Condition, r: Tensor, t: Tensor, eps: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Mean NFT loss (+ base penalty) of one micro-batch at one timestep per sample, and its stats.
 
         x_t, t and the loss stay float32; the networks cast their inputs to their weight dtype."""
@@ -308,7 +314,12 @@ class NFTLearner:
         with torch.no_grad(), self.precision.autocast(self.device):
             v_old = self.v_old(x_t, t, condition).float()
         loss, stats = nft_loss(
-            v_theta, v_old, x0, endpoint, t, r,
+            v_theta,
+            v_old,
+            x0,
+            endpoint,
+            t,
+            r,
             beta=self.nft.beta,
             form=self.nft.loss_form,
             adaptive_scale=self.nft.adaptive_scale,
@@ -350,6 +361,22 @@ class NFTLearner:
         reference samples with its old (EMA) policy. Keys of ``policy.velocity_model.state_dict()``
         (LoRA adapters merged into their layers)."""
         return merged_state_dict(self.v_old)
+
+    def rollout_update(self) -> WeightUpdate:
+        """What the rollout actors need of v_old, in their compute dtype: the LoRA factors when only
+        adapters train (with their rank, alpha and targets), else the trained weights; the frozen
+        rest is what the actors loaded from the policy directory."""
+        names = {name for name, param in self.engine.module.named_parameters() if param.requires_grad}
+        dtype = self.precision.compute_dtype
+        tensors = {
+            name: param.detach().to("cpu", dtype).contiguous()
+            for name, param in self.v_old.named_parameters()
+            if name in names
+        }
+        if self.finetune == "lora":
+            lora = {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": self.lora_targets}
+            return WeightUpdate(LORA, tensors, lora)
+        return WeightUpdate(FULL, tensors)
 
     def trained_state_dict(self) -> dict[str, Tensor]:
         """The trained weights v_theta (keys of ``policy.velocity_model.state_dict()``, LoRA merged)."""

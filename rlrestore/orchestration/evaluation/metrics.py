@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewards import Reward, RewardError, check_reward_args, reward_class
+from rewards import RewardError, check_reward_args, reward_class
 from rlrestore.config import ConfigError, EvalConfig, RewardSpec
 from rlrestore.orchestration.evaluation.fid import fid_weights
 
@@ -33,6 +33,8 @@ _KNOWN = {
     "piqe": ("PIQE", ""),
     "deg": ("Deg", "°"),
     "lmd": ("LMD", "px"),
+    "dlib_identity": ("dlib identity distance", ""),
+    "dlib_lmd": ("dlib LMD", "× inter-ocular"),
     "hpsv2": ("HPSv2", ""),
     "pickscore": ("PickScore", ""),
     "clipscore": ("CLIP score", ""),
@@ -131,12 +133,7 @@ def plan_metrics(
                 reward=RewardSpec(name=reward_name, args=args),
                 negate=not cls.higher_is_better,
                 angle=key == "deg",
-                min_size=_min_size(cls),
+                min_size=cls.min_size,
             )
         )
     return metrics, skipped
-
-
-def _min_size(cls: type[Reward]) -> int:
-    """The smallest image side a pyiqa-based reward declares in its ``metric_spec`` (1 otherwise)."""
-    return int(getattr(getattr(cls, "metric_spec", None), "min_size", 1))

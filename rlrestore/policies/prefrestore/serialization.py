@@ -64,7 +64,7 @@ def save_policy(policy: PrefRestorePolicy, path: str | Path) -> None:
     meta = {
         "format_version": FORMAT_VERSION,
         "first_image_id": policy.vocabulary.first_image_id,
-        "policy": policy.config.model_dump(mode="json"),
+        "policy": policy.config.without_runtime_options().model_dump(mode="json"),
     }
     (path / POLICY_CONFIG).write_text(json.dumps(meta, indent=2))
 
@@ -105,7 +105,8 @@ def load_policy(cls: type[PrefRestorePolicy], path: str | Path) -> PrefRestorePo
     tensors = _own_tensors(path)
     for prefix, module in _own_modules(policy).items():
         _load_part(tensors, prefix, module, path)
-    policy.config = policy.semantic.config = config
+    policy.config = config
+    policy.semantic.use_config(config)
     return policy
 
 
