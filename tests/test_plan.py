@@ -3,25 +3,29 @@ FLOPs against measured CPU time, link bytes against real rollout outputs and wei
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from rewards.pool import rows_of_range
 from rlrestore.config import DegradationConfig, SamplerConfig
 from rlrestore.data import build_shards, embedded_faces_dir
-from rlrestore.models.lora import add_lora
 from rlrestore.orchestration.cli import main
 from rlrestore.orchestration.plan import PlanOptions, make_plan, problems
 from rlrestore.orchestration.plan_costs import conditions_per_rank, parse_bytes
 from rlrestore.orchestration.plan_measure import flop_counter, measure_training
 from rlrestore.orchestration.plan_roles import _learner_condition, build_meta_policy, learner_model
+from rlrestore.runtime.dataplane import payload_bytes
 from rollouts import RolloutWorker
 from tests.conftest import build_tiny_policy, tiny_config
-from trainers.nft_learner.samples import NFTSamples, split_samples
+from trainers.nft_learner import NFTLearner
+from trainers.nft_learner.samples import NFTSamples, StepSamples, split_samples
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROLES = ("stage1.1 worker", "stage1.2 worker", "rollout actor", "reward actor", "learner rank")
@@ -198,35 +202,42 @@ def rollout_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def test_link_bytes_match_a_real_rollout_and_real_weights(tmp_path: Path, rollout_setup: dict) -> None:
-    inputs, k, ranks = 3, 5, 2
+def test_link_bytes_match_real_rollout_parts_and_weight_updates(tmp_path: Path, rollout_setup: dict) -> None:
+    """link_bytes against the data plane's own objects: the rollout parts a tiny RolloutWorker
+    leaves (sized by payload_bytes, as rollout/bytes logs them), fetched as the reward pool and the
+    learner ranks fetch them, and the WeightUpdate a learner sends (sync/bytes)."""
+    inputs, k, call, ranks, reward_actors = 5, 3, 2, 3, 2
     config = tiny_config(tmp_path, f"stage2.inputs_per_step={inputs}", f"stage2.candidates={k}",
-                         f"stage2.resources.learner.num_actors={ranks}", "stage2.rollout.batch_size=3")
+                         f"stage2.rollout.batch_size={call}", f"stage2.resources.learner.num_actors={ranks}",
+                         f"stage2.resources.reward.num_actors={reward_actors}")
     links = make_plan(config, PlanOptions()).links
-    seeds = torch.arange(inputs * k).reshape(inputs, k)
-    batch = RolloutWorker(**rollout_setup).rollout([0, 1, 2], epoch=0, seeds=seeds, sampler=SamplerConfig(steps=2))
-    # rollout -> reward: every candidate image and one clean face per input (psnr needs it), as uint8
-    assert links.rollout_to_reward == batch.images.numel() + batch.clean.numel()
-    # rollout -> learner: the real split of the real candidates over the ranks
-    samples = NFTSamples(
-        x0=batch.x0.flatten(0, 1), group=torch.arange(inputs).repeat_interleave(k), condition=batch.condition,
-        r=torch.full((inputs * k,), 0.5), valid=torch.ones(inputs * k, dtype=torch.bool),
+    worker = RolloutWorker(**rollout_setup)
+    calls = [list(range(start, min(start + call, inputs))) for start in range(0, inputs, call)]
+    parts = [worker.rollout_parts(c, 0, torch.arange(len(c) * k).reshape(len(c), k), SamplerConfig(steps=2)) for c in calls]
+    sizes = [meta.inputs * meta.candidates for meta, _, _ in parts]
+    bounds = np.linspace(0, sum(sizes), reward_actors + 1).astype(int).tolist()
+    to_reward = sum(
+        parts[i][0].nbytes["reward"] for low, high in itertools.pairwise(bounds) for i in rows_of_range(sizes, low, high)[0]
     )
-    shares = split_samples(samples, ranks)
-    real = sum(s.x0.nbytes + sum(v.nbytes for v in vars(s.condition).values()) for s in shares)
-    assert links.rollout_to_learner == real
-    # sync: the trained DiT in the rollout dtype (fp32 here), pulled by each rollout actor
-    dit = build_tiny_policy().velocity_model.transformer
-    assert links.sync_put == sum(v.nbytes for v in dit.state_dict().values())
-    assert links.sync_pull == config.stage2.resources.rollout.num_actors * links.sync_put
+    assert links.rollout_to_reward == to_reward
+    step = StepSamples([learner for _, _, learner in parts], sizes, torch.full((sum(sizes),), 0.5),
+                       torch.ones(sum(sizes), dtype=torch.bool))
+    assert links.rollout_to_learner == sum(payload_bytes(part) for share in step.shares(ranks) for part in share.parts)
+    # sync: the update a learner rank builds for the rollout actors (full fine-tuning: the trained DiT)
+    update = NFTLearner(build_tiny_policy(), config.stage2.nft, config.stage2.optim).rollout_update()
+    assert links.sync_put == update.nbytes
+    assert links.sync_pull == config.stage2.resources.rollout.num_actors * update.nbytes
 
 
 def test_lora_sync_bytes_are_the_adapters(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, "stage2.learner.finetune=lora", "stage2.learner.lora_rank=4")
+    config = tiny_config(tmp_path, "stage2.learner.finetune=lora", "stage2.learner.lora_rank=4", "precision=bf16-mixed")
     links = make_plan(config, PlanOptions()).links
-    dit = add_lora(build_tiny_policy().velocity_model.transformer, 4, 4.0, config.stage2.learner.lora_targets)
-    adapters = {key: v for key, v in dit.state_dict().items() if "lora_" in key}
-    assert adapters and links.sync_put == sum(v.nbytes for v in adapters.values())
+    learner = config.stage2.learner
+    update = NFTLearner(
+        build_tiny_policy(), config.stage2.nft, config.stage2.optim, finetune="lora", lora_rank=4,
+        lora_alpha=learner.lora_alpha, lora_targets=tuple(learner.lora_targets), precision="bf16-mixed",
+    ).rollout_update()
+    assert update.kind == "lora" and links.sync_put == update.nbytes
 
 
 @pytest.mark.parametrize(("inputs", "k", "ranks"), [(3, 5, 2), (4, 4, 3), (48, 24, 4), (2, 3, 7)])

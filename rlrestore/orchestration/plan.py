@@ -174,16 +174,14 @@ def _learner_row(config: RunConfig, options: PlanOptions, model: roles.LearnerMo
     )
 
 
-def _links(meta: roles.MetaPolicy, config: RunConfig, rollout: roles.RolloutCost,
-           model: roles.LearnerModel, rewards: dict[str, list[roles.RewardCost]]) -> LinkBytes:
+def _links(meta: roles.MetaPolicy, config: RunConfig, rollout: roles.RolloutCost, model: roles.LearnerModel) -> LinkBytes:
     stage2 = config.stage2
-    groups = stage2.reward_actor_groups()
-    fidelity = [name for name, costs in rewards.items() if any(cost.needs_clean for cost in costs)]
     return link_bytes(StepShapes(
-        inputs=stage2.inputs_per_step, candidates=stage2.candidates, image_side=meta.policy.resolution,
-        latent_bytes=rollout.latent_bytes, condition_bytes=rollout.condition_bytes,
-        reward_groups=len(groups), fidelity_groups=len(fidelity), reward_components=len(stage2.rewards),
-        rollout_actors=stage2.resources.rollout.num_actors, learner_ranks=stage2.resources.learner.num_actors,
+        inputs=stage2.inputs_per_step, candidates=stage2.candidates, call_inputs=stage2.rollout.batch_size,
+        image_side=meta.policy.resolution, latent_bytes=rollout.latent_bytes, condition_bytes=rollout.condition_bytes,
+        reward_actors=tuple(group.num_actors for group, _ in stage2.reward_actor_groups().values()),
+        reward_components=len(stage2.rewards), rollout_actors=stage2.resources.rollout.num_actors,
+        learner_ranks=stage2.resources.learner.num_actors,
         sync_bytes=model.sync_params * COMPUTE_BYTES[config.precision],
     ))
 
@@ -244,7 +242,7 @@ def _make_plan(config: RunConfig, options: PlanOptions) -> Plan:
     model = roles.learner_model(meta, config)
     rewards_rows, reward_costs = _reward_rows(config, options)
     rows += [_rollout_row(meta, config, options, rollout), *rewards_rows, _learner_row(config, options, model)]
-    links = _links(meta, config, rollout, model, reward_costs)
+    links = _links(meta, config, rollout, model)
     phases, step = _phases(rows, links, config, options)
     notes = list(meta.notes)
     notes += [f"reward {c.name}: {c.unmodelled}" for cs in reward_costs.values() for c in cs if c.unmodelled]
@@ -309,11 +307,11 @@ def _role_table(plan: Plan) -> list[str]:
 def _link_table(plan: Plan) -> list[str]:
     links, bandwidth = plan.links, plan.options.bandwidth
     entries = [
-        ("rollout -> reward (uint8 images, clean faces)", links.rollout_to_reward),
+        ("rollout -> reward (uint8 candidates, clean and LQ faces)", links.rollout_to_reward),
         ("rollout -> learner (x0 float32, 1 condition/input)", links.rollout_to_learner),
         ("learner -> object store (sync, once per version)", links.sync_put),
         ("object store -> rollout actors (sync pulls)", links.sync_pull),
-        ("-> driver (scores, ids)", links.driver_in),
+        ("-> driver (scores, ids; estimate)", links.driver_in),
         ("driver -> (references only)", links.driver_out),
     ]
     rows = [[name, human_bytes(n), f"{transfer_seconds(n, bandwidth):.3g}"] for name, n in entries]

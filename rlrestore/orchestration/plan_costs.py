@@ -11,6 +11,7 @@ state over the ranks, ZeRO-2 the gradients too, ZeRO-3 the weights as well.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -78,16 +79,40 @@ def ddp_state(trained: int, frozen: int) -> StateBytes:
 
 
 def conditions_per_rank(inputs: int, candidates: int, ranks: int) -> list[int]:
-    """Conditions each learner rank receives: candidates are split into contiguous near-equal shares
-    (``trainers.nft_learner.split_samples``) and a share carries each input it touches once."""
+    """Inputs whose candidates each learner rank trains on: candidates are split into contiguous
+    near-equal shares (``trainers.nft_learner.split_samples``), a share touching each input once."""
     total = inputs * candidates
+    return [len(parts_touched([candidates] * inputs, low, high)) for low, high in rank_bounds(total, ranks)]
+
+
+def rank_bounds(total: int, ranks: int) -> list[tuple[int, int]]:
+    """[low, high) of each learner rank's share: ``torch.tensor_split`` sizes (the first
+    ``total % ranks`` ranks take one more)."""
     base, extra = divmod(total, ranks)
-    counts, start = [], 0
+    bounds, low = [], 0
     for rank in range(ranks):
-        size = base + (1 if rank < extra else 0)
-        counts.append(0 if size == 0 else (start + size - 1) // candidates - start // candidates + 1)
+        high = low + base + (1 if rank < extra else 0)
+        bounds.append((low, high))
+        low = high
+    return bounds
+
+
+def actor_bounds(total: int, actors: int) -> list[tuple[int, int]]:
+    """[low, high) of each reward actor of a group: ``np.linspace(0, total, actors + 1)`` truncated,
+    as ``rewards.RewardActorPool`` splits a step's candidates."""
+    step = total / actors
+    edges = [int(i * step) for i in range(actors)] + [total]
+    return list(itertools.pairwise(edges))
+
+
+def parts_touched(part_sizes: list[int], low: int, high: int) -> list[int]:
+    """Indices of the parts (rollout calls, ``part_sizes`` candidates each) that rows [low, high) lie in."""
+    touched, start = [], 0
+    for index, size in enumerate(part_sizes):
+        if min(high, start + size) > max(low, start):
+            touched.append(index)
         start += size
-    return counts
+    return touched
 
 
 @dataclass(frozen=True)
@@ -96,43 +121,52 @@ class StepShapes:
 
     inputs: int  # degraded inputs (groups) per step
     candidates: int  # K
+    call_inputs: int  # inputs per rollout call (``stage2.rollout.batch_size``): one part each
     image_side: int  # R: images are uint8 [3, R, R]
     latent_bytes: int  # one clean latent x0 (float32)
     condition_bytes: int  # one input's condition, all its tensors
-    reward_groups: int  # reward-actor groups: each receives every image once
-    fidelity_groups: int  # groups hosting a reward that compares with the clean face
+    reward_actors: tuple[int, ...]  # actors of each reward-actor group (each group scores every candidate)
     reward_components: int  # scores per candidate returned to the driver
     rollout_actors: int
     learner_ranks: int
-    sync_bytes: int  # one weight version as synced (adapters, or the trained DiT in the rollout dtype)
+    sync_bytes: int  # one weight version as synced (adapters, or the trained weights in the rollout dtype)
 
 
 @dataclass(frozen=True)
 class LinkBytes:
-    """Bytes per step on each link (object-store payloads; Ray's own headers not counted)."""
+    """Bytes per step on each link (payload bytes as ``rlrestore.runtime.dataplane.payload_bytes``
+    counts them; Ray's own serialisation not counted)."""
 
     rollout_to_reward: int
     rollout_to_learner: int
-    sync_put: int  # one version into the object store (once per version)
+    sync_put: int  # one version into the object store (once per version): ``sync/bytes``
     sync_pull: int  # every rollout actor fetching it
-    driver_in: int  # scores (float32 per component) and ids (int64) per candidate
-    driver_out: int  # references only: no payload bytes
+    driver_in: int  # estimate: a float32 score per component and candidate, and its id
+    driver_out: int  # references only: no payload bytes counted
 
 
 def link_bytes(shapes: StepShapes) -> LinkBytes:
-    """The bytes of every Stage 2 link per step, for the data plane that keeps payloads out of the
-    driver: rollout -> reward: uint8 images (each reward group gets all of them) plus one uint8
-    clean face per input for groups with fidelity rewards; rollout -> learner: float32 x0 of every
-    candidate plus one condition per input per rank that uses it; sync: the weights put once and
-    pulled by each rollout actor; driver: scores and ids of every candidate."""
+    """The bytes of every Stage 2 link per step on the data plane (``rlrestore.runtime.dataplane``).
+
+    A rollout call of b inputs leaves a reward part (b x K candidates, b clean and b degraded faces,
+    uint8 [3, R, R]) and a learner part (b x K float32 x0, b conditions). Every reward-actor group
+    scores every candidate, split evenly over its actors; each actor, and each learner rank (its
+    contiguous share of the candidates), fetches the whole parts its rows lie in. A weight version is
+    put once and pulled by every rollout actor; the driver receives scores and ids.
+    """
     s = shapes
-    n = s.inputs * s.candidates
-    image = 3 * s.image_side * s.image_side
-    to_reward = s.reward_groups * n * image + s.fidelity_groups * s.inputs * image
-    conditions = sum(conditions_per_rank(s.inputs, s.candidates, s.learner_ranks))
+    n, image = s.inputs * s.candidates, 3 * s.image_side * s.image_side
+    calls = [min(s.call_inputs, s.inputs - start) for start in range(0, s.inputs, s.call_inputs)]
+    sizes = [b * s.candidates for b in calls]
+    reward_part = [b * s.candidates * image + 2 * b * image for b in calls]
+    learner_part = [b * s.candidates * s.latent_bytes + b * s.condition_bytes for b in calls]
+
+    def fetched(part_bytes: list[int], bounds: list[tuple[int, int]]) -> int:
+        return sum(part_bytes[i] for low, high in bounds for i in parts_touched(sizes, low, high))
+
     return LinkBytes(
-        rollout_to_reward=to_reward,
-        rollout_to_learner=n * s.latent_bytes + conditions * s.condition_bytes,
+        rollout_to_reward=sum(fetched(reward_part, actor_bounds(n, actors)) for actors in s.reward_actors),
+        rollout_to_learner=fetched(learner_part, rank_bounds(n, s.learner_ranks)),
         sync_put=s.sync_bytes,
         sync_pull=s.rollout_actors * s.sync_bytes,
         driver_in=n * (4 * s.reward_components + 8),

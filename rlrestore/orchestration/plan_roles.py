@@ -241,7 +241,6 @@ class RewardCost:
     params: int = 0
     flops_per_image: float = 0.0
     activation_bytes: int = 0
-    needs_clean: bool = False
     unmodelled: str = ""
 
 
@@ -274,15 +273,15 @@ def reward_cost(spec: RewardSpec, chunk: int) -> RewardCost:
     """Parameters and FLOPs per image of a reward's network on meta, scoring ``chunk`` images."""
     from rewards.base import reward_class
 
-    needs_clean = bool(getattr(reward_class(spec.name), "needs_clean", False))
+    reward_class(spec.name)  # an unknown reward fails here, naming the known ones
     if spec.name in PIXEL_REWARDS:
-        return RewardCost(spec.name, needs_clean=needs_clean)
+        return RewardCost(spec.name)
     if spec.name not in REWARD_NETWORKS:
-        return RewardCost(spec.name, needs_clean=needs_clean, unmodelled=(
+        return RewardCost(spec.name, unmodelled=(
             "network not built on meta: its architecture comes from its weight/config files"))
     with META:
         network, side, score = REWARD_NETWORKS[spec.name](dict(spec.args))
     network.eval().requires_grad_(False)
     images = _empty(chunk, 3, side, side)
     cost = measure_inference(lambda: score(network, images), [network], [images])
-    return RewardCost(spec.name, count_parameters(network), cost.flops / chunk, cost.activation_bytes, needs_clean)
+    return RewardCost(spec.name, count_parameters(network), cost.flops / chunk, cost.activation_bytes)
