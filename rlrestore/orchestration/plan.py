@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlrestore.config import ActorGroupConfig, RunConfig, load_config
+from rlrestore.models.loading import count_parameters
 from rlrestore.orchestration import plan_roles as roles
 from rlrestore.orchestration.plan_costs import (
     COMPUTE_BYTES,
@@ -117,7 +118,7 @@ def _rollout_row(meta: roles.MetaPolicy, config: RunConfig, options: PlanOptions
     stage2, group = config.stage2, config.stage2.resources.rollout
     inputs = math.ceil(stage2.inputs_per_step / group.num_actors)
     flops = cost.flops / cost.inputs * inputs
-    params = roles.count_parameters(meta.policy)
+    params = count_parameters(meta.policy)
     weights = params * COMPUTE_BYTES[config.precision]
     return RoleRow(
         "rollout actor", group, params, 0, StateBytes(weights, 0, 0), 0, cost.activation_bytes,
