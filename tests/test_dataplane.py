@@ -14,6 +14,7 @@ from rewards.worker import CandidateRows
 from rlrestore.checkpoints import save_checkpoint
 from rlrestore.models.lora import add_lora
 from rlrestore.orchestration.jobs import prepare_shards
+from rlrestore.orchestration.plan import PlanOptions, make_plan
 from rlrestore.orchestration.stage2 import Stage2Run
 from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.runtime.dataplane import (
@@ -83,17 +84,20 @@ def test_weight_updates_keep_their_kind_and_read_older_files(tmp_path: Path) -> 
 
 
 def one_step(tmp_path: Path, name: str, *overrides: str) -> dict[str, float]:
-    """Metrics of Stage 2 step 0 of a random-init tiny policy on the test's Ray session."""
+    """Metrics of Stage 2 step 0 of a random-init tiny policy on the test's Ray session, with the
+    bytes ``rlrestore plan`` predicts for the same config (``plan/<link>``)."""
     config = tiny_config(tmp_path / name, *STEP, *overrides)
+    links = make_plan(config, PlanOptions()).links
     torch.manual_seed(0)
     policy = PrefRestorePolicy.from_config(config.policy).eval()
     save_checkpoint(config.run_dir, "stage1.2", 1, policy, {"step": 1}, keep=1)
     prepare_shards(config)
     run = Stage2Run(config)
     try:
-        return run.run_step(0, run.rollouts.launch(0)).metrics()
+        metrics = run.run_step(0, run.rollouts.launch(0)).metrics()
     finally:
         run.shutdown()
+    return {**metrics, "plan/sync": links.sync_put, "plan/driver_in": links.driver_in}
 
 
 def trained_bytes(finetune: str) -> int:
@@ -126,3 +130,12 @@ def test_the_driver_moves_kilobytes_whatever_the_resolution_and_lora_syncs_adapt
     assert small["sync/bytes"] == trained_bytes("full")
     assert lora["sync/bytes"] == trained_bytes("lora") < trained_bytes("full") / 10
     assert lora["sync/seconds"] > 0
+    # the planner's bytes against the counters: sync exactly; the driver's inbound bytes (scores,
+    # ids, metadata, metrics) within a factor of 5, printed for the record
+    for metrics in (small, large, lora):
+        assert metrics["plan/sync"] == metrics["sync/bytes"]
+        ratio = metrics["driver/bytes_in"] / metrics["plan/driver_in"]
+        print(
+            f"driver bytes in: measured {metrics['driver/bytes_in']:.0f}, planned {metrics['plan/driver_in']}, ratio {ratio:.2f}"
+        )
+        assert 0.2 < ratio < 5, ratio

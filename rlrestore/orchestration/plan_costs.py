@@ -141,7 +141,7 @@ class LinkBytes:
     rollout_to_learner: int
     sync_put: int  # one version into the object store (once per version): ``sync/bytes``
     sync_pull: int  # every rollout actor fetching it
-    driver_in: int  # estimate: a float32 score per component and candidate, and its id
+    driver_in: int  # estimate: scores, each call's metadata, each rank's metrics (see driver_in_bytes)
     driver_out: int  # references only: no payload bytes counted
 
 
@@ -169,9 +169,24 @@ def link_bytes(shapes: StepShapes) -> LinkBytes:
         rollout_to_learner=fetched(learner_part, rank_bounds(n, s.learner_ranks)),
         sync_put=s.sync_bytes,
         sync_pull=s.rollout_actors * s.sync_bytes,
-        driver_in=n * (4 * s.reward_components + 8),
+        driver_in=driver_in_bytes(s, calls),
         driver_out=0,
     )
+
+
+ID_BYTES = 16
+"""Assumed bytes of a sample id and caption in a rollout call's metadata."""
+RANK_METRICS_BYTES = 200
+"""Bytes of the metrics dict a learner rank returns (about 12 named floats)."""
+
+
+def driver_in_bytes(s: StepShapes, calls: list[int]) -> int:
+    """What the driver receives per step: a float32 score per reward component and candidate, each
+    rollout call's metadata (ids, captions, [b, K] int64 seeds, its version and part sizes: 45
+    bytes) and each learner rank's metrics. An estimate: ids and captions are assumed short."""
+    scores = s.inputs * s.candidates * 4 * s.reward_components
+    metadata = sum(b * (ID_BYTES + 8 * s.candidates) + 45 for b in calls)
+    return scores + metadata + s.learner_ranks * RANK_METRICS_BYTES
 
 
 def compute_seconds(flops: float, tflops: float, efficiency: float) -> float:
