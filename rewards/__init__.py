@@ -2,7 +2,8 @@
 
 Built-in rewards (no weights needed): ``psnr`` and ``ssim`` (fidelity to the clean face,
 pyiqa), ``sharpness`` (mean Sobel gradient of the luma) and ``piqe`` (negated pyiqa PIQE).
-``http`` scores with a remote scorer (``rewards.http``). Other rewards subclass :class:`Reward`
+``http`` scores with a remote scorer (``rewards.http``); ``serve`` with a Ray Serve application on
+the same cluster, called by handle (``rewards.serving``, which also turns any reward into one). Other rewards subclass :class:`Reward`
 and are named in the config by registered name, installed plugin (entry point group
 ``rlrestore.rewards``) or ``package.module:Class`` path (see ``rewards.base``). How rewards share
 reward actors and what happens when one fails: ``rewards.pool`` and ``rewards.worker``.
@@ -43,6 +44,7 @@ from rewards.landmarks import LandmarkDistance
 from rewards.pool import RewardActorPool, RewardErrorLog
 from rewards.preference import CLIPScore, CLIPScoreImage, HPSv2, PickScore
 from rewards.quality import PIQE, Sharpness, luminance, mean_gradient_magnitude
+from rewards.serving import RewardDeployment, ScoreRequest, ServeReward, reward_application
 from rewards.worker import (
     RewardActor,
     RewardWorker,
@@ -78,9 +80,12 @@ __all__ = [
     "RewardActorPool",
     "RewardAggregator",
     "RewardBatch",
+    "RewardDeployment",
     "RewardError",
     "RewardErrorLog",
     "RewardWorker",
+    "ScoreRequest",
+    "ServeReward",
     "Sharpness",
     "TOPIQFace",
     "WeightFile",
@@ -95,6 +100,7 @@ __all__ = [
     "plugin_rewards",
     "register_reward",
     "registered_rewards",
+    "reward_application",
     "reward_class",
     "reward_name",
     "reward_resources",
