@@ -9,7 +9,7 @@ command's own clients can reach it by handle, so share a long-lived cluster with
 
 from __future__ import annotations
 
-import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ from rlrestore.runtime.devices import check_role
 
 __all__ = ["ServedReward", "deploy_reward", "serve_reward", "split_arguments", "wait_for_interrupt"]
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class ServedReward:
             f"application: {self.app}",
             f"route: {self.route} (POST, the wire format of the http reward)",
             f"Stage 2 on this cluster: stage2.rewards: [{{name: serve, args: {{app: {self.app}}}}}]",
-            "Ctrl-C stops serving and deletes the application",
+            "Ctrl-C (or SIGTERM) stops serving and deletes the application",
         ]
 
 
@@ -113,9 +112,17 @@ def _proxy_address(config: ServeConfig) -> tuple[str, int]:
 
 
 def wait_for_interrupt() -> None:
-    """Block until Ctrl-C (KeyboardInterrupt)."""
-    while True:
-        time.sleep(3600)
+    """Block until Ctrl-C or SIGTERM (a process manager's stop), both raised as KeyboardInterrupt."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve_reward(
