@@ -60,7 +60,7 @@ import torch
 from PIL import Image
 from requests.adapters import HTTPAdapter
 from torch import Tensor
-from urllib3.exceptions import MaxRetryError
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
@@ -276,6 +276,8 @@ class HTTPReward(Reward):
         reason: BaseException = exc
         if exc.args and isinstance(exc.args[0], MaxRetryError) and exc.args[0].reason is not None:
             reason = exc.args[0].reason
+        if isinstance(reason, NewConnectionError):  # refused, unresolvable (a ConnectTimeoutError subclass)
+            return f"cannot reach it: {reason}"
         if isinstance(reason, requests.Timeout | Urllib3Timeout | TimeoutError):
             return f"no answer within timeout_s={self.timeout_s:g} s ({reason})"
         return f"cannot reach it: {reason}"

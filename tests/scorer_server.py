@@ -25,9 +25,11 @@ ScoreFunction = Callable[[Tensor, RewardBatch], Tensor]
 
 class ScorerServer(ThreadingHTTPServer):
     """``score(images, batch)`` answers each POST; 400 ``{"error": ...}`` for a malformed request,
-    500 for a failing ``score``. ``port=0`` picks a free port. Run it with ``serve_forever()``."""
+    500 for a failing ``score``. ``port=0`` picks a free port. Run it with ``serve_forever()``.
 
-    daemon_threads = True
+    ``server_close`` waits for the request threads (none is a daemon), so a deliberately slow
+    answer never outlives its test and runs torch code while the interpreter shuts down.
+    """
 
     def __init__(self, score: ScoreFunction, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _ScorerHandler)

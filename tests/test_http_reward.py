@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -180,3 +181,11 @@ def test_null_scores_become_nan_and_bad_args_fail_early() -> None:
         ValueError, match="'http' compares each image with its clean face, but batch.clean is None"
     ):
         _http("http://127.0.0.1:1/", send_clean=True)(_images(), _batch())
+
+
+def test_an_unreachable_scorer_fails_clearly_after_its_retries() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/score"
+    with pytest.raises(RewardError, match=rf"scorer {url} failed 3 attempts; last: cannot reach it: .*refused"):
+        _http(url, retries=2)(_images(), _batch())
