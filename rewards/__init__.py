@@ -2,11 +2,13 @@
 
 Built-in rewards (no weights needed): ``psnr`` and ``ssim`` (fidelity to the clean face,
 pyiqa), ``sharpness`` (mean Sobel gradient of the luma) and ``piqe`` (negated pyiqa PIQE).
-``http`` scores with a remote scorer (``rewards.http``); ``serve`` with a Ray Serve application on
-the same cluster, called by handle (``rewards.serving``, which also turns any reward into one). Other rewards subclass :class:`Reward`
+``http`` scores with a remote scorer (``rewards.http``). Other rewards subclass :class:`Reward`
 and are named in the config by registered name, installed plugin (entry point group
 ``rlrestore.rewards``) or ``package.module:Class`` path (see ``rewards.base``). How rewards share
 reward actors and what happens when one fails: ``rewards.pool`` and ``rewards.worker``.
+
+``serve`` scores with a Ray Serve application on the same cluster, called by handle
+(``rewards.serving``, which also turns any reward into such an application).
 """
 
 from rewards.aggregate import AggregateResult, RewardAggregator

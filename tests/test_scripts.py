@@ -22,7 +22,13 @@ def test_there_are_scripts() -> None:
 def test_script_imports_and_shows_its_usage(script: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, str(script), "--help"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--help"],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, f"{script.name} --help failed:\n{done.stderr[-3000:]}"
     assert "usage:" in done.stdout
