@@ -266,7 +266,8 @@ class HTTPReward(Reward):
             raise RewardError(f"scorer {self.url} {attempts}: {self._describe(exc)}") from exc
         if response.status_code < 300:
             return response.content
-        failure = f"HTTP {response.status_code} {response.reason}: {response.content[:300].decode('utf-8', 'replace')}"
+        detail = response.content[:300].decode("utf-8", "replace")
+        failure = f"HTTP {response.status_code} {response.reason}: {detail}"
         if response.status_code in RETRY_STATUS:
             raise RewardError(f"scorer {self.url} {attempts}: {failure}")
         raise RewardError(f"scorer {self.url} rejected the request ({failure})")
