@@ -8,6 +8,9 @@ face, pyiqa), ``sharpness`` (mean Sobel gradient of the luma), ``piqe`` (negated
 and are named in the config by registered name, installed plugin (entry point group
 ``rlrestore.rewards``) or ``package.module:Class`` path (see ``rewards.base``). How rewards share
 reward actors and what happens when one fails: ``rewards.pool`` and ``rewards.worker``.
+
+``serve`` scores with a Ray Serve application on the same cluster, called by handle
+(``rewards.serving``, which also turns any reward into such an application).
 """
 
 from rewards.aggregate import AggregateResult, RewardAggregator
@@ -46,6 +49,7 @@ from rewards.landmarks import LandmarkDistance
 from rewards.pool import RewardActorPool, RewardErrorLog
 from rewards.preference import CLIPScore, CLIPScoreImage, HPSv2, PickScore
 from rewards.quality import PIQE, Sharpness, luminance, mean_gradient_magnitude
+from rewards.serving import RewardDeployment, ScoreRequest, ServeReward, reward_application
 from rewards.worker import (
     RewardActor,
     RewardWorker,
@@ -83,9 +87,12 @@ __all__ = [
     "RewardActorPool",
     "RewardAggregator",
     "RewardBatch",
+    "RewardDeployment",
     "RewardError",
     "RewardErrorLog",
     "RewardWorker",
+    "ScoreRequest",
+    "ServeReward",
     "Sharpness",
     "TOPIQFace",
     "WeightFile",
@@ -100,6 +107,7 @@ __all__ = [
     "plugin_rewards",
     "register_reward",
     "registered_rewards",
+    "reward_application",
     "reward_class",
     "reward_name",
     "reward_resources",

@@ -1,12 +1,16 @@
 """HTTP reward: score faces with a model served elsewhere (another framework, machine or team).
 
 ``HTTPReward`` (registered as ``http``) POSTs each reward call (one chunk of at most the reward
-actor's batch size) to ``url`` and reads one score per image back, using only the standard
-library::
+actor's batch size) to ``url`` and reads one score per image back, with ``requests`` and
+urllib3's ``Retry``::
 
     stage2:
       rewards:
         - {name: http, weight: 1.0, args: {url: "http://10.0.0.5:8000/score", timeout_s: 30}}
+
+A scorer on the same Ray cluster is better called by handle, without HTTP: the ``serve`` reward
+(``rewards.serving``). ``rlrestore serve-reward NAME`` serves any rlrestore reward in this wire
+format (on 127.0.0.1 unless ``--host`` says otherwise), as a Ray Serve application.
 
 Wire format. Request: ``POST url`` with ``Content-Type: application/json`` and a UTF-8 JSON
 object (version 1)::
@@ -31,60 +35,57 @@ request order, higher is better unless ``higher_is_better: false``; ``null`` mar
 scorer cannot score (it becomes NaN and the aggregator drops that sample). Other keys are ignored.
 
 Failures: a connection error, a timeout (``timeout_s`` per request), HTTP 408/429 or 5xx is
-retried up to ``retries`` times, waiting ``backoff_s * 2**attempt`` seconds between attempts;
-other 4xx answers and malformed responses (not JSON, no ``scores`` list, a wrong count, a value
-that is not a finite number or null) fail at once. Each raises :class:`~rewards.base.RewardError`
-naming the URL; the reward worker then applies the reward's error policy. Keep the worker's
-per-call ``timeout_s`` above ``(retries + 1) * timeout_s`` plus the back-off here.
-
-A reference scorer that serves any rlrestore reward in this format (127.0.0.1 unless ``--host``
-says otherwise)::
-
-    python -m rewards.http --reward sharpness --port 8000
+retried up to ``retries`` times by urllib3's ``Retry`` (mounted on a ``requests`` session), with
+its exponential back-off: no wait before the first retry, then ``backoff_s * 2**k`` seconds
+(capped at 120 s; a 429/503 answer's ``Retry-After`` header is honoured). Other 4xx answers and
+malformed responses (not JSON, no ``scores`` list, a wrong count, a value that is not a finite
+number or null) fail at once. Each raises :class:`~rewards.base.RewardError` naming the URL; the
+reward worker then applies the reward's error policy. Keep the worker's per-call ``timeout_s``
+above ``(retries + 1) * timeout_s`` plus the back-off here.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
-import logging
 import math
 import os
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import requests
 import torch
 from PIL import Image
+from requests.adapters import HTTPAdapter
 from torch import Tensor
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util.retry import Retry
 
-from rewards.base import Reward, RewardBatch, RewardError, build_reward, register_reward
-from rlrestore.config import RewardSpec
+from rewards.base import Reward, RewardBatch, RewardError, register_reward
 from rlrestore.data import to_tensor, to_uint8
 
 __all__ = [
+    "RETRY_STATUS",
     "WIRE_VERSION",
     "HTTPReward",
-    "ScorerServer",
     "decode_images",
     "decode_request",
     "encode_images",
     "encode_request",
-    "main",
+    "encode_scores",
+    "retrying_session",
 ]
 
-log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
 Encoding = Literal["png", "npy"]
-_RETRY_STATUS = frozenset({HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS})
+RETRY_STATUS = frozenset(
+    {HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS, *(code for code in range(500, 600))}
+)
+"""Answers retried by the client: 408, 429 and every 5xx."""
 
 
 def encode_images(images: Tensor, encoding: Encoding) -> str | list[str]:
@@ -173,13 +174,37 @@ def decode_request(body: bytes) -> tuple[Tensor, RewardBatch]:
     return images, RewardBatch(captions, clean=clean, metadata=metadata)
 
 
+def retrying_session(retries: int, backoff_s: float) -> requests.Session:
+    """A ``requests`` session that retries POSTs ``retries`` times on connection errors, timeouts
+    and :data:`RETRY_STATUS` answers, with urllib3's exponential back-off from ``backoff_s``; the
+    last answer is returned (not raised) when every attempt got a retryable status."""
+    retry = Retry(
+        total=retries,
+        allowed_methods=frozenset({"POST"}),
+        status_forcelist=RETRY_STATUS,
+        backoff_factor=backoff_s,
+        raise_on_status=False,
+        respect_retry_after_header=True,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def encode_scores(scores: Tensor) -> dict[str, list[float | None]]:
+    """The JSON answer of a scorer: ``{"scores": [...]}``, ``null`` for a non-finite score."""
+    return {"scores": [value if math.isfinite(value) else None for value in scores.tolist()]}
+
+
 @register_reward("http")
 class HTTPReward(Reward):
     """A reward computed by an HTTP scorer (wire format: the module docstring).
 
     ``url``: the scorer's endpoint. ``timeout_s``: seconds per request. ``retries``: extra
-    attempts after a connection error, timeout, HTTP 408/429 or 5xx, with exponential back-off
-    from ``backoff_s``. ``encoding``: ``png`` (8-bit, small) or ``npy`` (exact float32).
+    attempts after a connection error, timeout, HTTP 408/429 or 5xx (urllib3 ``Retry``), with
+    exponential back-off from ``backoff_s``. ``encoding``: ``png`` (8-bit, small) or ``npy`` (exact float32).
     ``send_clean``: also send the clean faces (a fidelity scorer; the batch must have them).
     ``higher_is_better``: False negates the returned scores. ``token_env``: name of an
     environment variable whose value is sent as ``Authorization: Bearer <value>`` (the token
@@ -222,6 +247,7 @@ class HTTPReward(Reward):
         self.headers = {"Content-Type": "application/json"}
         if token_env is not None:
             self.headers["Authorization"] = f"Bearer {os.environ[token_env]}"
+        self._session: requests.Session | None = None  # made on first use, where the reward runs
 
     def score(self, images: Tensor, batch: RewardBatch) -> Tensor:
         body = encode_request(self.name, images, batch, self.encoding, self.needs_clean)
@@ -229,27 +255,33 @@ class HTTPReward(Reward):
 
     def _post(self, body: bytes) -> bytes:
         """The response body of a successful POST, after up to ``retries`` retried failures."""
-        failure = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return response.read()
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", "replace")
-                failure = f"HTTP {exc.code} {exc.reason}: {detail}"
-                if exc.code < 500 and exc.code not in _RETRY_STATUS:
-                    raise RewardError(f"scorer {self.url} rejected the request ({failure})") from exc
-            except TimeoutError as exc:
-                failure = f"no answer within timeout_s={self.timeout_s:g} s ({exc})"
-            except urllib.error.URLError as exc:
-                failure = f"cannot reach it: {exc.reason}"
-            except OSError as exc:  # connection reset or refused mid-request
-                failure = f"{type(exc).__name__}: {exc}"
-            log.warning("scorer %s, attempt %d of %d: %s", self.url, attempt + 1, self.retries + 1, failure)
-        raise RewardError(f"scorer {self.url} failed {self.retries + 1} attempts; last: {failure}")
+        if self._session is None:
+            self._session = retrying_session(self.retries, self.backoff_s)
+        attempts = f"failed {self.retries + 1} attempts; last"
+        try:
+            response = self._session.post(
+                self.url, data=body, headers=self.headers, timeout=self.timeout_s, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            raise RewardError(f"scorer {self.url} {attempts}: {self._describe(exc)}") from exc
+        if response.status_code < 300:
+            return response.content
+        detail = response.content[:300].decode("utf-8", "replace")
+        failure = f"HTTP {response.status_code} {response.reason}: {detail}"
+        if response.status_code in RETRY_STATUS:
+            raise RewardError(f"scorer {self.url} {attempts}: {failure}")
+        raise RewardError(f"scorer {self.url} rejected the request ({failure})")
+
+    def _describe(self, exc: requests.RequestException) -> str:
+        """What went wrong with a request that got no answer (urllib3's reason when it retried)."""
+        reason: BaseException = exc
+        if exc.args and isinstance(exc.args[0], MaxRetryError) and exc.args[0].reason is not None:
+            reason = exc.args[0].reason
+        if isinstance(reason, NewConnectionError):  # refused, unresolvable (a ConnectTimeoutError subclass)
+            return f"cannot reach it: {reason}"
+        if isinstance(reason, requests.Timeout | Urllib3Timeout | TimeoutError):
+            return f"no answer within timeout_s={self.timeout_s:g} s ({reason})"
+        return f"cannot reach it: {reason}"
 
     def _parse(self, raw: bytes, count: int) -> Tensor:
         """Scores ``[count]`` from a response body, or RewardError saying what is malformed."""
@@ -280,83 +312,3 @@ class HTTPReward(Reward):
         return torch.tensor(
             [math.nan if value is None else float(value) for value in scores], dtype=torch.float32
         )
-
-
-ScoreFunction = Callable[[Tensor, RewardBatch], Tensor]
-
-
-class ScorerServer(ThreadingHTTPServer):
-    """A reference scorer speaking the wire format: ``score(images, batch)`` answers each POST.
-
-    Answers 400 with ``{"error": ...}`` for a malformed request and 500 for a failing ``score``.
-    ``port=0`` picks a free port (see :attr:`url`). Run it with ``serve_forever()``.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, score: ScoreFunction, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__((host, port), _ScorerHandler)
-        self.score = score
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
-
-
-class _ScorerHandler(BaseHTTPRequestHandler):
-    server: ScorerServer
-
-    def do_POST(self) -> None:  # http.server's naming
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        try:
-            images, batch = decode_request(body)
-        except ValueError as exc:
-            self._answer(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-            return
-        try:
-            scores = self.server.score(images, batch).tolist()
-        except Exception as exc:  # reported to the client as a server error
-            log.exception("scoring failed")
-            self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
-            return
-        self._answer(HTTPStatus.OK, {"scores": [value if math.isfinite(value) else None for value in scores]})
-
-    def _answer(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("client %s left before the answer (its timeout?)", self.address_string())
-
-    def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
-        log.debug("%s - %s", self.address_string(), format % args)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Serve one rlrestore reward over HTTP in the wire format of :class:`HTTPReward`."""
-    parser = argparse.ArgumentParser(prog="python -m rewards.http", description=main.__doc__)
-    parser.add_argument("--reward", required=True, help="registered name, plugin name or module:Class")
-    parser.add_argument("--args", default="{}", help="the reward's constructor arguments as a JSON object")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    parser.add_argument("--device", default="cpu", help="torch device of the reward")
-    options = parser.parse_args(argv)
-    reward = build_reward(RewardSpec(name=options.reward, args=json.loads(options.args)), options.device)
-    logging.basicConfig(level=logging.INFO)
-    with ScorerServer(reward, options.host, options.port) as server:
-        log.info("serving reward %r at %s (Ctrl-C stops)", reward.name, server.url)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-
-
-if __name__ == "__main__":
-    main()

@@ -732,6 +732,51 @@ class RayConfig(_Section):
         return move_renamed_keys(data, "ray")
 
 
+class ServeConfig(_Section):
+    """``rlrestore serve-reward``: one reward as a Ray Serve application (`rewards/serving.py`).
+
+    Each replica builds the reward once and scores requests from HTTP (the wire format of the
+    ``http`` reward) and from deployment handles (the ``serve`` reward) in one ``serve.batch``
+    queue. Serve's HTTP proxy is cluster-wide: ``host`` and ``port`` apply when Serve first starts
+    on the cluster.
+    """
+
+    replicas: ActorGroupConfig = Field(
+        default_factory=lambda: ActorGroupConfig(num_actors=1, num_cpus=1.0),
+        description="Replicas of the deployment: num_actors replicas, each reserving num_cpus / num_gpus "
+        "(a replica with GPUs scores on its GPU, see `device`).",
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests (each a chunk of images) one reward call may combine (serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01,
+        ge=0,
+        description="Seconds the first request of a batch waits for more before the reward is called (serve.batch).",
+    )
+    max_ongoing_requests: int = Field(
+        32,
+        ge=1,
+        description="Requests one replica holds at once (queued for a batch or being scored); at least "
+        "max_batch_size, or batches never fill.",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address of Serve's HTTP proxy. 127.0.0.1: this machine only; the proxy has no "
+        "authentication, so expose it (0.0.0.0) only on a trusted network.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy.")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="
+                f"{self.max_batch_size}: a replica could never gather a full batch; raise it"
+            )
+        return self
+
+
 class LoggingConfig(_Section):
     """Weights & Biases and local metrics."""
 
@@ -875,6 +920,9 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and resources.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="W&B and progress.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and determinism analysis.")
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig, description="`rlrestore serve-reward`: a reward as a Ray Serve application."
+    )
 
     @model_validator(mode="before")
     @classmethod

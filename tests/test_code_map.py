@@ -10,7 +10,7 @@ from pathlib import Path
 from rlrestore.config import describe_schema
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("seed", "device", "precision", "policy", "sampler", "degradation", "ray", "logging",
+SECTIONS = ("seed", "device", "precision", "policy", "sampler", "degradation", "ray", "logging", "serve",
             "autoencoder", "stage1_1", "stage1_2", "stage2", "eval")  # fmt: skip
 
 

@@ -1,10 +1,11 @@
-"""The HTTP reward against the reference scorer on 127.0.0.1 (ephemeral port, in a thread): round
+"""The HTTP reward against a test scorer on 127.0.0.1 (ephemeral port, in a thread): round
 trips in both encodings, retries on timeouts and server errors, clear errors for bad answers."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 from rewards import Reward, RewardBatch, RewardError, build_reward
-from rewards.http import ScorerServer, decode_request, encode_images
+from rewards.http import decode_request, encode_images
 from rewards.quality import mean_gradient_magnitude
 from rlrestore.config import RewardSpec
 from rlrestore.data import to_tensor, to_uint8
+from tests.scorer_server import ScorerServer
 
 COUNT = 4
 
@@ -85,19 +87,20 @@ def test_scores_round_trip_in_both_encodings() -> None:
 
 
 def test_a_timeout_is_retried_then_fails_clearly() -> None:
-    slow = _Counting(faulty=1, fault=lambda: time.sleep(1.0))
+    # Margins for a loaded machine: an answering attempt takes milliseconds, a hanging one 2 s.
+    slow = _Counting(faulty=1, fault=lambda: time.sleep(2.0))
     with _serving(ScorerServer(slow)) as url:
-        scores = _http(url, timeout_s=0.3, retries=1)(_images(), _batch())  # 2nd attempt answers
+        scores = _http(url, timeout_s=0.8, retries=1)(_images(), _batch())  # 2nd attempt answers
     assert slow.calls == 2 and torch.isfinite(scores).all()
 
-    hanging = _Counting(faulty=99, fault=lambda: time.sleep(1.0))
+    hanging = _Counting(faulty=99, fault=lambda: time.sleep(2.0))
     with (
         _serving(ScorerServer(hanging)) as url,
         pytest.raises(
-            RewardError, match=rf"scorer {url} failed 2 attempts; last: no answer within timeout_s=0.3 s"
+            RewardError, match=rf"scorer {url} failed 2 attempts; last: no answer within timeout_s=0.8 s"
         ),
     ):
-        _http(url, timeout_s=0.3, retries=1)(_images(), _batch())
+        _http(url, timeout_s=0.8, retries=1)(_images(), _batch())
     assert hanging.calls == 2
 
 
@@ -178,3 +181,11 @@ def test_null_scores_become_nan_and_bad_args_fail_early() -> None:
         ValueError, match="'http' compares each image with its clean face, but batch.clean is None"
     ):
         _http("http://127.0.0.1:1/", send_clean=True)(_images(), _batch())
+
+
+def test_an_unreachable_scorer_fails_clearly_after_its_retries() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/score"
+    with pytest.raises(RewardError, match=rf"scorer {url} failed 3 attempts; last: cannot reach it: .*refused"):
+        _http(url, retries=2)(_images(), _batch())

@@ -111,7 +111,7 @@ def test_registry_resolves_names_and_module_class_paths(faces: torch.Tensor) -> 
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("nope", r"unknown reward 'nope'; registered rewards: .*psnr, sharpness, ssim"),
+        ("nope", r"unknown reward 'nope'; registered rewards: .*psnr, serve, sharpness, ssim"),
         (f"{THIS}:Missing", "has no attribute 'Missing'"),
         ("tests.no_such_module:Reward", "cannot import module 'tests.no_such_module'"),
         ("torch:Tensor", "not a concrete subclass of rewards.Reward"),

@@ -11,6 +11,7 @@
     rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
     rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
     rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
+    rlrestore serve-reward NAME [ARG=VALUE ...] [key=value ...] [--config CONFIG] [--app APP] [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -210,6 +211,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    import json
+
+    from rlrestore.config import RewardSpec
+    from rlrestore.orchestration.serving import serve_reward, split_arguments
+
+    reward_args, overrides = split_arguments(args.overrides)
+    if args.host is not None:
+        overrides.append(f"serve.host={json.dumps(args.host)}")
+    if args.port is not None:
+        overrides.append(f"serve.port={args.port}")
+    config = load_config(args.config, overrides)
+    serve_reward(config, RewardSpec(name=args.reward, args=reward_args), args.app, replace=args.replace)
+    return 0
+
+
 def default_config_path() -> Path:
     """The embedded tiny config (CPU, minutes) used by the demo when no config is given."""
     return Path(__file__).parents[1] / "configs" / "tiny.yaml"
@@ -234,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_convert_parser(sub)
     _add_plan_parser(sub)
+    _add_serve_reward_parser(sub)
     return parser
 
 
@@ -441,6 +459,34 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
         "mm_vision_tower if present here, else csuhan/TA-Tok ta_tok.pth from the HF cache.",
     )
     convert.set_defaults(func=cmd_convert)
+
+
+def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
+    """``serve-reward NAME [ARG=VALUE ...]``: a reward as a Ray Serve application."""
+    serve = sub.add_parser(
+        "serve-reward",
+        help="Serve a reward as a Ray Serve application until Ctrl-C: an HTTP route in the http reward's wire "
+        "format and a deployment handle the `serve` reward of Stage 2 runs on the same cluster calls.",
+    )
+    serve.add_argument("reward", help="Registered reward name, installed plugin name or package.module:Class.")
+    serve.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="The reward's constructor args (KEY without dots, YAML values, e.g. version=v2.1) and config "
+        "overrides (KEY starting with a config section or key: serve.replicas.num_gpus=1, serve.max_batch_size=16, "
+        "ray.address=auto, device=cuda).",
+    )
+    serve.add_argument("--config", default=None, help="YAML config (its serve, ray, device, precision; default: defaults).")
+    serve.add_argument("--app", default=None, help="Application name, also the route /APP (default: the reward's name).")
+    serve.add_argument(
+        "--host", default=None,
+        help="Bind address of Serve's HTTP proxy (default serve.host, 127.0.0.1: this machine only; the route has "
+        "no authentication).",
+    )
+    serve.add_argument("--port", type=int, default=None, help="Port of Serve's HTTP proxy (default serve.port, 8000).")
+    serve.add_argument(
+        "--replace", action="store_true", help="Replace an application of the same name already on the cluster."
+    )
+    serve.set_defaults(func=cmd_serve_reward)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
