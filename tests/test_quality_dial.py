@@ -154,6 +154,7 @@ def test_eval_sweep_has_a_row_per_s_equal_to_f_and_q_at_the_ends_and_a_curve(run
     assert [(row["model"], row["s"]) for row in result["dial"]] == [("Q", 0.0), ("Q", 0.5), ("Q", 1.0)]
     assert all(np.isfinite(row["sharpness"]) for row in result["dial"])
     assert "F=" + str(run.f.resolve()) in result["models"]["Q@s=0.5"]
+    assert result["quality_curve_axes"] == ["psnr", "sharpness"]  # sharpness: the tiny config's trained reward
     markdown = (sweep / "summary.md").read_text()
     assert "## Fidelity-quality dial" in markdown and "| Q | 0.5 |" in markdown
     assert "quality curve  :" in capsys.readouterr().out

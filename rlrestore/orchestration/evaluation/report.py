@@ -42,6 +42,7 @@ class EvalReport:
     grid: Path | None
     dial: list[dict[str, Any]] = field(default_factory=list)  # a --quality sweep: model, s, metric means
     quality_curve: Path | None = None
+    dial_axes: tuple[str, str] | None = None  # the curve's (fidelity, quality) metric keys
 
     def markdown(self) -> str:
         """The summary table (best per metric in bold, ↑/↓ directions), then what was skipped and why."""
@@ -98,8 +99,9 @@ class EvalReport:
         for row in self.dial:
             cells = " | ".join(format_value(row[key]) for key in keys)
             lines.append(f"| {row['model']} | {row['s']:g} | {cells} |")
-        if self.quality_curve is not None:
-            lines += ["", f"Curve: {self.quality_curve.name}"]
+        if self.quality_curve is not None and self.dial_axes is not None:
+            x, y = self.dial_axes
+            lines += ["", f"Curve: {self.quality_curve.name} (`{x}` on x, `{y}` on y)"]
         return lines
 
 
@@ -178,6 +180,7 @@ def write_summaries(report: EvalReport) -> None:
         "grid": None if report.grid is None else str(report.grid),
         "dial": report.dial,
         "quality_curve": None if report.quality_curve is None else str(report.quality_curve),
+        "quality_curve_axes": report.dial_axes,
     }
     (out / "summary.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
@@ -206,16 +209,20 @@ def write_quality_curve(report: EvalReport, qualities: dict[str, float], trained
     """Fill ``report.dial`` (metric means per dial setting) and draw quality_curve.png: fidelity (PSNR,
     else the first full-reference metric) on x, quality (the first trained reward ``trained`` among
     the metrics, else the first no-reference metric) on y, one line per swept checkpoint, points
-    labelled by s. No figure (None) when either kind of metric is missing or has no finite value."""
+    labelled by s. No figure (None) when either kind of metric is missing or has no finite value.
+    ``trained``: the Stage 2 rewards trained on (weight > 0)."""
     summary = report.summary.set_index("model")
     report.dial = [
         {"model": name.rsplit(_DIAL, 1)[0], "s": s, **{m.key: float(summary.at[name, m.key]) for m in report.metrics}}
         for name, s in sorted(qualities.items(), key=lambda item: (item[0].rsplit(_DIAL, 1)[0], item[1]))
     ]
     x = _first(report.metrics, lambda m: m.key == "psnr") or _first(report.metrics, lambda m: m.needs_gt)
-    y = _first(report.metrics, lambda m: m.key in trained) or _first(report.metrics, lambda m: not m.needs_gt)
+    y = _first(report.metrics, lambda m: m.key in trained and m is not x) or _first(
+        report.metrics, lambda m: not m.needs_gt
+    )
     if x is None or y is None:
         return None
+    report.dial_axes = (x.key, y.key)
     curves: dict[str, list[tuple[float, float, float]]] = {}
     for row in report.dial:
         if math.isfinite(row[x.key]) and math.isfinite(row[y.key]):

@@ -70,8 +70,7 @@ def run_evaluation(
     if qualities:
         models, dials = dial_models(models, qualities, base)
     described = {
-        name: str(path) if name not in dials else f"{path} at s={dials[name].quality:g} from F={dials[name].base_dir}"
-        for name, path in models.items()
+        name: str(path) if name not in dials else _dial_description(path, dials[name]) for name, path in models.items()
     }
     out = Path(out)
     ev = config.eval
@@ -112,10 +111,17 @@ def run_evaluation(
         grid=grid,
     )
     if dials:
-        trained = [spec.name for spec in config.stage2.rewards]
+        trained = [spec.name for spec in config.stage2.rewards if spec.weight > 0]
         write_quality_curve(report, {name: dial.quality for name, dial in dials.items()}, trained)
     write_summaries(report)
     return report
+
+
+def _dial_description(policy_dir: Path, dial: Dial) -> str:
+    """What a ``--quality`` row restores with, as the manifest and the summaries record it."""
+    if dial.base_dir is None:
+        return f"{policy_dir} at s=1 (Q as saved)"
+    return f"{policy_dir} at s={dial.quality:g} from F={dial.base_dir}"
 
 
 def _settings(config: RunConfig, data: str | Path, real: bool, metrics: list[Metric]) -> dict[str, Any]:
