@@ -121,3 +121,28 @@ def configured_policy_dir(checkpoint: str | None) -> Path | None:
         return resolve_policy_dir(checkpoint)
     except CheckpointError as exc:
         raise CheckpointError(f"policy.checkpoint={checkpoint!r}: {exc}") from None
+
+
+def stage2_base_policy_dir(policy_dir: str | Path, base: str | Path | None = None) -> Path:
+    """F of the fidelity-quality dial: ``base`` (any path ``resolve_policy_dir`` takes) when given,
+    else the Stage 1.2 policy the Stage 2 run of ``policy_dir`` started from (its run's newest
+    ``checkpoints/stage1.2/step_*/policy``, the hand-off ``rlrestore train stage2`` builds its actors
+    from). Raises ``CheckpointError`` naming what is missing."""
+    if base is not None:
+        return resolve_policy_dir(base).resolve()
+    policy_dir = Path(policy_dir).resolve()
+    checkpoint = policy_dir.parent
+    if not (policy_dir.name == "policy" and STEP_DIR.match(checkpoint.name) and checkpoint.parent.name == "stage2"):
+        raise CheckpointError(
+            f"{policy_dir} is not a Stage 2 checkpoint's policy (<run>/checkpoints/stage2/step_*/policy), so "
+            "its Stage 1 policy F cannot be found: pass F with --base"
+        )
+    run_dir = checkpoint.parent.parent.parent
+    handoff = latest_checkpoint(run_dir, "stage1.2")
+    if handoff is None:
+        raise CheckpointError(
+            f"the Stage 1 policy F of {policy_dir} is missing: {checkpoint_root(run_dir, 'stage1.2')} holds no "
+            "checkpoint (a run started from policy.checkpoint, or its Stage 1.2 checkpoints were removed); "
+            "pass F with --base"
+        )
+    return (handoff / "policy").resolve()

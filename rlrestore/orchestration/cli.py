@@ -2,9 +2,9 @@
 
     rlrestore data build --src FACES --out SHARDS
     rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
-    rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] INPUT [INPUT ...]
+    rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] [--quality S] INPUT [INPUT ...]
     rlrestore demo [key=value ...]
-    rlrestore eval CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--real] [key=value ...]
+    rlrestore eval CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--real] [--quality S,...] [key=value ...]
     rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
@@ -93,6 +93,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=args.device,
         precision=args.precision,
+        quality=args.quality,
+        base=args.base,
     )
     print(report.summary())
     for item in report.skipped:
@@ -122,6 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         real=args.real,
         reference=args.reference,
         progress=config.logging.progress and not args.quiet,
+        qualities=args.quality,
+        base=args.base,
     )
     print(report.markdown())
     print(f"chunks computed {len(report.computed)}, reused {len(report.reused)}")
@@ -129,6 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"summary        : {report.out / 'summary.csv'}, summary.md, summary.json")
     if report.grid is not None:
         print(f"grid           : {report.grid}")
+    if report.quality_curve is not None:
+        print(f"quality curve  : {report.quality_curve}")
     return 0
 
 
@@ -306,6 +312,15 @@ def _add_restore_parser(sub: argparse._SubParsersAction) -> None:
         help="Numerics (default fp32). bf16-mixed / fp16-mixed restore with bf16 / fp16 weights, the sampler "
         "state and t in float32: faster and half the memory on a GPU, outputs differ slightly.",
     )
+    restore.add_argument(
+        "--quality", type=_quality, default=1.0, metavar="S",
+        help="Fidelity-quality dial s in [0, 1] (default 1): the Stage 2 weights become F + s (Q - F), F the "
+        "Stage 1 policy the run started from (0 restores as F, 1 as Q; for LoRA runs, the LoRA scale).",
+    )
+    restore.add_argument(
+        "--base", default=None,
+        help="F for --quality < 1 (policy, checkpoint or run directory; default: the run's Stage 1.2 policy).",
+    )
     restore.add_argument("--quiet", action="store_true", help="No progress bar.")
     restore.set_defaults(func=cmd_restore)
 
@@ -332,6 +347,15 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "--reference",
         default=None,
         help="Folder of clean faces FID compares against (default: the clean set).",
+    )
+    evaluate.add_argument(
+        "--quality", type=_qualities, default=None, metavar="S[,S...]",
+        help="Sweep the fidelity-quality dial, e.g. 0,0.25,0.5,0.75,1: each --ckpt NAME becomes one row "
+        "NAME@s=S per value (weights F + s (Q - F)), and quality_curve.png plots fidelity against quality.",
+    )
+    evaluate.add_argument(
+        "--base", default=None,
+        help="F for --quality (policy, checkpoint or run directory; default: each run's Stage 1.2 policy).",
     )
     evaluate.set_defaults(func=cmd_eval)
 
@@ -487,6 +511,26 @@ def _add_serve_reward_parser(sub: argparse._SubParsersAction) -> None:
         "--replace", action="store_true", help="Replace an application of the same name already on the cluster."
     )
     serve.set_defaults(func=cmd_serve_reward)
+
+
+def _quality(text: str) -> float:
+    """argparse type of ``restore --quality``: s in [0, 1]."""
+    from rlrestore.policies.blend import check_quality
+
+    try:
+        return check_quality(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _qualities(text: str) -> list[float]:
+    """argparse type of ``eval --quality``: comma-separated s in [0, 1]."""
+    from rlrestore.policies.blend import parse_qualities
+
+    try:
+        return parse_qualities(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:

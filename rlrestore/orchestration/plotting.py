@@ -1,5 +1,5 @@
 """Figures: a run's metric curves, the Stage 2 reward curves (Fig. 6), determinism box plots
-(Fig. 8) and captioned comparison grids.
+(Fig. 8), the fidelity-quality dial's curve and captioned comparison grids.
 
 ``plot_run`` writes one PNG per stage (one panel per metric over step) and, for Stage 2, the
 reward components and total on two y axes as in Fig. 6 of the paper. Uses matplotlib's object
@@ -142,6 +142,28 @@ def reward_figure(metrics: pd.DataFrame) -> Figure:
     left.grid(alpha=0.3)
     left.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="best")
     figure.suptitle(f"Stage 2 rewards ({len(metrics)} steps)")
+    return figure
+
+
+def quality_curve_figure(
+    curves: dict[str, list[tuple[float, float, float]]], x_label: str, y_label: str
+) -> Figure:
+    """The fidelity-quality dial: per swept model, (s, fidelity, quality) points joined in s order,
+    fidelity on x, quality on y, each point labelled ``s=...``."""
+    figure = Figure(figsize=(6.0, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for index, (name, points) in enumerate(curves.items()):
+        points = sorted(points)
+        xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
+        ax.plot(xs, ys, marker="o", linewidth=1.2, color=f"C{index}", label=name)
+        for s, x, y in points:
+            ax.annotate(f"s={s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title("fidelity-quality dial: weights F + s (Q - F)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return figure
 
 

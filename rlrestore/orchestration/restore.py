@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rlrestore.checkpoints import resolve_policy_dir
+from rlrestore.checkpoints import resolve_policy_dir, stage2_base_policy_dir
 from rlrestore.config import SamplerConfig
 from rlrestore.data.images import ImageLoadError, iter_image_files, load_image, save_image
-from rlrestore.policies import load_policy
+from rlrestore.policies.blend import check_quality, load_dialled_policy
 from rlrestore.restore import restore_arrays
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, local_device, write_devices
 from rlrestore.runtime.precision import Precision, PrecisionName
@@ -34,6 +34,8 @@ class RestoreReport:
     """What a restore call wrote and skipped."""
 
     checkpoint: str
+    quality: float = 1.0
+    base: str | None = None
     outputs: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
@@ -66,16 +68,24 @@ def restore_files(
     progress: bool = True,
     device: DeviceName = "auto",
     precision: PrecisionName = "fp32",
+    quality: float = 1.0,
+    base: str | Path | None = None,
 ) -> RestoreReport:
     """Restore every readable input; write ``<stem>.png`` (first candidate) and, with ``samples > 1``,
     ``<stem>_sample<k>.png`` for each candidate, plus ``restore_report.json`` with the seeds and
-    ``devices.json`` (device and dtype of the policy)."""
+    ``devices.json`` (device and dtype of the policy).
+
+    ``quality`` s < 1 restores with the Stage 2 weights dialled back towards the Stage 1 policy F,
+    F + s (Q - F) (``rlrestore.policies.blend``); F is ``base`` or the run's Stage 1.2 policy.
+    """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    quality = check_quality(quality)
     target = local_device(device)
     numerics = Precision(precision)
     policy_dir = resolve_policy_dir(checkpoint)
-    policy = numerics.for_inference(load_policy(policy_dir)).to(target).eval()
+    base_dir = None if quality == 1.0 else stage2_base_policy_dir(policy_dir, base)
+    policy = numerics.for_inference(load_dialled_policy(policy_dir, base_dir, quality)).to(target).eval()
     out_dir = Path(out_dir)
     files, skipped = collect_inputs(inputs)
     inside = [f for f in files if out_dir.resolve() in f.resolve().parents]
@@ -88,7 +98,9 @@ def restore_files(
     write_devices(
         out_dir, "restore", [DeviceRecord.here("restore", "restore", "local", target, numerics.name, numerics.compute_dtype)]
     )
-    report = RestoreReport(checkpoint=str(policy_dir), skipped=skipped)
+    report = RestoreReport(
+        checkpoint=str(policy_dir), quality=quality, base=None if base_dir is None else str(base_dir), skipped=skipped
+    )
     used_names: set[str] = set()
     done = 0  # readable inputs so far: the i-th gets seeds seed + i * samples + k
     for start in tqdm(range(0, len(files), batch_size), desc="restore", disable=not progress):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rlrestore.checkpoints import resolve_policy_dir
+from rlrestore.checkpoints import resolve_policy_dir, stage2_base_policy_dir
 from rlrestore.config import RunConfig
 from rlrestore.data import (
     ImageLoadError,
@@ -32,6 +32,7 @@ from rlrestore.data import (
     save_image,
     square_resize,
 )
+from rlrestore.policies.blend import quality_names
 from rlrestore.runtime.seeds import sample_seed
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
@@ -145,6 +146,30 @@ def parse_checkpoints(specs: Sequence[str]) -> dict[str, Path]:
             raise ValueError(f"--ckpt {spec}: the model name {name!r} is taken; name each one with NAME=PATH")
         models[name] = policy_dir
     return models
+
+
+@dataclass(frozen=True)
+class Dial:
+    """A model row of a ``--quality`` sweep: Q's weights dialled to ``quality`` towards F (``base_dir``,
+    None at s = 1)."""
+
+    base_dir: Path | None
+    quality: float
+
+
+def dial_models(
+    models: dict[str, Path], qualities: Sequence[float], base: str | Path | None
+) -> tuple[dict[str, Path], dict[str, Dial]]:
+    """Every model once per dial setting, named ``NAME@s=S``: their policy directories (Q) and dials.
+    F is ``base`` or each run's Stage 1.2 policy (``stage2_base_policy_dir``), needed when some s < 1."""
+    dialled: dict[str, Path] = {}
+    dials: dict[str, Dial] = {}
+    for name, policy_dir in models.items():
+        base_dir = None if all(s == 1.0 for s in qualities) else stage2_base_policy_dir(policy_dir, base)
+        for s, row in zip(qualities, quality_names(name, qualities), strict=True):
+            dialled[row] = policy_dir
+            dials[row] = Dial(None if s == 1.0 else base_dir, s)
+    return dialled, dials
 
 
 def _default_name(policy_dir: Path) -> str:

@@ -1,11 +1,13 @@
 """What an evaluation reports: the per-checkpoint summary (means, best per metric), its tables
-(summary.csv, summary.md, summary.json) and the LQ | checkpoints | GT grid."""
+(summary.csv, summary.md, summary.json), the LQ | checkpoints | GT grid and, for a ``--quality``
+sweep, the fidelity-quality curve (quality_curve.png)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from rlrestore.data import load_image, save_image
 from rlrestore.orchestration.evaluation.inputs import EvalInputs
 from rlrestore.orchestration.evaluation.metrics import Metric
 from rlrestore.orchestration.evaluation.store import PER_IMAGE, restored_path
-from rlrestore.orchestration.plotting import captioned_grid
+from rlrestore.orchestration.plotting import captioned_grid, quality_curve_figure
 
 _GRID_CELL_MAX = 256
 
@@ -38,6 +40,9 @@ class EvalReport:
     computed: list[tuple[str, int]]
     reused: list[tuple[str, int]]
     grid: Path | None
+    dial: list[dict[str, Any]] = field(default_factory=list)  # a --quality sweep: model, s, metric means
+    quality_curve: Path | None = None
+    dial_axes: tuple[str, str] | None = None  # the curve's (fidelity, quality) metric keys
 
     def markdown(self) -> str:
         """The summary table (best per metric in bold, ↑/↓ directions), then what was skipped and why."""
@@ -60,6 +65,7 @@ class EvalReport:
             "Means over every restoration with a finite value (FID: one value per checkpoint, set-level); "
             + "↑ higher is better, ↓ lower is better; best per metric in bold (with two or more checkpoints).",
         ]
+        lines += self._dial_lines()
         if self.skipped_metrics:
             lines += ["", "## Skipped metrics", ""]
             lines += [f"- `{key}`: {reason}" for key, reason in self.skipped_metrics.items()]
@@ -74,6 +80,29 @@ class EvalReport:
             lines += [f"- {item['path']}: {item['reason']}" for item in self.skipped_inputs]
         lines += ["", "Checkpoints: " + ", ".join(f"{name} = {path}" for name, path in self.models.items())]
         return "\n".join(lines) + "\n"
+
+
+    def _dial_lines(self) -> list[str]:
+        """The ``--quality`` sweep: every metric per dial setting s (the trained rewards among them)."""
+        if not self.dial:
+            return []
+        keys = [metric.key for metric in self.metrics]
+        lines = [
+            "",
+            "## Fidelity-quality dial",
+            "",
+            "Weights F + s (Q - F): s = 0 is the Stage 1 policy F, s = 1 the Stage 2 policy Q.",
+            "",
+            "| model | s | " + " | ".join(metric.heading for metric in self.metrics) + " |",
+            "|---|---:|" + "---:|" * len(keys),
+        ]
+        for row in self.dial:
+            cells = " | ".join(format_value(row[key]) for key in keys)
+            lines.append(f"| {row['model']} | {row['s']:g} | {cells} |")
+        if self.quality_curve is not None and self.dial_axes is not None:
+            x, y = self.dial_axes
+            lines += ["", f"Curve: {self.quality_curve.name} (`{x}` on x, `{y}` on y)"]
+        return lines
 
 
 def format_value(value: float) -> str:
@@ -149,6 +178,9 @@ def write_summaries(report: EvalReport) -> None:
         "skipped_inputs": report.skipped_inputs,
         "per_image": str(out / PER_IMAGE),
         "grid": None if report.grid is None else str(report.grid),
+        "dial": report.dial,
+        "quality_curve": None if report.quality_curve is None else str(report.quality_curve),
+        "quality_curve_axes": report.dial_axes,
     }
     (out / "summary.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
@@ -168,3 +200,40 @@ def write_grid(out: Path, inputs: EvalInputs, models: list[str], seed: int, coun
     titles = ["LQ", *(f"{model} (seed {seed})" for model in models)] + (["GT"] if inputs.gt_dir else [])
     cell = min(_GRID_CELL_MAX, max(rows[0][0].shape[:2]))
     return save_image(captioned_grid(rows, titles, ids, cell), out / "grid.png")
+
+
+_DIAL = "@s="
+
+
+def write_quality_curve(report: EvalReport, qualities: dict[str, float], trained: list[str]) -> Path | None:
+    """Fill ``report.dial`` (metric means per dial setting) and draw quality_curve.png: fidelity (PSNR,
+    else the first full-reference metric) on x, quality (the first trained reward ``trained`` among
+    the metrics, else the first no-reference metric) on y, one line per swept checkpoint, points
+    labelled by s. No figure (None) when either kind of metric is missing or has no finite value.
+    ``trained``: the Stage 2 rewards trained on (weight > 0)."""
+    summary = report.summary.set_index("model")
+    report.dial = [
+        {"model": name.rsplit(_DIAL, 1)[0], "s": s, **{m.key: float(summary.at[name, m.key]) for m in report.metrics}}
+        for name, s in sorted(qualities.items(), key=lambda item: (item[0].rsplit(_DIAL, 1)[0], item[1]))
+    ]
+    x = _first(report.metrics, lambda m: m.key == "psnr") or _first(report.metrics, lambda m: m.needs_gt)
+    y = _first(report.metrics, lambda m: m.key in trained and m is not x) or _first(
+        report.metrics, lambda m: not m.needs_gt
+    )
+    if x is None or y is None:
+        return None
+    report.dial_axes = (x.key, y.key)
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for row in report.dial:
+        if math.isfinite(row[x.key]) and math.isfinite(row[y.key]):
+            curves.setdefault(row["model"], []).append((row["s"], row[x.key], row[y.key]))
+    if not curves:
+        return None
+    path = report.out / "quality_curve.png"
+    quality_curve_figure(curves, x.heading, y.heading).savefig(path, dpi=100)
+    report.quality_curve = path
+    return path
+
+
+def _first(metrics: list[Metric], accept: Callable[[Metric], bool]) -> Metric | None:
+    return next((metric for metric in metrics if accept(metric)), None)

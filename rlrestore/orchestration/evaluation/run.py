@@ -14,13 +14,20 @@ from tqdm import tqdm
 from rlrestore.config import RunConfig
 from rlrestore.data import load_image
 from rlrestore.orchestration.evaluation.fid import set_level_metrics
-from rlrestore.orchestration.evaluation.inputs import EvalInputs, parse_checkpoints, prepare_inputs
+from rlrestore.orchestration.evaluation.inputs import (
+    Dial,
+    EvalInputs,
+    dial_models,
+    parse_checkpoints,
+    prepare_inputs,
+)
 from rlrestore.orchestration.evaluation.metrics import Metric, plan_metrics
 from rlrestore.orchestration.evaluation.report import (
     EvalReport,
     best_models,
     summarize,
     write_grid,
+    write_quality_curve,
     write_summaries,
 )
 from rlrestore.orchestration.evaluation.store import (
@@ -46,15 +53,25 @@ def run_evaluation(
     real: bool = False,
     reference: str | Path | None = None,
     progress: bool = True,
+    qualities: Sequence[float] | None = None,
+    base: str | Path | None = None,
 ) -> EvalReport:
     """Restore ``data`` with every checkpoint (``[NAME=]PATH``), score, summarise; resumes in ``out``.
 
     ``real``: ``data`` holds real low-quality faces (no ground truth); otherwise clean faces that
     are degraded with Eq. 16. ``reference``: folder of clean faces FID compares against (default:
-    the clean set of a synthetic evaluation).
+    the clean set of a synthetic evaluation). ``qualities``: sweep the fidelity-quality dial, each
+    checkpoint evaluated once per s as ``NAME@s=S`` (weights F + s (Q - F), F is ``base`` or the
+    run's Stage 1.2 policy), and ``quality_curve.png`` drawn.
     """
     check_run_devices(config, ["eval"])
     models = parse_checkpoints(checkpoints)
+    dials: dict[str, Dial] = {}
+    if qualities:
+        models, dials = dial_models(models, qualities, base)
+    described = {
+        name: str(path) if name not in dials else _dial_description(path, dials[name]) for name, path in models.items()
+    }
     out = Path(out)
     ev = config.eval
     if reference is not None and not Path(reference).is_dir():
@@ -62,13 +79,13 @@ def run_evaluation(
     metrics, skipped_metrics = plan_metrics(ev, has_gt=not real, has_reference=reference is not None)
     settings = _settings(config, data, real, metrics)
     out.mkdir(parents=True, exist_ok=True)
-    check_manifest(out, settings, models)
+    check_manifest(out, settings, described)
     inputs = prepare_inputs(Path(data), out, real, config, progress)
-    models = check_manifest(out, {**settings, "inputs": inputs.ids}, models)
+    check_manifest(out, {**settings, "inputs": inputs.ids}, described)
 
     plan = plan_chunks(out, list(models), inputs.ids, ev)
     columns = [metric.key for metric in metrics if metric.reward is not None]
-    _compute_chunks(config, metrics, models, inputs, out, plan, columns, progress)
+    _compute_chunks(config, metrics, models, dials, inputs, out, plan, columns, progress)
 
     per_image, notes = merge_parts(out, plan.tasks, columns)
     per_image.to_parquet(out / PER_IMAGE, index=False)
@@ -81,7 +98,7 @@ def run_evaluation(
     report = EvalReport(
         out=out,
         kind=settings["kind"],
-        models={name: str(path) for name, path in models.items()},
+        models=described,
         metrics=metrics,
         skipped_metrics=skipped_metrics,
         skipped_inputs=inputs.skipped,
@@ -93,8 +110,18 @@ def run_evaluation(
         reused=plan.reused,
         grid=grid,
     )
+    if dials:
+        trained = [spec.name for spec in config.stage2.rewards if spec.weight > 0]
+        write_quality_curve(report, {name: dial.quality for name, dial in dials.items()}, trained)
     write_summaries(report)
     return report
+
+
+def _dial_description(policy_dir: Path, dial: Dial) -> str:
+    """What a ``--quality`` row restores with, as the manifest and the summaries record it."""
+    if dial.base_dir is None:
+        return f"{policy_dir} at s=1 (Q as saved)"
+    return f"{policy_dir} at s={dial.quality:g} from F={dial.base_dir}"
 
 
 def _settings(config: RunConfig, data: str | Path, real: bool, metrics: list[Metric]) -> dict[str, Any]:
@@ -116,6 +143,7 @@ def _compute_chunks(
     config: RunConfig,
     metrics: list[Metric],
     models: dict[str, Path],
+    dials: dict[str, Dial],
     inputs: EvalInputs,
     out: Path,
     plan: ChunkPlan,
@@ -129,7 +157,10 @@ def _compute_chunks(
         model, index, ids = task
         gt = None if inputs.gt_dir is None else [load_image(inputs.gt_dir / f"{i}.png") for i in ids]
         lq = [load_image(inputs.lq_dir / f"{i}.png") for i in ids]
-        return ChunkTask(model, str(models[model]), index, ids, [inputs.captions[i] for i in ids], lq, gt)
+        dial = dials.get(model, Dial(None, 1.0))
+        base_dir = None if dial.base_dir is None else str(dial.base_dir)
+        captions = [inputs.captions[i] for i in ids]
+        return ChunkTask(model, str(models[model]), index, ids, captions, lq, gt, base_dir, dial.quality)
 
     bar = tqdm(total=len(plan.tasks), initial=len(plan.reused), desc="eval chunks", disable=not progress)
     if plan.pending:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ KEY_COLUMNS = ("model", "image", "seed")
 NOTES_KEY = b"rlrestore.notes"
 
 
-def check_manifest(out: Path, settings: dict[str, Any], models: dict[str, Path]) -> dict[str, Path]:
-    """Refuse to mix settings in one ``out``; record the settings and checkpoints (models may be added)."""
+def check_manifest(out: Path, settings: dict[str, Any], models: Mapping[str, Path | str]) -> None:
+    """Refuse to mix settings in one ``out``; record the settings and checkpoints (models may be added).
+    ``models`` maps a name to its policy directory, or to a description of it (a dialled model)."""
     path = out / MANIFEST
     settings = json.loads(json.dumps(settings))
     stored = json.loads(path.read_text()) if path.is_file() else {"settings": {}, "models": {}}
@@ -48,7 +49,6 @@ def check_manifest(out: Path, settings: dict[str, Any], models: dict[str, Path])
     stored["settings"].update(settings)
     stored["models"].update({name: str(policy_dir) for name, policy_dir in models.items()})
     path.write_text(json.dumps(stored, indent=2) + "\n")
-    return models
 
 
 def part_path(out: Path, model: str, index: int) -> Path:

@@ -18,7 +18,8 @@ from rewards import RewardBatch, build_reward
 from rlrestore.config import EvalConfig, SamplerConfig
 from rlrestore.data import to_tensor
 from rlrestore.orchestration.evaluation.metrics import Metric
-from rlrestore.policies import RestorationPolicy, load_policy
+from rlrestore.policies import RestorationPolicy
+from rlrestore.policies.blend import load_dialled_policy
 from rlrestore.restore import restore_arrays
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device, local_device
 from rlrestore.runtime.precision import Precision, PrecisionName
@@ -35,6 +36,8 @@ class ChunkTask:
     captions: list[str]
     lq: list[np.ndarray]
     gt: list[np.ndarray] | None
+    base_dir: str | None = None  # F of the fidelity-quality dial, with quality < 1
+    quality: float = 1.0  # the dial s: weights F + s (Q - F)
 
 
 @dataclass
@@ -84,14 +87,16 @@ class EvalWorker:
         self.sampler = sampler
         self.config = config
         self.seeds = [config.seed + k for k in range(config.samples)]
-        self._policy: tuple[str, RestorationPolicy] | None = None
+        self._policy: tuple[tuple[str, str | None, float], RestorationPolicy] | None = None
 
-    def policy(self, policy_dir: str) -> RestorationPolicy:
-        """The policy of ``policy_dir``, loaded when it differs from the one held."""
-        if self._policy is None or self._policy[0] != policy_dir:
+    def policy(self, policy_dir: str, base_dir: str | None = None, quality: float = 1.0) -> RestorationPolicy:
+        """The policy of ``policy_dir`` (dialled to ``quality`` towards ``base_dir``), loaded when it
+        differs from the one held."""
+        key = (policy_dir, base_dir, quality)
+        if self._policy is None or self._policy[0] != key:
             self._policy = None  # free the previous checkpoint first
-            policy = self.precision.for_inference(load_policy(policy_dir))
-            self._policy = (policy_dir, policy.to(self.device).eval())
+            policy = self.precision.for_inference(load_dialled_policy(policy_dir, base_dir, quality))
+            self._policy = (key, policy.to(self.device).eval())
         return self._policy[1]
 
     def device_record(self, actor: str) -> DeviceRecord:
@@ -103,7 +108,7 @@ class EvalWorker:
     @torch.no_grad()
     def run(self, task: ChunkTask) -> ChunkResult:
         """Restore every input of ``task`` under every seed, then score each restoration."""
-        policy = self.policy(task.policy_dir)
+        policy = self.policy(task.policy_dir, task.base_dir, task.quality)
         # eval.noise_seed: every restoration starts from the same noise (a deterministic sampler).
         noise = self.seeds if self.config.noise_seed is None else [self.config.noise_seed] * len(self.seeds)
         restored: list[np.ndarray] = []  # input-major, seed-minor
