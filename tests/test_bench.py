@@ -68,6 +68,12 @@ def test_flop_counting_counts_a_matmul() -> None:
 
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     assert count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+    # a depthwise convolution's backward costs two forwards, not two dense convolutions
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    x = torch.randn(1, 8, 16, 16, requires_grad=True)
+    forward = count_flops(lambda: conv(x))
+    assert forward == 2 * 8 * 9 * 16 * 16
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward
     assert matmul_flops_per_second(torch.device("cpu"), n=128) > 1e6
 
 

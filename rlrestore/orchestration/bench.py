@@ -117,11 +117,12 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype = torch.flo
 
 
 def count_flops(run: Callable[[], Any]) -> int:
-    """FLOPs of ``run()`` as torch's FLOP counter counts them (matmuls and convolutions, forward
-    and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of ``run()`` as torch's FLOP counter counts them (matmuls, convolutions, attention;
+    forward and backward), with ``rlrestore plan``'s correction of grouped-convolution backward
+    (``plan_measure.flop_counter``)."""
+    from rlrestore.orchestration.plan_measure import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run()
     return int(counter.get_total_flops())
 
