@@ -302,3 +302,32 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, case, expected):
     err = capsys.readouterr().err
     assert err.startswith("rlrestore: error: ") and expected in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "out" / "summary.csv")
+
+
+def test_a_run_directory_brings_its_own_config(setup, tmp_path, capsys):
+    """``eval RUN_DIR`` reads RUN_DIR/config.yaml and evaluates the run's latest checkpoint; a bare
+    ``--ckpt`` inside a run finds the same config; with neither there is a clear error."""
+    import shutil
+
+    from rlrestore.config import load_config, save_config
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "stage1.2" / "step_000002"
+    shutil.copytree(setup.root / "F", step / "policy")
+    (step / "trainer_state.pt").write_bytes(b"")
+    save_config(load_config(default_config_path(), [*FAST, "eval.metrics=[psnr]"]), run / "config.yaml")
+    options = ["--data", str(setup.data), "--quiet"]
+    assert main(["eval", str(run), *options, "--out", str(tmp_path / "a")]) == 0
+    assert main(["eval", "--ckpt", f"F={step}", *options, "--out", str(tmp_path / "b")]) == 0
+    for out in ("a", "b"):  # only the run's metric: its config was read
+        summary = pd.read_csv(tmp_path / out / "summary.csv")
+        assert list(summary.columns) == ["model", "images", "restorations", "psnr↑", "best"]
+    a, b = (pd.read_parquet(tmp_path / out / "per_image.parquet") for out in ("a", "b"))
+    np.testing.assert_allclose(a["psnr"].to_numpy(), b["psnr"].to_numpy())
+    capsys.readouterr()
+
+    assert main(["eval", "--ckpt", str(setup.root / "F"), *options, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no config.yaml in" in err and "pass a config file" in err
+    assert main(["eval", str(default_config_path()), *options, "--out", str(tmp_path / "d")]) == 2
+    assert "give --ckpt" in capsys.readouterr().err

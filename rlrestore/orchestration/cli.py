@@ -4,11 +4,11 @@
     rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
     rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] INPUT [INPUT ...]
     rlrestore demo [key=value ...]
-    rlrestore eval CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--real] [key=value ...]
-    rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
+    rlrestore eval [CONFIG | RUN_DIR] [--ckpt [NAME=]CKPT ...] --data DIR --out OUT [--real] [key=value ...]
+    rlrestore analyze determinism [CONFIG | RUN_DIR] --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
-    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
+    rlrestore bench [CONFIG] [key=value ...] [--out FILE.json] [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
     rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
     rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
 """
@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rlrestore.orchestration.evaluation import run_evaluation
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(*_eval_config_and_overrides(args))
     report = run_evaluation(
         config,
         args.ckpt,
@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from rlrestore.orchestration.analysis import run_determinism
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(*_eval_config_and_overrides(args))
     report = run_determinism(
         config,
         args.ckpt,
@@ -148,6 +148,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"box plots: {report.plot}")
     print(f"spreads  : {Path(args.out) / 'determinism_spread.csv'}, determinism.md, determinism.json")
     return 0
+
+
+def _eval_config_and_overrides(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The config of ``eval``/``analyze``: a YAML file as given, or a run's own ``config.yaml``
+    (the positional RUN_DIR, else the run of the first ``--ckpt``); a RUN_DIR without ``--ckpt``
+    evaluates that run's latest checkpoint. Sets ``args.ckpt`` accordingly."""
+    target, overrides = args.config, list(args.overrides)
+    if target is not None and "=" in target and not Path(target).exists():
+        target, overrides = None, [target, *overrides]
+    if target is not None and not Path(target).exists():
+        raise FileNotFoundError(f"config or run directory {target} does not exist")
+    if target is not None and Path(target).is_file():
+        if not args.ckpt:
+            raise ValueError(f"give --ckpt: with a config file ({target}) there is no run to evaluate")
+        return Path(target), overrides
+    if target is not None:
+        args.ckpt = args.ckpt or [target]
+        candidates = [Path(target)]
+    elif args.ckpt:
+        candidates = [Path(args.ckpt[0].split("=", 1)[-1])]
+        candidates += [run for run in list(candidates[0].resolve().parents)[:4] if (run / "checkpoints").is_dir()]
+    else:
+        raise ValueError("give a config file, a run directory or --ckpt (none given)")
+    for folder in candidates:
+        if (folder / "config.yaml").is_file():
+            logging.getLogger(__name__).info("config: %s (the run's own)", folder / "config.yaml")
+            return folder / "config.yaml", overrides
+    raise FileNotFoundError(
+        f"no config.yaml in {candidates[0]} (nor its run directory): pass a config file "
+        f"as the first argument, e.g. rlrestore eval configs/tiny.yaml --ckpt {candidates[0]} ..."
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -363,7 +394,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny config).")
     bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage2.candidates=8.")
-    bench.add_argument("--out", required=True, help="JSON file for the figures and their settings.")
+    bench.add_argument(
+        "--out", default="bench.json", help="JSON file for the figures and their settings (default: ./bench.json)."
+    )
     bench.add_argument("--repeats", type=int, default=3, help="Timed runs per figure after one warm-up (median).")
     bench.add_argument(
         "--size",
@@ -444,17 +477,25 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (sampler, degradation, eval section; see configs/).")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        metavar="CONFIG | RUN_DIR",
+        help="YAML config (sampler, degradation, eval section; see configs/), or a run directory: its own "
+        "config.yaml, and its latest checkpoint when --ckpt is not given (default: the config.yaml of the "
+        "run --ckpt points into).",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides (anywhere), e.g. eval.actors.num_actors=4 eval.samples=2."
     )
     parser.add_argument(
         "--ckpt",
         action="append",
-        required=True,
+        default=None,
         metavar="[NAME=]CKPT",
         help="Checkpoint to evaluate (repeatable): run, checkpoint or policy directory, optionally named, "
-        "e.g. --ckpt F=runs/x/checkpoints/stage1.2/step_000400 --ckpt Q=runs/x.",
+        "e.g. --ckpt F=runs/x/checkpoints/stage1.2/step_000400 --ckpt Q=runs/x (default: RUN_DIR).",
     )
     parser.add_argument(
         "--data",
