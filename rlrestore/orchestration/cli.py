@@ -276,7 +276,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
         "build", help="Turn a folder of face images into Parquet shards (unreadable files are skipped and reported)."
     )
     build.add_argument("--src", required=True, help="Folder of PNG/JPEG/WebP faces (searched recursively).")
-    build.add_argument("--out", required=True, help="Output folder for shard-*.parquet, manifest.json, report.json.")
+    build.add_argument("--out", required=True, help="Output folder for shard-*.parquet, _manifest.json, _report.json.")
     build.add_argument("--size", type=int, default=512, help="Side of the stored square images (default 512).")
     build.add_argument("--shard-size", type=int, default=256, help="Images per shard (default 256).")
     build.add_argument("--quiet", action="store_true", help="No progress bar.")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
-from rlrestore.data.shards import check_shards
+from rlrestore.data.shards import check_shards, read_manifest
 from rlrestore.policies.registry import check_stage
 from rlrestore.runtime.devices import check_run_devices
 
@@ -70,8 +70,8 @@ def prepare_shards(config: RunConfig) -> Path:
         check_shards(shards)  # a damaged shard fails here, not inside a worker
         return shards
     shards = Path(config.run_dir).resolve() / "data"
-    manifest = shards / "manifest.json"
-    if not manifest.is_file() or f'"image_size": {config.data.image_size}' not in manifest.read_text():
+    manifest = read_manifest(shards)
+    if manifest is None or manifest.get("image_size") != config.data.image_size:
         report = build_shards(
             embedded_faces_dir(), shards, config.data.image_size, config.data.shard_size, config.logging.progress
         )
