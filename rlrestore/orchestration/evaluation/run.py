@@ -14,7 +14,12 @@ from tqdm import tqdm
 from rlrestore.config import RunConfig
 from rlrestore.data import load_image
 from rlrestore.orchestration.evaluation.fid import set_level_metrics
-from rlrestore.orchestration.evaluation.inputs import EvalInputs, parse_checkpoints, prepare_inputs
+from rlrestore.orchestration.evaluation.inputs import (
+    INPUT_MODEL,
+    EvalInputs,
+    parse_checkpoints,
+    prepare_inputs,
+)
 from rlrestore.orchestration.evaluation.metrics import Metric, plan_metrics
 from rlrestore.orchestration.evaluation.report import (
     EvalReport,
@@ -46,12 +51,14 @@ def run_evaluation(
     real: bool = False,
     reference: str | Path | None = None,
     progress: bool = True,
+    baseline: bool = True,
 ) -> EvalReport:
     """Restore ``data`` with every checkpoint (``[NAME=]PATH``), score, summarise; resumes in ``out``.
 
     ``real``: ``data`` holds real low-quality faces (no ground truth); otherwise clean faces that
     are degraded with Eq. 16. ``reference``: folder of clean faces FID compares against (default:
-    the clean set of a synthetic evaluation).
+    the clean set of a synthetic evaluation). ``baseline``: the tables open with the ``input`` row,
+    the degraded input scored as it is (never marked best: it is not a checkpoint).
     """
     check_run_devices(config, ["eval"])
     models = parse_checkpoints(checkpoints)
@@ -66,7 +73,8 @@ def run_evaluation(
     inputs = prepare_inputs(Path(data), out, real, config, progress)
     models = check_manifest(out, {**settings, "inputs": inputs.ids}, models)
 
-    plan = plan_chunks(out, list(models), inputs.ids, ev)
+    rows = [INPUT_MODEL, *models] if baseline else list(models)
+    plan = plan_chunks(out, rows, inputs.ids, ev)
     columns = [metric.key for metric in metrics if metric.reward is not None]
     _compute_chunks(config, metrics, models, inputs, out, plan, columns, progress)
 
@@ -74,9 +82,9 @@ def run_evaluation(
     per_image.to_parquet(out / PER_IMAGE, index=False)
     # FID runs in this process: with eval actors (on other nodes, maybe) on a GPU only if it has one.
     fid_device = local_device("auto" if ev.actors.num_actors > 0 and config.device == "cuda" else config.device)
-    set_level = set_level_metrics(metrics, models, out, inputs, reference, fid_device, notes)
-    summary = summarize(per_image, metrics, set_level, list(models))
-    best = best_models(summary, metrics)
+    set_level = set_level_metrics(metrics, rows, out, inputs, reference, fid_device, notes)
+    summary = summarize(per_image, metrics, set_level, rows)
+    best = best_models(summary[summary["model"] != INPUT_MODEL], metrics)
     grid = write_grid(out, inputs, list(models), ev.seed, ev.grid_images) if len(models) > 1 else None
     report = EvalReport(
         out=out,
@@ -129,7 +137,8 @@ def _compute_chunks(
         model, index, ids = task
         gt = None if inputs.gt_dir is None else [load_image(inputs.gt_dir / f"{i}.png") for i in ids]
         lq = [load_image(inputs.lq_dir / f"{i}.png") for i in ids]
-        return ChunkTask(model, str(models[model]), index, ids, [inputs.captions[i] for i in ids], lq, gt)
+        policy_dir = None if model == INPUT_MODEL else str(models[model])
+        return ChunkTask(model, policy_dir, index, ids, [inputs.captions[i] for i in ids], lq, gt)
 
     bar = tqdm(total=len(plan.tasks), initial=len(plan.reused), desc="eval chunks", disable=not progress)
     if plan.pending:
