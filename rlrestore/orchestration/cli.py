@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from rlrestore.config import ConfigError, RunConfig, describe_schema, load_config
+from rlrestore.runtime.console import configure_console
 
 STAGE1_SEQUENCE = ("autoencoder", "stage1.1", "stage1.2")
 # Errors a user can fix from the message alone: printed without a traceback.
@@ -49,6 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rlrestore.runtime.devices import check_cluster_gpus, check_run_devices
 
     config = _config(args)
+    log_path = _run_log(Path(config.run_dir) / "logs")
     if args.stage == "stage1":  # the policy's own Stage 1 stages that have steps
         stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0 and trains_in(config.policy.type, s)]
     else:
@@ -71,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             else:
                 run_stage1(config, stage)
     print(f"run directory: {config.run_dir}")
+    print(f"log file     : {log_path}")
     return 0
 
 
@@ -105,7 +108,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config or default_config_path(), args.overrides)
     config = config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
+    log_path = _run_log(Path(config.run_dir) / "logs")
     run_demo(config)
+    print(f"log file             : {log_path}")
     return 0
 
 
@@ -113,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rlrestore.orchestration.evaluation import run_evaluation
 
     config = load_config(*_eval_config_and_overrides(args))
+    _run_log(args.out)
     report = run_evaluation(
         config,
         args.ckpt,
@@ -135,6 +141,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from rlrestore.orchestration.analysis import run_determinism
 
     config = load_config(*_eval_config_and_overrides(args))
+    _run_log(args.out)
     report = run_determinism(
         config,
         args.ckpt,
@@ -207,6 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
         config_path, overrides = None, [config_path, *overrides]
     config = load_config(config_path or default_config_path(), [*SIZES[args.size], *overrides])
+    _run_log(Path(args.out).resolve().parent)
     report = run_bench(
         config,
         args.out,
@@ -265,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_convert_parser(sub)
     _add_plan_parser(sub)
+    _add_verbose(parser, top=True)
     return parser
 
 
@@ -510,28 +519,35 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
-_LOG_HANDLER: logging.Handler | None = None
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--verbose`` on ``parser`` and every subcommand under it, so it goes before or after the
+    subcommand (a subcommand's flag does not reset the top-level one)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="Show Ray's log lines and every worker's output on the terminal too (they always go to "
+        "the run's log file, e.g. RUN_DIR/logs/rlrestore.log).",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)
 
 
-def _log_to_stderr() -> None:
-    """INFO logs to the current ``sys.stderr``; a later call (notebooks, tests) replaces the
-    handler of an earlier one instead of adding another, or writing to a stream that is gone."""
-    global _LOG_HANDLER
-    root = logging.getLogger()
-    if _LOG_HANDLER is not None:
-        root.removeHandler(_LOG_HANDLER)
-    _LOG_HANDLER = logging.StreamHandler(sys.stderr)
-    _LOG_HANDLER.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(_LOG_HANDLER)
-    root.setLevel(logging.INFO)
+def _run_log(folder: str | Path) -> Path:
+    """Log every record (Ray's and its workers' included) to ``folder/rlrestore.log``."""
+    from rlrestore.runtime.console import LOG_FILE, log_to_file
+
+    return log_to_file(Path(folder) / LOG_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    _log_to_stderr()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    configure_console(args.verbose)
     # argparse stops filling `overrides` at the first option: key=value items after options land here.
     trailing = all("=" in item and not item.startswith("-") for item in extra)
     if extra and trailing and hasattr(args, "overrides"):

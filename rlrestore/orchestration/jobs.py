@@ -12,6 +12,13 @@ from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
 from rlrestore.data.shards import check_shards, read_manifest
 from rlrestore.policies.registry import check_stage
+from rlrestore.runtime.console import (
+    WORKER_LOGGER,
+    capture_worker_output,
+    follow_progress,
+    progress_path,
+    route_ray_logging,
+)
 from rlrestore.runtime.devices import check_run_devices
 
 log = logging.getLogger(__name__)
@@ -35,14 +42,17 @@ def worker_env() -> dict[str, str]:
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Connect to ``config.address`` or start a local cluster (dashboard on 127.0.0.1 if enabled).
 
-    An already-initialised session (tests, notebooks) is reused and left running.
+    Ray's log records and every line its workers print go to the run's log file, and to the
+    terminal only with ``--verbose`` (``rlrestore.runtime.console``). An already-initialised
+    session (tests, notebooks) is reused and left running.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
+    route_ray_logging()
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True, "configure_logging": False}
     if config.address is None:
         kwargs.update(
             num_cpus=config.num_cpus,
@@ -51,7 +61,11 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         )
     else:
         kwargs["address"] = config.address
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
+    capture_worker_output()
+    session_dir = context.address_info.get("session_dir")
+    if session_dir:
+        logging.getLogger(WORKER_LOGGER).info("Ray's own logs of this session: %s/logs", session_dir)
     try:
         yield
     finally:
@@ -112,6 +126,8 @@ def run_stage1(config: RunConfig, stage: StageName) -> None:
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
         ),
     )
-    result = trainer.fit()
+    steps = config.stage(stage).steps
+    with follow_progress(progress_path(run_dir, stage), stage, steps, config.logging.progress):
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{stage} failed: {result.error}")
