@@ -548,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     configure_console(args.verbose)
+    if not args.verbose:  # one bar per phase: not Hugging Face's per-file "Loading weights" bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # argparse stops filling `overrides` at the first option: key=value items after options land here.
     trailing = all("=" in item and not item.startswith("-") for item in extra)
     if extra and trailing and hasattr(args, "overrides"):

@@ -24,7 +24,14 @@ from rlrestore.runtime.devices import check_run_devices
 log = logging.getLogger(__name__)
 
 # Never reach for a hub from a worker: weights come from local paths or the HF cache only.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+# No Hugging Face progress bars ("Loading weights", "Writing model shards") in worker output.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 # Not WANDB_API_KEY: a runtime env is shown by the dashboard and the state API. Workers of a local
 # cluster inherit it from the driver's environment; on a shared cluster the operator sets it on
 # the nodes (a Kubernetes Secret, the Slurm job's environment).

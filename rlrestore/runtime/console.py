@@ -16,14 +16,17 @@ its step in a small file in the run directory (:class:`ProgressFile`) and the dr
 from __future__ import annotations
 
 import contextlib
+import importlib
+import io
 import json
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tqdm import tqdm
@@ -33,6 +36,7 @@ LOG_FILE = "rlrestore.log"
 CONSOLE_PACKAGES = ("rlrestore", "trainers", "rollouts", "rewards", "__main__")
 WORKER_LOGGER = "ray_workers"  # the lines Ray's workers and actors print (not under "ray": see route_ray_logging)
 _HANDLER_NAME = "rlrestore_run_log"
+FILE_ONLY = {"console": False}  # log.info(..., extra=FILE_ONLY): the log file, not the terminal
 
 
 class _Console:
@@ -42,9 +46,11 @@ class _Console:
 
 
 def _on_console(record: logging.LogRecord) -> bool:
+    """``--verbose``: everything; else errors, and rlrestore's own records unless logged with
+    ``extra=FILE_ONLY`` (details such as each worker's device)."""
     if _Console.verbose or record.levelno >= logging.ERROR:
         return True
-    return record.name.split(".", 1)[0] in CONSOLE_PACKAGES
+    return record.name.split(".", 1)[0] in CONSOLE_PACKAGES and getattr(record, "console", True)
 
 
 def configure_console(verbose: bool = False) -> None:
@@ -92,10 +98,34 @@ def route_ray_logging() -> None:
     propagate to the root logger instead: to the log file, and to the terminal with ``--verbose``."""
     import ray  # noqa: F401 - its import configures the "ray" logger
 
-    ray_logger = logging.getLogger("ray")
-    for handler in list(ray_logger.handlers):
-        ray_logger.removeHandler(handler)
-    ray_logger.propagate = True
+    route_logger("ray")
+
+
+def route_logger(name: str) -> logging.Logger:
+    """A library logger that prints to the terminal itself (Ray, DeepSpeed, pyiqa) loses its handlers
+    and propagates to the root logger: the log file, and the terminal only as configured here."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    return logger
+
+
+def import_quietly(name: str, loggers: Sequence[str] = ()) -> ModuleType:
+    """Import ``name`` with what its import prints (DeepSpeed: "Setting accelerator to CPU" on
+    stdout) logged instead; its ``loggers``, which print to the terminal themselves, then
+    propagate to the root logger like any other (the log file; the terminal with ``--verbose``)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        module = importlib.import_module(name)
+    for logger_name in loggers:
+        route_logger(logger_name)
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            logging.getLogger(name).info(line)
+    return module
 
 
 def capture_worker_output() -> None:
