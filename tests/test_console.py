@@ -22,15 +22,14 @@ def log_path(tmp_path: Path):
     """A log file for the test; the console is quiet again afterwards."""
     path = console.log_to_file(tmp_path / "logs" / console.LOG_FILE)
     yield path
-    logging.getLogger().removeHandler(console._Console.file)
-    console._Console.file.close()
-    console._Console.file = None
+    console.close_log_file()
     console.configure_console(False)
 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_only_rlrestore_reaches_the_terminal_unless_verbose(log_path: Path, capsys, verbose: bool) -> None:
     console.configure_console(verbose)
+    console.route_ray_logging()  # as ray_session does: Ray's loggers lose their own terminal handler
     logging.getLogger("rlrestore.orchestration.jobs").info("built the shards")
     logging.getLogger("ray.train").warning("placement group cleaner: state API unavailable")
     logging.getLogger("ray.train").error("the controller died")

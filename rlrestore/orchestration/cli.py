@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from rlrestore.config import ConfigError, RunConfig, describe_schema, load_config
-from rlrestore.runtime.console import configure_console
+from rlrestore.runtime.console import close_log_file, configure_console
 
 STAGE1_SEQUENCE = ("autoencoder", "stage1.1", "stage1.2")
 # Errors a user can fix from the message alone: printed without a traceback.
@@ -564,4 +564,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlrestore: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
         return 130
+    finally:
+        close_log_file()
 

@@ -77,10 +77,8 @@ def log_to_file(path: str | Path) -> Path:
     log file of this process; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    close_log_file()
     root = logging.getLogger()
-    if _Console.file is not None:
-        root.removeHandler(_Console.file)
-        _Console.file.close()
     _Console.file = logging.FileHandler(path, encoding="utf-8")
     _Console.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(_Console.file)
@@ -88,9 +86,12 @@ def log_to_file(path: str | Path) -> Path:
     return path
 
 
-def log_file() -> Path | None:
-    """The current log file, if any."""
-    return None if _Console.file is None else Path(_Console.file.baseFilename)
+def close_log_file() -> None:
+    """Stop logging to the log file (the end of a command)."""
+    if _Console.file is not None:
+        logging.getLogger().removeHandler(_Console.file)
+        _Console.file.close()
+        _Console.file = None
 
 
 def route_ray_logging() -> None:
