@@ -50,7 +50,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rlrestore.runtime.devices import check_cluster_gpus, check_run_devices
 
     config = _config(args)
-    log_path = _run_log(Path(config.run_dir) / "logs")
     if args.stage == "stage1":  # the policy's own Stage 1 stages that have steps
         stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0 and trains_in(config.policy.type, s)]
     else:
@@ -63,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from rlrestore.orchestration.stage2 import check_stage2_inputs
 
         check_stage2_inputs(config)  # before Ray starts: missing checkpoint, rewards, weight files
+    log_path = _run_log(Path(config.run_dir) / "logs")
     with ray_session(config.ray):
         check_cluster_gpus(config, stages)
         for stage in stages:

@@ -72,14 +72,22 @@ def is_verbose() -> bool:
     return _Console.verbose
 
 
+class _FolderMakingFileHandler(logging.FileHandler):
+    """Opens (and makes the folder of) its file at the first record: a command refused before it
+    logs anything leaves no run directory behind."""
+
+    def _open(self) -> io.TextIOWrapper:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def log_to_file(path: str | Path) -> Path:
-    """Send every log record (all loggers, INFO and up) to ``path`` as well, replacing an earlier
-    log file of this process; returns the path."""
+    """Send every log record (all loggers, INFO and up) to ``path`` as well, from its first record
+    on, replacing an earlier log file of this process; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     close_log_file()
     root = logging.getLogger()
-    _Console.file = logging.FileHandler(path, encoding="utf-8")
+    _Console.file = _FolderMakingFileHandler(path, encoding="utf-8", delay=True)
     _Console.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(_Console.file)
     root.setLevel(logging.INFO)
