@@ -230,7 +230,12 @@ class PyiqaReward(Reward):
     def __init__(self, device: torch.device | str = "cpu", **metric_options: Any) -> None:
         super().__init__(device)
         import pyiqa
+        from pyiqa.utils.logger import get_root_logger
 
+        from rlrestore.runtime.console import route_logger
+
+        get_root_logger()  # pyiqa's logger, with the terminal handler it adds once ...
+        route_logger("pyiqa")  # ... which goes: "Network [PSNR] is created" reaches the log file only
         self.metric = pyiqa.create_metric(
             self.metric_name, device=self.device, as_loss=False, **metric_options
         )

@@ -43,9 +43,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from rewards import RewardBatch, build_reward
 from rlrestore.checkpoints import checkpoint_root, latest_checkpoint
-from rlrestore.config import RewardSpec, RunConfig, SamplerConfig, TextureAlignmentConfig, load_config
+from rlrestore.config import RunConfig, SamplerConfig, TextureAlignmentConfig, load_config
 from rlrestore.data import (
     FaceDataset,
     collate_faces,
@@ -58,7 +57,7 @@ from rlrestore.data import (
 )
 from rlrestore.flow import interpolate, target_velocity
 from rlrestore.orchestration.cli import default_config_path
-from rlrestore.orchestration.evaluation import EvalReport, run_evaluation
+from rlrestore.orchestration.evaluation import INPUT_MODEL, EvalReport, run_evaluation
 from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.tracking import read_metrics
@@ -187,19 +186,6 @@ def held_back_faces(config: RunConfig, folder: Path, draws: int) -> Path:
             if not path.is_file():
                 save_image(record.image, path)
     return folder
-
-
-def score_inputs(report: EvalReport) -> pd.DataFrame:
-    """PSNR/SSIM of every degraded input against its clean face (the baseline), with the eval's rewards."""
-    lq_dir, gt_dir = report.out / "inputs" / "lq", report.out / "inputs" / "gt"
-    ids = sorted(report.per_image["image"].unique())
-    lq = torch.stack([to_tensor(load_image(lq_dir / f"{i}.png")) for i in ids])
-    gt = torch.stack([to_tensor(load_image(gt_dir / f"{i}.png")) for i in ids])
-    rows = pd.DataFrame({"model": BASELINE, "image": ids})
-    for metric in METRICS:
-        reward = build_reward(RewardSpec(name=metric))
-        rows[metric] = reward(lq, RewardBatch([""] * len(ids), gt)).double().numpy()
-    return rows
 
 
 @torch.no_grad()
@@ -401,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         out / "eval",
         progress=False,
     )
-    restored = report.per_image[["model", "image", *METRICS]]
-    per_image = pd.concat([score_inputs(report), restored], ignore_index=True)
+    # the eval's own `input` row scores each degraded input against its clean face (the baseline)
+    per_image = report.per_image[["model", "image", *METRICS]].replace({"model": {INPUT_MODEL: BASELINE}})
     flow = {
         name: held_out_flow_losses(path / "policy", report, base.sampler, base.eval.seed)
         for name, path in checkpoints.items()

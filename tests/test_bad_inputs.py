@@ -152,9 +152,9 @@ def test_data_build_on_bad_files(bad_folder, tmp_path, capsys) -> None:
         ["data", "build", "--src", str(folder), "--out", str(out), "--size", "32", "--quiet"], capsys
     )
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "_report.json").read_text())
     skipped = {Path(item["path"]).name: item["reason"] for item in report["skipped"]}
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     processed = set(expected) - set(skipped) if manifest["count"] == len(expected) - len(skipped) else set()
     per_file_outcomes("data build", expected, skipped, processed)
 

@@ -83,11 +83,12 @@ def test_cli_rejects_an_unknown_part(tmp_path: Path, capsys) -> None:
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_reward_throughput_through_the_cli(tmp_path: Path, capsys) -> None:
+def test_reward_throughput_through_the_cli(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no --out: bench.json in the working directory
     out = tmp_path / "bench.json"
     rewards = "sharpness,clipscore,no_such_reward"  # weight-free, tiny CLIP model, a typo
     sizes = ["--reward-images", "4", "--reward-size", "32", "--repeats", "1"]
-    assert main(["bench", "--only", "rewards", "--rewards", rewards, *sizes, "--out", str(out)]) == 0
+    assert main(["bench", "--only", "rewards", "--rewards", rewards, *sizes]) == 0
     report = json.loads(out.read_text())
     assert {"rollout", "learner", "stage2"}.isdisjoint(report)
     section = report["rewards"]

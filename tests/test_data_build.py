@@ -251,11 +251,11 @@ def test_build_counts_and_report(built) -> None:
     assert "names no image" in report.caption_errors[1].reason
     assert "skipped 3 file(s)" in report.summary() and "truncated.png" in report.summary()
 
-    on_disk = json.loads((out / "report.json").read_text())
+    on_disk = json.loads((out / "_report.json").read_text())
     assert {row["path"] for row in on_disk["skipped"]} == {"truncated.png", "empty.png", "notes.jpg"}
     assert all(row["reason"] for row in on_disk["skipped"])
     assert [row["line"] for row in on_disk["caption_errors"]] == [2, 4, 6]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest == {
         "schema_version": 1,
         "image_size": SIZE,
@@ -317,6 +317,50 @@ def test_build_is_deterministic_and_clears_stale_shards(built, tmp_path: Path) -
     assert [r.id for r in read_shards(again)] == ["only"]
 
 
+def test_the_folder_is_one_parquet_dataset(built) -> None:
+    """Only Parquet files and underscore-prefixed JSON: pyarrow's dataset reader takes the folder."""
+    import pyarrow.dataset as ds
+
+    _, out, _, report = built
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".parquet")) == [
+        "_manifest.json",
+        "_report.json",
+    ]
+    dataset = ds.dataset(out)
+    assert dataset.count_rows() == report.count == 9
+    assert sorted(dataset.to_table(columns=["id"])["id"].to_pylist()) == sorted(r.id for r in read_shards(out))
+
+
+def test_a_folder_of_the_old_layout_still_loads(built, tmp_path: Path, caplog) -> None:
+    """``manifest.json``/``report.json`` (before the rename) are read, with a note in the log; the
+    training shards of a run are reused, not rebuilt; a rebuild removes the old names."""
+    import shutil
+
+    from rlrestore.data.shards import read_manifest, shard_file
+    from rlrestore.orchestration.jobs import prepare_shards
+    from tests.conftest import tiny_config
+
+    _, out, _, _ = built
+    config = tiny_config(tmp_path / "run", f"data.image_size={SIZE}")
+    old = tmp_path / "run" / "data"
+    shutil.copytree(out, old)
+    (old / "_manifest.json").rename(old / "manifest.json")
+    (old / "_report.json").rename(old / "report.json")
+    with caplog.at_level("INFO", logger="rlrestore.data.shards"):
+        assert read_manifest(old) == read_manifest(out) and read_manifest(old)["count"] == 9
+        assert shard_file(old, "_report.json") == old / "report.json"
+    assert "old shard layout, read manifest.json" in caplog.text
+    assert prepare_shards(config) == old.resolve()  # manifest found: the folder is kept as it is
+    assert sorted(r.id for r in read_shards(old)) == sorted(r.id for r in read_shards(out))
+    assert read_manifest(tmp_path) is None
+
+    single = tmp_path / "single"
+    single.mkdir()
+    Image.fromarray(_gradient(8, 8)).save(single / "only.png")
+    build_shards(single, old, image_size=SIZE, shard_size=4, progress=False)
+    assert sorted(p.name for p in old.iterdir()) == ["_manifest.json", "_report.json", "shard-00000.parquet"]
+
+
 def test_build_fails_without_readable_images(tmp_path: Path) -> None:
     src = tmp_path / "junk"
     src.mkdir()
@@ -325,8 +369,8 @@ def test_build_fails_without_readable_images(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match=str(src)) as info:
         build_shards(src, tmp_path / "out", image_size=SIZE, shard_size=4, progress=False)
     assert "2 image file(s), all unreadable" in str(info.value)
-    assert len(json.loads((tmp_path / "out" / "report.json").read_text())["skipped"]) == 2
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert len(json.loads((tmp_path / "out" / "_report.json").read_text())["skipped"]) == 2
+    assert not (tmp_path / "out" / "_manifest.json").exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -84,8 +84,8 @@ def test_summary_has_one_row_per_checkpoint_with_directions_and_best_marked(synt
         "dlib_lmd↓",
         "best",
     ]
-    assert summary["model"].tolist() == ["F", "Q"]
-    assert summary["images"].tolist() == [FACES, FACES] and summary["restorations"].tolist() == [FACES, FACES]
+    assert summary["model"].tolist() == ["input", "F", "Q"]  # the degraded input first: the baseline
+    assert summary["images"].tolist() == [FACES] * 3 and summary["restorations"].tolist() == [FACES] * 3
 
     per_image = pd.read_parquet(synthetic / "per_image.parquet")
     assert list(per_image.columns) == [
@@ -101,14 +101,17 @@ def test_summary_has_one_row_per_checkpoint_with_directions_and_best_marked(synt
         "dlib_identity",
         "dlib_lmd",
     ]
-    assert per_image["image"].tolist() == setup.ids * 2 and set(per_image["seed"]) == {0}
-    means = per_image.groupby("model")[["psnr", "ssim", "piqe"]].mean()
+    assert per_image["image"].tolist() == setup.ids * 3 and set(per_image["seed"]) == {0}
+    assert per_image["model"].tolist() == [model for model in ("input", "F", "Q") for _ in setup.ids]
+    means = per_image.groupby("model")[["psnr", "ssim", "piqe"]].mean().reindex(summary["model"])
     np.testing.assert_allclose(summary[["psnr↑", "ssim↑", "piqe↓"]].to_numpy(), means.to_numpy(), rtol=1e-12)
-    assert per_image["psnr"].nunique() == len(per_image)  # two different checkpoints, four faces
+    assert per_image["psnr"].nunique() == len(per_image)  # the input and two checkpoints, four faces
 
-    best_psnr = summary.loc[summary["psnr↑"].idxmax(), "model"]
-    best_piqe = summary.loc[summary["piqe↓"].idxmin(), "model"]  # PIQE: lower is better
+    checkpoints = summary[summary["model"] != "input"]  # the input row is never best
+    best_psnr = checkpoints.loc[checkpoints["psnr↑"].idxmax(), "model"]
+    best_piqe = checkpoints.loc[checkpoints["piqe↓"].idxmin(), "model"]  # PIQE: lower is better
     best = dict(zip(summary["model"], summary["best"].fillna("").str.split(";"), strict=True))
+    assert best["input"] == [""]
     assert "psnr" in best[best_psnr] and "psnr" not in best[({"F", "Q"} - {best_psnr}).pop()]
     assert "piqe" in best[best_piqe] and "piqe" not in best[({"F", "Q"} - {best_piqe}).pop()]
     unscored = ("ms_ssim", "niqe")  # no value, no best
@@ -119,8 +122,11 @@ def test_summary_has_one_row_per_checkpoint_with_directions_and_best_marked(synt
         "| model | images | PSNR (dB) ↑ | SSIM ↑ | MS-SSIM ↑ | NIQE ↓ | BRISQUE ↓ | PIQE ↓ | "
         "dlib identity distance ↓ | dlib LMD (× inter-ocular) ↓ |"
     ) in markdown
-    assert f"**{format_value(summary['psnr↑'].max())}**" in markdown
-    assert f"**{format_value(summary['piqe↓'].min())}**" in markdown
+    assert f"**{format_value(checkpoints['psnr↑'].max())}**" in markdown
+    assert f"**{format_value(checkpoints['piqe↓'].min())}**" in markdown
+    input_row = next(line for line in markdown.splitlines() if line.startswith("| input |"))
+    assert "**" not in input_row and "`input`: the degraded input itself" in markdown
+    assert "input" not in json.loads((synthetic / "summary.json").read_text())["models"]
 
 
 def test_every_metric_is_computed_or_skipped_with_its_reason(synthetic, setup):
@@ -162,7 +168,9 @@ def test_psnr_and_ssim_agree_with_pyiqa_called_directly(synthetic, setup):
         assert np.array_equal(gt, clean)
         degraded, _ = degrade_seeded(clean, config.degradation, sample_seed(0, row.image, 0))
         assert np.array_equal(lq, degraded)
-        restored = _unit(load_image(synthetic / "restored" / row.model / f"{row.image}_s{row.seed}.png"))
+        output = load_image(synthetic / "restored" / row.model / f"{row.image}_s{row.seed}.png")
+        assert np.array_equal(output, lq) == (row.model == "input")  # the input row scores the LQ face
+        restored = _unit(output)
         assert row.psnr == pytest.approx(float(psnr(restored, _unit(gt))), rel=1e-6)
         assert row.ssim == pytest.approx(float(ssim(restored, _unit(gt))), rel=1e-6, abs=1e-9)
 
@@ -219,7 +227,8 @@ def test_resume_recomputes_only_missing_or_damaged_chunks(setup):
     config = tiny_config(setup.root / "run", *FAST, "eval.chunk_size=1", "eval.metrics=[psnr,piqe]")
     out = setup.root / "resume"
     first = run_evaluation(config, setup.ckpts[:1], setup.data, out, progress=False)
-    assert first.computed == [("F", index) for index in range(FACES)] and first.reused == []
+    assert first.computed == [(model, index) for model in ("input", "F") for index in range(FACES)]
+    assert first.reused == []
     parts = sorted((out / "parts" / "F").glob("chunk-*.parquet"))
     stamps = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
     parts[1].unlink()
@@ -228,7 +237,8 @@ def test_resume_recomputes_only_missing_or_damaged_chunks(setup):
 
     second = run_evaluation(config, setup.ckpts[:1], setup.data, out, progress=False)
 
-    assert second.computed == [("F", 1), ("F", 2)] and second.reused == [("F", 0), ("F", 3)]
+    assert second.computed == [("F", 1), ("F", 2)]
+    assert second.reused == [*(("input", index) for index in range(FACES)), ("F", 0), ("F", 3)]
     for index in (0, 3):  # untouched: neither the part nor the restoration was rewritten
         image = out / "restored" / "F" / f"{setup.ids[index]}_s0.png"
         assert parts[index].stat().st_mtime_ns == stamps[parts[index]]
@@ -252,7 +262,7 @@ def test_ray_actors_give_the_same_table_as_in_process(synthetic, setup, ray_clus
     config = tiny_config(setup.root / "run", *FAST, "eval.actors.num_actors=2", "eval.actors.num_cpus=0.5")
     out = setup.root / "ray"
     report = run_evaluation(config, setup.ckpts, setup.data, out, progress=False)
-    assert len(report.computed) == 4  # 2 checkpoints x 2 chunks, on 2 actors
+    assert len(report.computed) == 6  # the input and 2 checkpoints x 2 chunks, on 2 actors
     pd.testing.assert_frame_equal(
         report.per_image, pd.read_parquet(synthetic / "per_image.parquet"), check_exact=True
     )
@@ -269,6 +279,7 @@ def test_ray_actors_give_the_same_table_as_in_process(synthetic, setup, ray_clus
         ("missing_data", "does not exist or is not a directory"),
         ("unknown_metric", "unknown reward 'psnrr'"),
         ("bad_metric_args", "bad args {'colour': 1}"),
+        ("reserved_name", "'input' is the degraded input's row"),
     ],
 )
 def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, case, expected):
@@ -284,6 +295,8 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, case, expected):
         (data / "broken.png").write_bytes((setup.data / "broken.png").read_bytes())
     elif case == "missing_data":
         data = tmp_path / "nowhere"
+    elif case == "reserved_name":
+        ckpt = f"input={setup.root / 'F'}"
     elif case == "unknown_metric":
         overrides = ["eval.metrics=[psnr,psnrr]"]
     else:
@@ -302,3 +315,32 @@ def test_bad_input_is_a_clear_error(setup, tmp_path, capsys, case, expected):
     err = capsys.readouterr().err
     assert err.startswith("rlrestore: error: ") and expected in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "out" / "summary.csv")
+
+
+def test_a_run_directory_brings_its_own_config(setup, tmp_path, capsys):
+    """``eval RUN_DIR`` reads RUN_DIR/config.yaml and evaluates the run's latest checkpoint; a bare
+    ``--ckpt`` inside a run finds the same config; with neither there is a clear error."""
+    import shutil
+
+    from rlrestore.config import load_config, save_config
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "stage1.2" / "step_000002"
+    shutil.copytree(setup.root / "F", step / "policy")
+    (step / "trainer_state.pt").write_bytes(b"")
+    save_config(load_config(default_config_path(), [*FAST, "eval.metrics=[psnr]"]), run / "config.yaml")
+    options = ["--data", str(setup.data), "--quiet"]
+    assert main(["eval", str(run), *options, "--out", str(tmp_path / "a")]) == 0
+    assert main(["eval", "--ckpt", f"F={step}", *options, "--out", str(tmp_path / "b")]) == 0
+    for out in ("a", "b"):  # only the run's metric: its config was read
+        summary = pd.read_csv(tmp_path / out / "summary.csv")
+        assert list(summary.columns) == ["model", "images", "restorations", "psnr↑", "best"]
+    a, b = (pd.read_parquet(tmp_path / out / "per_image.parquet") for out in ("a", "b"))
+    np.testing.assert_allclose(a["psnr"].to_numpy(), b["psnr"].to_numpy())
+    capsys.readouterr()
+
+    assert main(["eval", "--ckpt", str(setup.root / "F"), *options, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no config.yaml in" in err and "pass a config file" in err
+    assert main(["eval", str(default_config_path()), *options, "--out", str(tmp_path / "d")]) == 2
+    assert "give --ckpt" in capsys.readouterr().err

@@ -139,7 +139,7 @@ def test_eval_sweep_has_a_row_per_s_equal_to_f_and_q_at_the_ends_and_a_curve(run
     plain = tmp_path / "plain"
     assert main([*base, "--ckpt", f"F={run.f}", "--ckpt", f"Q={run.q}", "--out", str(plain), *fast]) == 0
     summary = pd.read_csv(sweep / "summary.csv")
-    assert summary["model"].tolist() == ["Q@s=0", "Q@s=0.5", "Q@s=1"]
+    assert summary["model"].tolist() == ["input", "Q@s=0", "Q@s=0.5", "Q@s=1"]  # the degraded input first
     swept = pd.read_parquet(sweep / "per_image.parquet").set_index(["model", "image", "seed"])
     reference = pd.read_parquet(plain / "per_image.parquet").set_index(["model", "image", "seed"])
     for dialled, model in (("Q@s=0", "F"), ("Q@s=1", "Q")):

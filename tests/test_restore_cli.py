@@ -258,9 +258,9 @@ def test_data_build_skips_and_reports_bad_files(tmp_path, capsys):
     assert "stored 2 faces (32 px" in captured.out
     assert f"skipped {len(reasons)} file(s)" in captured.out
     assert f"shards: {out.resolve()}" in captured.out
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "_report.json").read_text())
     assert sorted(item["path"] for item in report["skipped"]) == sorted(reasons)
-    assert json.loads((out / "manifest.json").read_text())["count"] == 2
+    assert json.loads((out / "_manifest.json").read_text())["count"] == 2
 
 
 @pytest.mark.parametrize("contents", ["unreadable", "no_images", "missing"])

@@ -4,7 +4,7 @@ Each worker builds the policy on the device Ray Train gave it (``rlrestore.runti
 stage objective in DistributedDataParallel over the process group Ray Train set up (gloo on CPU,
 nccl on GPU), reads its share of every batch from the Parquet shards, and steps AdamW with
 warm-up + cosine/constant schedule and gradient clipping. Rank 0 writes metrics (Parquet + W&B),
-the progress bar, atomic checkpoints and every worker's record in ``<run_dir>/devices.json``.
+the step the driver's progress bar follows, atomic checkpoints and every worker's record in ``<run_dir>/devices.json``.
 
 Numerics (``precision``): parameters stay float32 (AdamW's master weights: at lr 1e-5 an update to
 bf16 weights rounds to zero), the forward runs under ``torch.autocast`` to bf16/fp16, losses are
@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from rlrestore.checkpoints import (
     configured_policy_dir,
@@ -47,6 +46,7 @@ from rlrestore.config import (
 from rlrestore.data import FaceDataset, collate_faces, read_shards, split_holdout
 from rlrestore.policies import RestorationPolicy, build_policy, load_policy, policy_class
 from rlrestore.runtime.batches import EpochBatches
+from rlrestore.runtime.console import ProgressFile, progress_path
 from rlrestore.runtime.devices import DeviceRecord, train_worker_device, write_devices
 from rlrestore.runtime.precision import Precision
 from rlrestore.runtime.schedules import lr_lambda
@@ -265,7 +265,7 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
 
 
 class _Progress:
-    """Rank 0's metrics (Parquet + W&B) and progress bar."""
+    """Rank 0's metrics (Parquet + W&B) and its step for the driver's progress bar."""
 
     def __init__(self, config: RunConfig, stage_name: str, steps: int, start: int) -> None:
         self.writer = MetricsWriter(Path(config.run_dir), stage_name)
@@ -277,19 +277,17 @@ class _Progress:
             name=f"{Path(config.run_dir).name}-{stage_name}",
             config=config.model_dump(mode="json"),
         )
-        self.bar = tqdm(total=steps, initial=start, desc=stage_name, disable=not config.logging.progress, mininterval=2.0)
+        self.progress = ProgressFile(progress_path(config.run_dir, stage_name), steps)
 
     def log(self, metrics: dict[str, float], step: int, force: bool, every: int) -> None:
         if (step + 1) % every == 0 or force:
             self.writer.log(metrics, step=step)
             self.wandb.log(metrics, step=step)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        self.progress.update(step + 1, metrics["loss"])
 
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
-        self.bar.close()
         self.writer.close()
         self.wandb.finish()

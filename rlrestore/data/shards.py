@@ -3,8 +3,12 @@
 Layout of ``out/``::
 
     shard-00000.parquet ...   columns id, source, caption, orig_width, orig_height, image (PNG)
-    manifest.json             image_size, count, shards, skipped, schema_version (written last)
-    report.json               files skipped (path + reason) and bad caption lines
+    _manifest.json            image_size, count, shards, skipped, schema_version (written last)
+    _report.json              files skipped (path + reason) and bad caption lines
+
+The leading underscore makes pyarrow's dataset reader (``pyarrow.dataset.dataset(out)``, Spark,
+pandas) skip the two JSON files, so the folder reads as one Parquet dataset. Folders built before
+(``manifest.json``, ``report.json``) still load: :func:`read_manifest` falls back to the old name.
 
 Ids are the image's path relative to ``src`` without its extension, with ``/`` replaced by ``__``
 (so an id is a valid file name). Files whose ids would clash (``a.png`` and ``a.jpg``) all get a
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,11 @@ from rlrestore.data.images import (
 SCHEMA_VERSION = 1
 CAPTIONS_FILE = "captions.jsonl"
 SHARD_GLOB = "shard-*.parquet"
+MANIFEST = "_manifest.json"
+REPORT = "_report.json"
+LEGACY_NAMES = {MANIFEST: "manifest.json", REPORT: "report.json"}  # folders built before the rename
+
+log = logging.getLogger(__name__)
 SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -96,7 +106,7 @@ class BuildReport:
             f"  in {len(self.shards)} shard(s) under {self.out}",
         ]
         if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} file(s) (see {self.out / 'report.json'}):")
+            lines.append(f"skipped {len(self.skipped)} file(s) (see {self.out / REPORT}):")
             lines.extend(f"  {item.path}: {item.reason}" for item in self.skipped)
         if self.caption_errors:
             lines.append(f"ignored {len(self.caption_errors)} line(s) of {CAPTIONS_FILE}:")
@@ -133,7 +143,7 @@ def build_shards(
 ) -> BuildReport:
     """Store every readable image under ``src``, square-resized to ``image_size``, in Parquet shards.
 
-    Unreadable inputs are skipped and listed in ``out/report.json``. Earlier shards, manifest and
+    Unreadable inputs are skipped and listed in ``out/_report.json``. Earlier shards, manifest and
     report in ``out`` are removed first. Raises ``ShardError`` if ``src`` has no readable image.
     """
     src, out = Path(src), Path(out)
@@ -150,7 +160,7 @@ def build_shards(
     captions, caption_errors = _read_captions(src, relative)
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(SHARD_GLOB), out / "manifest.json", out / "report.json"]:
+    for stale in [*out.glob(SHARD_GLOB), *(out / name for pair in LEGACY_NAMES.items() for name in pair)]:
         stale.unlink(missing_ok=True)
 
     rows: list[dict[str, object]] = []
@@ -177,7 +187,7 @@ def build_shards(
 
     report = BuildReport(src, out, image_size, count, captioned, shards, skipped, caption_errors)
     _write_json(
-        out / "report.json",
+        out / REPORT,
         {
             "src": str(src),
             "skipped": [vars(item) for item in skipped],
@@ -187,10 +197,10 @@ def build_shards(
     if count == 0:
         raise ShardError(
             f"no readable image under {src}: {len(files)} image file(s), all unreadable "
-            f"(reasons in {out / 'report.json'})"
+            f"(reasons in {out / REPORT})"
         )
     _write_json(
-        out / "manifest.json",
+        out / MANIFEST,
         {
             "schema_version": SCHEMA_VERSION,
             "image_size": image_size,
@@ -200,6 +210,30 @@ def build_shards(
         },
     )
     return report
+
+
+def shard_file(directory: Path, name: str) -> Path | None:
+    """``directory/name`` (``MANIFEST`` or ``REPORT``), or its pre-underscore name in a folder built
+    before the rename (noted in the log); None when neither exists."""
+    for candidate in (name, LEGACY_NAMES[name]):
+        path = Path(directory) / candidate
+        if path.is_file():
+            if candidate != name:
+                log.info("%s: old shard layout, read %s (a rebuild writes %s)", directory, candidate, name)
+            return path
+    return None
+
+
+def read_manifest(directory: Path) -> dict[str, object] | None:
+    """The shards' manifest (``_manifest.json``, or ``manifest.json`` of an older build); None when
+    the folder has none (never built, or a build that did not finish)."""
+    path = shard_file(directory, MANIFEST)
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"shard manifest {path} is not valid JSON ({exc.msg}); rebuild the shards") from None
 
 
 def _sample_ids(relative: list[str]) -> list[str]:

@@ -124,6 +124,7 @@ def run_determinism(
         out,
         real=real,
         progress=progress,
+        baseline=False,  # the degraded input does not depend on the seed: no spread to analyse
     )
     metrics = [metric for metric in evaluation.metrics if metric.reward is not None]
     keys = [metric.key for metric in metrics]

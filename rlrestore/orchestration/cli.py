@@ -4,11 +4,11 @@
     rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
     rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] [--quality S] INPUT [INPUT ...]
     rlrestore demo [key=value ...]
-    rlrestore eval CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--real] [--quality S,...] [key=value ...]
-    rlrestore analyze determinism CONFIG --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
+    rlrestore eval [CONFIG | RUN_DIR] [--ckpt [NAME=]CKPT ...] --data DIR --out OUT [--real] [--quality S,...] [key=value ...]
+    rlrestore analyze determinism [CONFIG | RUN_DIR] --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
     rlrestore plot RUN_DIR
     rlrestore config {show,keys} [CONFIG] [key=value ...]
-    rlrestore bench [CONFIG] [key=value ...] --out FILE.json [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
+    rlrestore bench [CONFIG] [key=value ...] [--out FILE.json] [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
     rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
     rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
     rlrestore serve-reward NAME [ARG=VALUE ...] [key=value ...] [--config CONFIG] [--app APP] [--host H] [--port P]
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from rlrestore.config import ConfigError, RunConfig, describe_schema, load_config
+from rlrestore.runtime.console import close_log_file, configure_console
 
 STAGE1_SEQUENCE = ("autoencoder", "stage1.1", "stage1.2")
 # Errors a user can fix from the message alone: printed without a traceback.
@@ -62,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from rlrestore.orchestration.stage2 import check_stage2_inputs
 
         check_stage2_inputs(config)  # before Ray starts: missing checkpoint, rewards, weight files
+    log_path = _run_log(Path(config.run_dir) / "logs")
     with ray_session(config.ray):
         check_cluster_gpus(config, stages)
         for stage in stages:
@@ -72,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             else:
                 run_stage1(config, stage)
     print(f"run directory: {config.run_dir}")
+    print(f"log file     : {log_path}")
     return 0
 
 
@@ -108,14 +111,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config or default_config_path(), args.overrides)
     config = config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
+    log_path = _run_log(Path(config.run_dir) / "logs")
     run_demo(config)
+    print(f"log file             : {log_path}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rlrestore.orchestration.evaluation import run_evaluation
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(*_eval_config_and_overrides(args))
+    _run_log(args.out)
     report = run_evaluation(
         config,
         args.ckpt,
@@ -141,7 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from rlrestore.orchestration.analysis import run_determinism
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(*_eval_config_and_overrides(args))
+    _run_log(args.out)
     report = run_determinism(
         config,
         args.ckpt,
@@ -155,6 +162,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"box plots: {report.plot}")
     print(f"spreads  : {Path(args.out) / 'determinism_spread.csv'}, determinism.md, determinism.json")
     return 0
+
+
+def _eval_config_and_overrides(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The config of ``eval``/``analyze``: a YAML file as given, or a run's own ``config.yaml``
+    (the positional RUN_DIR, else the run of the first ``--ckpt``); a RUN_DIR without ``--ckpt``
+    evaluates that run's latest checkpoint. Sets ``args.ckpt`` accordingly."""
+    target, overrides = args.config, list(args.overrides)
+    if target is not None and "=" in target and not Path(target).exists():
+        target, overrides = None, [target, *overrides]
+    if target is not None and not Path(target).exists():
+        raise FileNotFoundError(f"config or run directory {target} does not exist")
+    if target is not None and Path(target).is_file():
+        if not args.ckpt:
+            raise ValueError(f"give --ckpt: with a config file ({target}) there is no run to evaluate")
+        return Path(target), overrides
+    if target is not None:
+        args.ckpt = args.ckpt or [target]
+        candidates = [Path(target)]
+    elif args.ckpt:
+        candidates = [Path(args.ckpt[0].split("=", 1)[-1])]
+        candidates += [run for run in list(candidates[0].resolve().parents)[:4] if (run / "checkpoints").is_dir()]
+    else:
+        raise ValueError("give a config file, a run directory or --ckpt (none given)")
+    for folder in candidates:
+        if (folder / "config.yaml").is_file():
+            logging.getLogger(__name__).info("config: %s (the run's own)", folder / "config.yaml")
+            return folder / "config.yaml", overrides
+    raise FileNotFoundError(
+        f"no config.yaml in {candidates[0]} (nor its run directory): pass a config file "
+        f"as the first argument, e.g. rlrestore eval configs/tiny.yaml --ckpt {candidates[0]} ..."
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -183,6 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path and not Path(config_path).exists():
         config_path, overrides = None, [config_path, *overrides]
     config = load_config(config_path or default_config_path(), [*SIZES[args.size], *overrides])
+    _run_log(Path(args.out).resolve().parent)
     report = run_bench(
         config,
         args.out,
@@ -258,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_plan_parser(sub)
     _add_serve_reward_parser(sub)
+    _add_verbose(parser, top=True)
     return parser
 
 
@@ -269,7 +309,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
         "build", help="Turn a folder of face images into Parquet shards (unreadable files are skipped and reported)."
     )
     build.add_argument("--src", required=True, help="Folder of PNG/JPEG/WebP faces (searched recursively).")
-    build.add_argument("--out", required=True, help="Output folder for shard-*.parquet, manifest.json, report.json.")
+    build.add_argument("--out", required=True, help="Output folder for shard-*.parquet, _manifest.json, _report.json.")
     build.add_argument("--size", type=int, default=512, help="Side of the stored square images (default 512).")
     build.add_argument("--shard-size", type=int, default=256, help="Images per shard (default 256).")
     build.add_argument("--quiet", action="store_true", help="No progress bar.")
@@ -405,7 +445,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded tiny config).")
     bench.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage2.candidates=8.")
-    bench.add_argument("--out", required=True, help="JSON file for the figures and their settings.")
+    bench.add_argument(
+        "--out", default="bench.json", help="JSON file for the figures and their settings (default: ./bench.json)."
+    )
     bench.add_argument("--repeats", type=int, default=3, help="Timed runs per figure after one warm-up (median).")
     bench.add_argument(
         "--size",
@@ -534,17 +576,25 @@ def _qualities(text: str) -> list[float]:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (sampler, degradation, eval section; see configs/).")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        metavar="CONFIG | RUN_DIR",
+        help="YAML config (sampler, degradation, eval section; see configs/), or a run directory: its own "
+        "config.yaml, and its latest checkpoint when --ckpt is not given (default: the config.yaml of the "
+        "run --ckpt points into).",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides (anywhere), e.g. eval.actors.num_actors=4 eval.samples=2."
     )
     parser.add_argument(
         "--ckpt",
         action="append",
-        required=True,
+        default=None,
         metavar="[NAME=]CKPT",
         help="Checkpoint to evaluate (repeatable): run, checkpoint or policy directory, optionally named, "
-        "e.g. --ckpt F=runs/x/checkpoints/stage1.2/step_000400 --ckpt Q=runs/x.",
+        "e.g. --ckpt F=runs/x/checkpoints/stage1.2/step_000400 --ckpt Q=runs/x (default: RUN_DIR).",
     )
     parser.add_argument(
         "--data",
@@ -559,28 +609,37 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
-_LOG_HANDLER: logging.Handler | None = None
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--verbose`` on ``parser`` and every subcommand under it, so it goes before or after the
+    subcommand (a subcommand's flag does not reset the top-level one)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="Show Ray's log lines and every worker's output on the terminal too (they always go to "
+        "the run's log file, e.g. RUN_DIR/logs/rlrestore.log).",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)
 
 
-def _log_to_stderr() -> None:
-    """INFO logs to the current ``sys.stderr``; a later call (notebooks, tests) replaces the
-    handler of an earlier one instead of adding another, or writing to a stream that is gone."""
-    global _LOG_HANDLER
-    root = logging.getLogger()
-    if _LOG_HANDLER is not None:
-        root.removeHandler(_LOG_HANDLER)
-    _LOG_HANDLER = logging.StreamHandler(sys.stderr)
-    _LOG_HANDLER.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(_LOG_HANDLER)
-    root.setLevel(logging.INFO)
+def _run_log(folder: str | Path) -> Path:
+    """Log every record (Ray's and its workers' included) to ``folder/rlrestore.log``."""
+    from rlrestore.runtime.console import LOG_FILE, log_to_file
+
+    return log_to_file(Path(folder) / LOG_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    _log_to_stderr()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    configure_console(args.verbose)
+    if not args.verbose:  # one bar per phase: not Hugging Face's per-file "Loading weights" bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # argparse stops filling `overrides` at the first option: key=value items after options land here.
     trailing = all("=" in item and not item.startswith("-") for item in extra)
     if extra and trailing and hasattr(args, "overrides"):
@@ -595,4 +654,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlrestore: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
         return 130
+    finally:
+        close_log_file()
 

@@ -10,14 +10,28 @@ from pathlib import Path
 
 from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
-from rlrestore.data.shards import check_shards
+from rlrestore.data.shards import check_shards, read_manifest
 from rlrestore.policies.registry import check_stage
+from rlrestore.runtime.console import (
+    WORKER_LOGGER,
+    capture_worker_output,
+    follow_progress,
+    progress_path,
+    route_ray_logging,
+)
 from rlrestore.runtime.devices import check_run_devices
 
 log = logging.getLogger(__name__)
 
 # Never reach for a hub from a worker: weights come from local paths or the HF cache only.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+# No Hugging Face progress bars ("Loading weights", "Writing model shards") in worker output.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 # Not WANDB_API_KEY: a runtime env is shown by the dashboard and the state API. Workers of a local
 # cluster inherit it from the driver's environment; on a shared cluster the operator sets it on
 # the nodes (a Kubernetes Secret, the Slurm job's environment).
@@ -35,14 +49,17 @@ def worker_env() -> dict[str, str]:
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Connect to ``config.address`` or start a local cluster (dashboard on 127.0.0.1 if enabled).
 
-    An already-initialised session (tests, notebooks) is reused and left running.
+    Ray's log records and every line its workers print go to the run's log file, and to the
+    terminal only with ``--verbose`` (``rlrestore.runtime.console``). An already-initialised
+    session (tests, notebooks) is reused and left running.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
+    route_ray_logging()
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True, "configure_logging": False}
     if config.address is None:
         kwargs.update(
             num_cpus=config.num_cpus,
@@ -51,7 +68,11 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         )
     else:
         kwargs["address"] = config.address
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
+    capture_worker_output()
+    session_dir = context.address_info.get("session_dir")
+    if session_dir:
+        logging.getLogger(WORKER_LOGGER).info("Ray's own logs of this session: %s/logs", session_dir)
     try:
         yield
     finally:
@@ -70,8 +91,8 @@ def prepare_shards(config: RunConfig) -> Path:
         check_shards(shards)  # a damaged shard fails here, not inside a worker
         return shards
     shards = Path(config.run_dir).resolve() / "data"
-    manifest = shards / "manifest.json"
-    if not manifest.is_file() or f'"image_size": {config.data.image_size}' not in manifest.read_text():
+    manifest = read_manifest(shards)
+    if manifest is None or manifest.get("image_size") != config.data.image_size:
         report = build_shards(
             embedded_faces_dir(), shards, config.data.image_size, config.data.shard_size, config.logging.progress
         )
@@ -112,6 +133,8 @@ def run_stage1(config: RunConfig, stage: StageName) -> None:
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
         ),
     )
-    result = trainer.fit()
+    steps = config.stage(stage).steps
+    with follow_progress(progress_path(run_dir, stage), stage, steps, config.logging.progress):
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{stage} failed: {result.error}")

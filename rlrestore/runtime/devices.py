@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from rlrestore.config import RunConfig, reward_group_key
+from rlrestore.runtime.console import FILE_ONLY
 
 DEVICES_FILE = "devices.json"
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -184,7 +185,7 @@ def write_devices(run_dir: str | Path, stage: str, records: list[DeviceRecord]) 
         log.info(
             "%s %s %s: %s%s on %s, %s (weights %s%s)",
             stage, record.role, record.actor, record.device, gpus, record.node, record.precision,
-            record.dtype, autocast,
+            record.dtype, autocast, extra=FILE_ONLY,
         )  # fmt: skip
     return path
 

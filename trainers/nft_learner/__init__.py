@@ -8,6 +8,10 @@
   CPU, nccl on GPU), what the Stage 2 driver uses.
 """
 
+from rlrestore.runtime.console import import_quietly
+
+import_quietly("deepspeed", loggers=["DeepSpeed"])  # before the modules that import it: its import prints
+
 from trainers.nft_learner.group import LearnerActor, LearnerGroup, LearnerLost, gather
 from trainers.nft_learner.learner import NFTLearner
 from trainers.nft_learner.samples import NFTSamples, StepSamples, StepShare, split_samples

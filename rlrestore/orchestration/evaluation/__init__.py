@@ -32,20 +32,27 @@ Layout of ``OUT``::
     devices.json                        device, node and dtype of each eval worker (rlrestore.runtime.devices)
     inputs.json                         every input (id, source, Eq. 16 parameters) and skipped files
     inputs/lq/<id>.png, inputs/gt/<id>.png   what the policy restored, and the ground truth
-    restored/<model>/<id>_s<seed>.png   every restoration
+    restored/<model>/<id>_s<seed>.png   every restoration (model ``input``: the degraded input)
     parts/<model>/chunk-00000.parquet   per-image rows of one chunk (written last, atomically)
     per_image.parquet                   model, image, seed, one column per metric (raw values)
-    summary.csv, summary.md, summary.json   one row per checkpoint, best per metric marked
+    summary.csv, summary.md, summary.json   the ``input`` row (the degraded input, the baseline;
+                                        never best), then one row per checkpoint, best per metric marked
     grid.png                            LQ | checkpoints | GT, with two or more checkpoints
 """
 
-from rlrestore.orchestration.evaluation.inputs import EvalInputs, parse_checkpoints, prepare_inputs
+from rlrestore.orchestration.evaluation.inputs import (
+    INPUT_MODEL,
+    EvalInputs,
+    parse_checkpoints,
+    prepare_inputs,
+)
 from rlrestore.orchestration.evaluation.metrics import Metric, plan_metrics
 from rlrestore.orchestration.evaluation.report import EvalReport, best_models, format_value, summarize
 from rlrestore.orchestration.evaluation.run import run_evaluation
 from rlrestore.orchestration.evaluation.worker import ChunkResult, ChunkTask, EvalWorker
 
 __all__ = [
+    "INPUT_MODEL",
     "ChunkResult",
     "ChunkTask",
     "EvalInputs",

@@ -4,6 +4,7 @@ clean set (or ``--reference``), and the Inception weights it needs."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -39,14 +40,15 @@ def frechet_inception_distance(images: Path, reference: Path, device: torch.devi
 
 def set_level_metrics(
     metrics: list[Metric],
-    models: dict[str, Path],
+    models: Sequence[str],
     out: Path,
     inputs: EvalInputs,
     reference: str | Path | None,
     device: torch.device,
     notes: list[dict[str, Any]],
 ) -> dict[str, dict[str, float]]:
-    """FID of each checkpoint's restorations against ``reference`` (default: the clean set)."""
+    """FID of each model's restorations (``input``: the degraded inputs) against ``reference``
+    (default: the clean set)."""
     values: dict[str, dict[str, float]] = {model: {} for model in models}
     if not any(metric.key == "fid" for metric in metrics):
         return values

@@ -35,6 +35,7 @@ from rlrestore.data import (
 from rlrestore.policies.blend import quality_names
 from rlrestore.runtime.seeds import sample_seed
 
+INPUT_MODEL = "input"  # the row of the degraded input itself (no checkpoint); never a checkpoint's name
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
 
 
@@ -142,6 +143,11 @@ def parse_checkpoints(specs: Sequence[str]) -> dict[str, Path]:
             name, path = "", spec
         policy_dir = resolve_policy_dir(path).resolve()
         name = name or _default_name(policy_dir)
+        if name == INPUT_MODEL:
+            raise ValueError(
+                f"--ckpt {spec}: the model name {name!r} is the degraded input's row; name the checkpoint "
+                "otherwise with NAME=PATH"
+            )
         if name in models:
             raise ValueError(f"--ckpt {spec}: the model name {name!r} is taken; name each one with NAME=PATH")
         models[name] = policy_dir

@@ -1,6 +1,10 @@
 """What an evaluation reports: the per-checkpoint summary (means, best per metric), its tables
 (summary.csv, summary.md, summary.json), the LQ | checkpoints | GT grid and, for a ``--quality``
-sweep, the fidelity-quality curve (quality_curve.png)."""
+sweep, the fidelity-quality curve (quality_curve.png).
+
+The tables open with the ``input`` row (the degraded input, scored as an image): the baseline a
+reader compares every checkpoint with. It is never "best": best answers which checkpoint to keep,
+and an input that beats every checkpoint on a metric shows as such by its numbers."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from rlrestore.data import load_image, save_image
-from rlrestore.orchestration.evaluation.inputs import EvalInputs
+from rlrestore.orchestration.evaluation.inputs import INPUT_MODEL, EvalInputs
 from rlrestore.orchestration.evaluation.metrics import Metric
 from rlrestore.orchestration.evaluation.store import PER_IMAGE, restored_path
 from rlrestore.orchestration.plotting import captioned_grid, quality_curve_figure
@@ -65,6 +69,11 @@ class EvalReport:
             "Means over every restoration with a finite value (FID: one value per checkpoint, set-level); "
             + "↑ higher is better, ↓ lower is better; best per metric in bold (with two or more checkpoints).",
         ]
+        if INPUT_MODEL in set(self.summary["model"]):
+            lines.append(
+                f"`{INPUT_MODEL}`: the degraded input itself, scored as an image (the baseline; not a "
+                "checkpoint, so never bold)."
+            )
         lines += self._dial_lines()
         if self.skipped_metrics:
             lines += ["", "## Skipped metrics", ""]

@@ -15,6 +15,7 @@ from rlrestore.config import RunConfig
 from rlrestore.data import load_image
 from rlrestore.orchestration.evaluation.fid import set_level_metrics
 from rlrestore.orchestration.evaluation.inputs import (
+    INPUT_MODEL,
     Dial,
     EvalInputs,
     dial_models,
@@ -55,6 +56,7 @@ def run_evaluation(
     progress: bool = True,
     qualities: Sequence[float] | None = None,
     base: str | Path | None = None,
+    baseline: bool = True,
 ) -> EvalReport:
     """Restore ``data`` with every checkpoint (``[NAME=]PATH``), score, summarise; resumes in ``out``.
 
@@ -62,7 +64,8 @@ def run_evaluation(
     are degraded with Eq. 16. ``reference``: folder of clean faces FID compares against (default:
     the clean set of a synthetic evaluation). ``qualities``: sweep the fidelity-quality dial, each
     checkpoint evaluated once per s as ``NAME@s=S`` (weights F + s (Q - F), F is ``base`` or the
-    run's Stage 1.2 policy), and ``quality_curve.png`` drawn.
+    run's Stage 1.2 policy), and ``quality_curve.png`` drawn. ``baseline``: the tables open with the
+    ``input`` row, the degraded input scored as it is (never marked best: it is not a checkpoint).
     """
     check_run_devices(config, ["eval"])
     models = parse_checkpoints(checkpoints)
@@ -83,7 +86,8 @@ def run_evaluation(
     inputs = prepare_inputs(Path(data), out, real, config, progress)
     check_manifest(out, {**settings, "inputs": inputs.ids}, described)
 
-    plan = plan_chunks(out, list(models), inputs.ids, ev)
+    rows = [INPUT_MODEL, *models] if baseline else list(models)
+    plan = plan_chunks(out, rows, inputs.ids, ev)
     columns = [metric.key for metric in metrics if metric.reward is not None]
     _compute_chunks(config, metrics, models, dials, inputs, out, plan, columns, progress)
 
@@ -91,9 +95,9 @@ def run_evaluation(
     per_image.to_parquet(out / PER_IMAGE, index=False)
     # FID runs in this process: with eval actors (on other nodes, maybe) on a GPU only if it has one.
     fid_device = local_device("auto" if ev.actors.num_actors > 0 and config.device == "cuda" else config.device)
-    set_level = set_level_metrics(metrics, models, out, inputs, reference, fid_device, notes)
-    summary = summarize(per_image, metrics, set_level, list(models))
-    best = best_models(summary, metrics)
+    set_level = set_level_metrics(metrics, rows, out, inputs, reference, fid_device, notes)
+    summary = summarize(per_image, metrics, set_level, rows)
+    best = best_models(summary[summary["model"] != INPUT_MODEL], metrics)
     grid = write_grid(out, inputs, list(models), ev.seed, ev.grid_images) if len(models) > 1 else None
     report = EvalReport(
         out=out,
@@ -159,8 +163,9 @@ def _compute_chunks(
         lq = [load_image(inputs.lq_dir / f"{i}.png") for i in ids]
         dial = dials.get(model, Dial(None, 1.0))
         base_dir = None if dial.base_dir is None else str(dial.base_dir)
+        policy_dir = None if model == INPUT_MODEL else str(models[model])
         captions = [inputs.captions[i] for i in ids]
-        return ChunkTask(model, str(models[model]), index, ids, captions, lq, gt, base_dir, dial.quality)
+        return ChunkTask(model, policy_dir, index, ids, captions, lq, gt, base_dir, dial.quality)
 
     bar = tqdm(total=len(plan.tasks), initial=len(plan.reused), desc="eval chunks", disable=not progress)
     if plan.pending:

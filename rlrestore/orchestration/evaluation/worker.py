@@ -1,5 +1,9 @@
 """The eval worker: restores a chunk of inputs with one checkpoint and scores every restoration.
 
+The row ``inputs.INPUT_MODEL`` (``input``) is the degraded input itself, the baseline every restoration
+paper reports: its "restoration" is the LQ image (upsampled to the ground truth's size if it
+differs), scored once by the same metrics and repeated for every seed.
+
 A plain class (the in-process path) that ``evaluation.run`` wraps as a Ray actor for the parallel
 one. The policy runs in the compute dtype of ``precision``; the metrics always compute in float32,
 so numbers stay comparable across precisions.
@@ -13,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from rewards import RewardBatch, build_reward
 from rlrestore.config import EvalConfig, SamplerConfig
@@ -27,10 +32,11 @@ from rlrestore.runtime.precision import Precision, PrecisionName
 
 @dataclass
 class ChunkTask:
-    """One checkpoint's restorations and scores of ``eval.chunk_size`` inputs."""
+    """One checkpoint's restorations and scores of ``eval.chunk_size`` inputs (``policy_dir`` None:
+    the degraded input itself, the ``input`` row)."""
 
     model: str
-    policy_dir: str
+    policy_dir: str | None
     index: int
     ids: list[str]
     captions: list[str]
@@ -107,11 +113,38 @@ class EvalWorker:
 
     @torch.no_grad()
     def run(self, task: ChunkTask) -> ChunkResult:
-        """Restore every input of ``task`` under every seed, then score each restoration."""
+        """Restore every input of ``task`` under every seed (the ``input`` row: the LQ image once),
+        then score each restoration."""
+        if task.policy_dir is None:
+            restored, per_input = [_as_output(lq, gt) for lq, gt in zip(task.lq, task.gt or task.lq)], 1
+        else:
+            restored, per_input = self.restore(task), len(self.seeds)
+        rows = [
+            {"model": task.model, "image": image_id, "seed": seed}
+            for image_id in task.ids
+            for seed in self.seeds
+        ]
+        clean = None if task.gt is None else [image for image in task.gt for _ in range(per_input)]
+        captions = [caption for caption in task.captions for _ in range(per_input)]
+        notes: list[dict[str, Any]] = []
+        repeat = len(self.seeds) // per_input  # the input row: one score, the same for every seed
+        for metric in self.metrics:
+            values = np.repeat(self.score(metric, restored, clean, captions, notes), repeat)
+            for row, value in zip(rows, values, strict=True):
+                row[metric.key] = float(value)
+        for note in notes:
+            note["images"] *= repeat
+        images = {
+            restored_stem(row["image"], row["seed"]): restored[index // repeat] for index, row in enumerate(rows)
+        }
+        return ChunkResult(task.model, task.index, rows, images, notes)
+
+    def restore(self, task: ChunkTask) -> list[np.ndarray]:
+        """Restorations of ``task``'s inputs under every seed, input-major, seed-minor."""
         policy = self.policy(task.policy_dir, task.base_dir, task.quality)
         # eval.noise_seed: every restoration starts from the same noise (a deterministic sampler).
         noise = self.seeds if self.config.noise_seed is None else [self.config.noise_seed] * len(self.seeds)
-        restored: list[np.ndarray] = []  # input-major, seed-minor
+        restored: list[np.ndarray] = []
         for start in range(0, len(task.ids), self.config.batch_size):
             stop = start + self.config.batch_size
             lq = task.lq[start:stop]
@@ -119,23 +152,7 @@ class EvalWorker:
                 policy, lq, task.captions[start:stop], torch.tensor([noise] * len(lq)), self.sampler
             )
             restored.extend(image for per_input in batch for image in per_input)
-        count = len(self.seeds)
-        rows = [
-            {"model": task.model, "image": image_id, "seed": seed}
-            for image_id in task.ids
-            for seed in self.seeds
-        ]
-        clean = None if task.gt is None else [image for image in task.gt for _ in range(count)]
-        captions = [caption for caption in task.captions for _ in range(count)]
-        notes: list[dict[str, Any]] = []
-        for metric in self.metrics:
-            values = self.score(metric, restored, clean, captions, notes)
-            for row, value in zip(rows, values, strict=True):
-                row[metric.key] = float(value)
-        images = {
-            restored_stem(row["image"], row["seed"]): image for row, image in zip(rows, restored, strict=True)
-        }
-        return ChunkResult(task.model, task.index, rows, images, notes)
+        return restored
 
     def score(
         self,
@@ -194,6 +211,14 @@ class EvalWorker:
                     note("non-finite score", int((~np.isfinite(scored)).sum()))
                 values[part] = scored
         return values
+
+
+def _as_output(lq: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The degraded input as an output image: ``lq``, bicubic-resized to ``reference``'s size if it differs."""
+    if lq.shape[:2] == reference.shape[:2]:
+        return lq
+    height, width = reference.shape[:2]
+    return np.asarray(Image.fromarray(lq).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def _upscale(images: torch.Tensor, side: int) -> torch.Tensor:
