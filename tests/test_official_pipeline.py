@@ -60,5 +60,5 @@ def test_convert_then_train_and_evaluate_on_the_converted_model(tmp_path: Path, 
     evaluate = ["eval", str(OFFICIAL), *ckpts, "--data", str(faces), "--out", str(out), "--quiet"]
     assert main([*evaluate, *keys, "eval.metrics=[psnr,sharpness]", "eval.chunk_size=4", "eval.grid_images=0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert sorted(row["model"] for row in summary["summary"]) == ["F", "Q", "released"]
+    assert sorted(row["model"] for row in summary["summary"]) == ["F", "Q", "input", "released"]
     assert all(row["psnr"] > 0 and row["sharpness"] > 0 for row in summary["summary"])
