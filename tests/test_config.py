@@ -265,7 +265,7 @@ def test_async_rollouts_need_a_policy_lag_of_at_least_one() -> None:
 def test_stale_rollouts_are_the_ones_lagging_more_than_allowed() -> None:
     from types import SimpleNamespace
 
-    from rlrestore.orchestration.stage2 import stale_parts
+    from rlrestore.orchestration.stage2_step import stale_parts
 
     parts = [SimpleNamespace(policy_version=version) for version in (5, 4, 3)]
     assert stale_parts(parts, step=5, max_lag=1) == [2]

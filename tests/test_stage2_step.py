@@ -13,7 +13,8 @@ from rewards import RewardAggregator, RewardErrorLog
 from rewards.pool import RewardErrorCounts, RewardOutcome
 from rewards.worker import RewardFailure, RewardTimeout
 from rlrestore.config import RewardSpec
-from rlrestore.orchestration.stage2 import FaultLog, Stage2Step, StepRollouts, phase
+from rlrestore.orchestration.stage2 import FaultLog
+from rlrestore.orchestration.stage2_step import Stage2Step, StepRollouts, phase
 from rlrestore.policies.prefrestore import PrefRestoreCondition
 from rlrestore.runtime.dataplane import (
     LearnerInputs,

@@ -125,7 +125,7 @@ class VelocityModel(nn.Module, ABC):
     def start(self, condition: Condition, noise: Tensor) -> Tensor:
         """Where sampling starts, at ``t_max``: the path's endpoint when ``t_max`` is 1."""
         if self.t_max != 1.0:
-            raise NotImplementedError(
+            raise TypeError(
                 f"{type(self).__name__} samples from t_max={self.t_max} and must define start()"
             )
         return self.endpoint(condition, noise)
