@@ -16,7 +16,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,12 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     extra: Callable[[Path], None] | None = None,
+    protect: Collection[Path] = (),
 ) -> Path:
     """Atomically write policy + trainer state (+ whatever ``extra`` writes into the checkpoint
-    directory) for ``step``, and keep the newest ``keep`` checkpoints. ``policy`` is a policy to
-    save, or a function that writes the policy directory it is given."""
+    directory) for ``step``, and keep the newest ``keep`` checkpoints and those in ``protect``
+    (e.g. a run's best one). ``policy`` is a policy to save, or a function that writes the policy
+    directory it is given."""
     root = checkpoint_root(run_dir, stage)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -79,8 +81,10 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    kept = {Path(path).resolve() for path in protect}
     for _, old in list_checkpoints(run_dir, stage)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.resolve() not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -647,6 +647,92 @@ class OutputConfig(_Section):
     sample_grid_every: int = Field(10, ge=1, description="Write an LQ | candidates | GT grid every N steps.")
 
 
+DEFAULT_GUARD_METRICS = ("psnr", "dlib_identity", "dlib_lmd")
+DEFAULT_GUARD_THRESHOLDS = {"dlib_identity": 0.1, "dlib_lmd": 0.05, "psnr": 2.0}
+"""Default ``max_worse`` of the guard metrics (``stage2.guard.rules`` unset)."""
+EVAL_TOTAL = "total"
+"""Name of the weighted trained reward among the held-out evaluation's values (``eval/total``)."""
+
+
+class HeldOutEvalConfig(_Section):
+    """What Stage 2's held-out evaluation restores and scores (``stage2.eval_every``): the held-back
+    faces (``data.holdout``), degraded with fixed seeds as the demo does, restored by the current
+    policy with the deterministic rollout sampler and fixed noise seeds, scored by the trained
+    rewards and the guard metrics against their clean faces."""
+
+    faces: int = Field(
+        0, ge=0, description="Held-back faces restored at each evaluation (the first N by id); 0: all of data.holdout."
+    )
+    seeds: int = Field(1, ge=1, description="Restorations per face, each with its own fixed noise seed.")
+    guard_metrics: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_GUARD_METRICS),
+        description="Registered rewards scored besides the trained ones and logged raw as eval/<name> (psnr in dB; "
+        "dlib_identity and dlib_lmd are distances, lower is better). Those that are not trained rewards are "
+        "scored in the driver process on the CPU.",
+    )
+
+
+class GuardRule(_Section):
+    """One threshold of the reward-hacking guard, relative to the metric's value at the start (step 0)."""
+
+    metric: str = Field(
+        ...,
+        min_length=1,
+        description="'total' (the weighted trained reward), 'reward/<name>' (a trained reward) or a name of "
+        "stage2.eval.guard_metrics.",
+    )
+    max_worse: float = Field(
+        ...,
+        ge=0,
+        description="How far the metric may move in its worse direction from its step-0 value, in its own units "
+        "(a higher-is-better metric may fall this much, a lower-is-better one rise this much).",
+    )
+
+
+class GuardConfig(_Section):
+    """The reward-hacking guard: checked at every held-out evaluation; inert while eval_every is 0."""
+
+    rules: list[GuardRule] | None = Field(
+        None,
+        description="Thresholds; crossing any one triggers `action`. None: the default threshold of each "
+        "evaluated guard metric that has one: dlib_identity +0.1 (distance), dlib_lmd +0.05 (inter-ocular "
+        "units), psnr -2 dB (some fidelity is traded for quality by design); [] turns the guard off.",
+    )
+    action: Literal["stop", "rollback"] = Field(
+        "stop",
+        description="'stop': end the run cleanly (checkpoint and report written); 'rollback': reload learners and "
+        "rollout actors from the best checkpoint (stage2.select) and keep training, up to max_rollbacks times, "
+        "then stop.",
+    )
+    max_rollbacks: int = Field(2, ge=0, description="Rollbacks a run may make before a crossing stops it.")
+
+    def active_rules(self, guard_metrics: list[str]) -> list[GuardRule]:
+        """The configured rules, or the defaults of the evaluated ``guard_metrics``."""
+        if self.rules is not None:
+            return list(self.rules)
+        return [
+            GuardRule(metric=name, max_worse=DEFAULT_GUARD_THRESHOLDS[name])
+            for name in guard_metrics
+            if name in DEFAULT_GUARD_THRESHOLDS
+        ]
+
+
+class SelectionConfig(_Section):
+    """Which held-out evaluation names the run's best checkpoint (``<run_dir>/stage2_report.json``)."""
+
+    metric: str = Field(
+        EVAL_TOTAL,
+        min_length=1,
+        description="'total' (the weighted trained reward), 'reward/<name>' or a name of stage2.eval.guard_metrics.",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="'max' or 'min'; None: the metric's own direction (rewards: max; distances: min)."
+    )
+    guarded_only: bool = Field(
+        True, description="Only evaluations that crossed no guard threshold may be the best."
+    )
+
+
 class Stage2Config(_Section):
     """Stage 2: preference RL with DiffusionNFT on rollout, reward and learner actors.
 
@@ -679,6 +765,15 @@ class Stage2Config(_Section):
     )
     faults: FaultConfig = Field(default_factory=FaultConfig, description="Actor and reward failures.")
     outputs: OutputConfig = Field(default_factory=OutputConfig, description="Checkpoints and sample grids.")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Held-out evaluation every N steps, at step 0 and at the end (a checkpoint is written at each); "
+        "0 turns it, the guard and best-checkpoint selection off.",
+    )
+    eval: HeldOutEvalConfig = Field(default_factory=HeldOutEvalConfig, description="Held-out evaluation.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Reward-hacking guard.")
+    select: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-checkpoint rule.")
 
     @model_validator(mode="before")
     @classmethod
@@ -694,6 +789,19 @@ class Stage2Config(_Section):
                 raise ValueError(
                     f"stage2.rewards.{index}.actor = {spec.actor!r} (reward {spec.name!r}) names no reward-actor "
                     f"group; define stage2.resources.reward_groups.{spec.actor} or use one of: {defined}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_metrics_known(self) -> Stage2Config:
+        known = [EVAL_TOTAL, "reward/<name>", *self.eval.guard_metrics]
+        rules = self.guard.rules or []
+        named = [(f"stage2.guard.rules.{i}.metric", rule.metric) for i, rule in enumerate(rules)]
+        for key, metric in [*named, ("stage2.select.metric", self.select.metric)]:
+            if metric != EVAL_TOTAL and not metric.startswith("reward/") and metric not in self.eval.guard_metrics:
+                raise ValueError(
+                    f"{key} = {metric!r} is not evaluated; use one of {known} or add it to "
+                    "stage2.eval.guard_metrics"
                 )
         return self
 

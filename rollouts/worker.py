@@ -11,6 +11,10 @@ clean latents x0 of the candidates with one condition per input (the AR decode r
 input, never per candidate; with a fixed degradation and a deterministic condition it runs once
 per input for the whole run, kept in the actor's condition cache).
 
+For Stage 2's held-out evaluation (``stage2.eval_every``) the worker also restores the held-back
+faces (``data.holdout``, degraded with fixed seeds) with the trained weights v_theta it is lent for
+that call, and returns the images for the reward actors.
+
 Weights arrive as a ``WeightUpdate``: LoRA adapters (added to the actor's DiT on first use) or
 the trained weights, in the actor's compute dtype.
 
@@ -107,14 +111,11 @@ class RolloutWorker:
         self.precision = Precision(precision)
         policy = load_policy(policy_dir, policy_runtime).eval().to(self.device)
         self.policy = self.precision.for_inference(policy)
-        train, _ = split_holdout(read_shards(Path(shards)), holdout)
-        self.dataset = FaceDataset(
-            train,
-            self.policy.config.resolution,
-            DegradationConfig.model_validate(degradation),
-            data_seed,
-            fixed_degradation,
-        )
+        train, held = split_holdout(read_shards(Path(shards)), holdout)
+        resolution = self.policy.config.resolution
+        degradations = DegradationConfig.model_validate(degradation)
+        self.dataset = FaceDataset(train, resolution, degradations, data_seed, fixed_degradation)
+        self.holdout = FaceDataset(held, resolution, degradations, data_seed)  # epoch 0, as the demo
         self.conditions = ConditionCache(condition_cache if fixed_degradation else 0)
         self.version = 0
 
@@ -169,6 +170,34 @@ class RolloutWorker:
         learner = LearnerInputs(out.latents.cpu(), out.condition.to("cpu"))
         parts = RolloutParts.of(meta, reward, learner)
         return parts.meta, parts.reward, parts.learner
+
+    @torch.no_grad()
+    def restore_holdout(
+        self, update: WeightUpdate, seeds: torch.Tensor, sampler: SamplerConfig, batch_size: int
+    ) -> tuple[RolloutMeta, RewardInputs]:
+        """The first ``seeds.shape[0]`` held-back faces (degraded with their fixed epoch-0 seeds)
+        restored ``seeds.shape[1]`` times each by the policy of ``update`` (v_theta, held only for
+        this call: the rollout weights come back after it), ``batch_size`` faces per sampler call.
+        Two parts (on Ray call it with ``num_returns=2``): metadata, and the images to score."""
+        count = seeds.shape[0]
+        if not 0 < count <= len(self.holdout):
+            raise ValueError(f"{count} held-out faces asked for; data.holdout keeps {len(self.holdout)}")
+        model = self.policy.velocity_model
+        rollout_weights = held_weights(model, update)
+        apply_weight_update(model, update)
+        try:
+            batch = collate_faces([self.holdout[index] for index in range(count)])
+            images = []
+            for start in range(0, count, batch_size):
+                rows = slice(start, start + batch_size)
+                lq, captions = batch["lq"][rows].to(self.device), batch["caption"][rows]
+                out = self.policy.restore(lq, captions, seeds[rows], sampler)
+                images.append(to_uint8_images(out.images))
+        finally:
+            apply_weight_update(model, rollout_weights)
+        meta = RolloutMeta(batch["id"], batch["caption"], seeds, self.version)
+        reward = RewardInputs(torch.cat(images), to_uint8_images(batch["hq"]), to_uint8_images(batch["lq"]))
+        return meta, reward
 
     def rollout(
         self, indices: list[int], epoch: int, seeds: torch.Tensor, sampler: SamplerConfig
@@ -227,12 +256,25 @@ class ConditionCache:
             self.items.popitem(last=False)
 
 
-def apply_weight_update(model: VelocityModel, update: WeightUpdate) -> None:
-    """Load ``update`` into the velocity model: LoRA factors (adding the adapters the first time)
-    or the trained weights; the keys must be exactly ones the model has."""
+def add_adapters(model: VelocityModel, update: WeightUpdate) -> None:
+    """Add the LoRA adapters of a LoRA ``update`` to the velocity model if it has none yet."""
     if update.kind == LORA and not has_lora(model):
         for module in model.stage2_modules():  # where the learners add them
             add_lora(module, update.lora["rank"], update.lora["alpha"], update.lora["targets"])
+
+
+def held_weights(model: VelocityModel, update: WeightUpdate) -> WeightUpdate:
+    """Copies of the model's tensors that ``update`` would overwrite (to put them back after it)."""
+    add_adapters(model, update)
+    own = model.state_dict()
+    tensors = {key: own[key].clone() for key in update.tensors if key in own}
+    return WeightUpdate(update.kind, tensors, update.lora)
+
+
+def apply_weight_update(model: VelocityModel, update: WeightUpdate) -> None:
+    """Load ``update`` into the velocity model: LoRA factors (adding the adapters the first time)
+    or the trained weights; the keys must be exactly ones the model has."""
+    add_adapters(model, update)
     own = model.state_dict()
     unknown = sorted(set(update.tensors) - set(own))
     if unknown:

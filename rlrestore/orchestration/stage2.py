@@ -60,9 +60,10 @@ from tqdm import tqdm
 from rewards import RewardAggregator, check_reward_args, check_reward_weights
 from rewards.pool import RewardActorPool, RewardErrorLog, reward_actor_count
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
-from rlrestore.config import RunConfig, Stage2Config, save_config
+from rlrestore.config import RewardSpec, RunConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image
 from rlrestore.orchestration.jobs import prepare_shards
+from rlrestore.orchestration.stage2_eval import GuardedRun, HeldOutEval, eval_face_count
 from rlrestore.orchestration.stage2_step import (
     STAGE,
     RolloutCall,
@@ -132,6 +133,10 @@ def check_stage2_inputs(config: RunConfig) -> None:
         check_reward_args(spec)
     RewardAggregator.from_config(config.stage2)
     check_reward_weights(config.stage2.rewards)
+    if config.stage2.eval_every:
+        eval_face_count(config)
+        for name in config.stage2.eval.guard_metrics:
+            check_reward_args(RewardSpec(name=name))
     starting_point(config)
 
 
@@ -328,8 +333,9 @@ class RolloutActors:
             ray.kill(actor)
 
 
-class Stage2Run(Stage2Step):
-    """The actors of one Stage 2 run and the loop that drives them."""
+class Stage2Run(Stage2Step, GuardedRun):
+    """The actors of one Stage 2 run and the loop that drives them (the held-out evaluation, guard
+    and rollback: :class:`GuardedRun`)."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -366,8 +372,11 @@ class Stage2Run(Stage2Step):
         self.reward_errors = RewardErrorLog(self.stage.rewards)
         if self.resume is not None:
             self.reward_errors.load(self.run_dir / REWARD_ERRORS_FILE)
+        resumed = self.resume is not None
+        self.held_out = HeldOutEval(config, self.rewards, self.aggregator, resumed) if self.stage.eval_every else None
         self.learner_strategies = [next(bundles) for _ in range(resources.learner.num_actors)]
         self.step = 0  # the step being worked on
+        self.done = 0  # steps trained
         self.learners = self.start_learners()
         self.restart_from(self.resume)
         self.record_devices()
@@ -458,13 +467,25 @@ class Stage2Run(Stage2Step):
 
     def train(self, writer: MetricsWriter, wandb_run: WandbRun) -> None:
         """The steps from ``self.start`` to the end (:meth:`records`), each logged as it completes."""
-        steps = self.stage.steps
+        steps, self.done = self.stage.steps, self.start
         bar = tqdm(total=steps, initial=self.start, desc=STAGE, disable=not self.config.logging.progress)
-        for record in self.records(self.start, steps):
+        self.evaluate_start(writer, wandb_run)
+        while self.start < steps and self.train_steps(writer, wandb_run, bar) == "rollback":
+            continue  # the guard rolled back: the steps go on from self.start with the best weights
+        bar.close()
+
+    def train_steps(self, writer: MetricsWriter, wandb_run: WandbRun, bar: tqdm) -> str:
+        """The steps from ``self.start`` to the end ('continue') or to a guard action at a held-out
+        evaluation ('stop', 'rollback'; ``GuardedRun.evaluate``)."""
+        for record in self.records(self.start, self.stage.steps):
             metrics = self.log_step(record, writer, wandb_run)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total/mean']:.4f}")
-        bar.close()
+            self.done = record.step + 1
+            action = self.evaluate(self.done, writer, wandb_run) if self.evaluation_due(self.done) else "continue"
+            if action != "continue":
+                return action
+        return "continue"
 
     def records(self, start: int, stop: int) -> Iterator[StepRecord]:
         """Steps ``start`` to ``stop`` - 1, each :meth:`run_step` on the rollouts launched for it;
@@ -493,7 +514,7 @@ class Stage2Run(Stage2Step):
         metrics = {**record.metrics(), "faults/total": float(len(self.faults))}
         writer.log(metrics, step=step)
         wandb_run.log(metrics, step=step)
-        if done % outputs.checkpoint_every == 0 or done == self.stage.steps:
+        if done % outputs.checkpoint_every == 0 or done == self.stage.steps or self.evaluation_due(done):
             writer.flush()
             self.checkpoint(done)
         return metrics
@@ -540,6 +561,7 @@ class Stage2Run(Stage2Step):
             {"step": step},
             self.stage.outputs.keep_checkpoints,
             extra=extra,
+            protect=self.protected_checkpoints(),
         )
 
     def report_reward_errors(self) -> None:
@@ -564,4 +586,5 @@ def run_stage2(config: RunConfig) -> None:
         run.run()
     finally:
         run.report_reward_errors()
+        run.report_evaluations(run.done)
         run.shutdown()

@@ -72,6 +72,9 @@ class LearnerActor:
         update = self.learner.rollout_update()
         return update, update.nbytes
 
+    def trained_update(self) -> WeightUpdate:
+        return self.learner.trained_update()
+
     def trained_state_dict(self) -> dict[str, Tensor]:
         return self.learner.trained_state_dict()
 
@@ -232,6 +235,10 @@ class LearnerGroup:
         :class:`LearnerLost` where the refs are waited on."""
         update, nbytes = self.actors[0].rollout_update.options(num_returns=2).remote()
         return update, nbytes
+
+    def trained_update_ref(self) -> ray.ObjectRef:
+        """Object ref of rank 0's v_theta as a :class:`WeightUpdate` (for the held-out evaluation)."""
+        return self.actors[0].trained_update.remote()
 
     def rollout_weights(self) -> dict[str, Tensor]:
         """Rank 0's v_old DiT weights (see :meth:`NFTLearner.state_dict_for_rollout`)."""

@@ -366,11 +366,19 @@ class NFTLearner:
         """What the rollout actors need of v_old, in their compute dtype: the LoRA factors when only
         adapters train (with their rank, alpha and targets), else the trained weights; the frozen
         rest is what the actors loaded from the policy directory."""
+        return self._update_of(self.v_old)
+
+    def trained_update(self) -> WeightUpdate:
+        """v_theta (what a checkpoint's policy holds) as a :meth:`rollout_update`-shaped update: a
+        rollout actor restores the held-out faces with it (``stage2.eval_every``)."""
+        return self._update_of(self.engine.module)
+
+    def _update_of(self, field: nn.Module) -> WeightUpdate:
         names = {name for name, param in self.engine.module.named_parameters() if param.requires_grad}
         dtype = self.precision.compute_dtype
         tensors = {
             name: param.detach().to("cpu", dtype).contiguous()
-            for name, param in self.v_old.named_parameters()
+            for name, param in field.named_parameters()
             if name in names
         }
         if self.finetune == "lora":
