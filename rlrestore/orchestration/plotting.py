@@ -29,12 +29,14 @@ _SMOOTH_MIN_POINTS = 10  # fewer points are drawn as they are
 REWARD_STAGE = "stage2"
 _REWARD_MEAN = re.compile(r"^reward/(?P<name>.+)/mean$")  # per-component means logged by the aggregator
 _TOTAL = "reward/total/mean"
+_EVAL = "eval/"  # Stage 2's held-out evaluation curves (rlrestore.orchestration.stage2_eval)
 _TOTAL_COLOUR = "purple"  # the paper's Fig. 6 draws the total in purple on the left axis
 
 
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Draw every stage's numeric metrics over step to ``<out_dir>/<stage>.png`` (Stage 1's
-    losses among them), and Stage 2's rewards Fig. 6 style to ``<out_dir>/stage2_rewards.png``.
+    losses among them), Stage 2's rewards Fig. 6 style to ``<out_dir>/stage2_rewards.png`` and its
+    held-out evaluations (``eval/*``) to ``<out_dir>/stage2_eval.png``.
 
     ``out_dir`` defaults to ``<run_dir>/plots``. Curves with many points get a centred running
     mean drawn over the faint raw points. Returns the written paths: one per stage, then the
@@ -55,10 +57,15 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
             path = out_dir / f"{REWARD_STAGE}_rewards.png"
             reward_figure(metrics).savefig(path, dpi=100)
             paths.append(path)
+        evaluated = [name for name in metrics.columns if name.startswith(_EVAL)]
+        if evaluated:  # the held-out evaluations (stage2.eval_every): their steps only
+            rows = metrics.loc[metrics[evaluated].notna().any(axis=1), ["step", *evaluated]]
+            path = out_dir / f"{REWARD_STAGE}_eval.png"
+            paths.append(_plot_stage(rows, f"{REWARD_STAGE} held-out evaluation", path, "evaluations"))
     return paths
 
 
-def _plot_stage(metrics: pd.DataFrame, stage: str, path: Path) -> Path:
+def _plot_stage(metrics: pd.DataFrame, stage: str, path: Path, rows_are: str = "steps") -> Path:
     """One figure with a panel per numeric metric column (``step`` and ``time`` excluded)."""
     names = [
         name
@@ -69,7 +76,7 @@ def _plot_stage(metrics: pd.DataFrame, stage: str, path: Path) -> Path:
     columns = min(_COLUMNS, max(1, len(names)))
     figure = Figure(figsize=(4.5 * columns, 3.0 * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle(f"{stage} ({len(metrics)} steps)")
+    figure.suptitle(f"{stage} ({len(metrics)} {rows_are})")
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
     for ax, name in zip(axes, names):
         series = metrics[name].astype("float64")

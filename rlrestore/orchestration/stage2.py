@@ -57,10 +57,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from rewards import RewardAggregator, check_reward_args, check_reward_weights
+from rewards import RewardAggregator, RewardError, check_reward_args, check_reward_weights
 from rewards.pool import RewardActorPool, RewardErrorLog, reward_actor_count
 from rlrestore.checkpoints import latest_checkpoint, save_checkpoint
-from rlrestore.config import RewardSpec, RunConfig, Stage2Config, save_config
+from rlrestore.config import ConfigError, RewardSpec, RunConfig, Stage2Config, save_config
 from rlrestore.data import image_grid, save_image
 from rlrestore.orchestration.jobs import prepare_shards
 from rlrestore.orchestration.stage2_eval import GuardedRun, HeldOutEval, eval_face_count
@@ -136,7 +136,10 @@ def check_stage2_inputs(config: RunConfig) -> None:
     if config.stage2.eval_every:
         eval_face_count(config)
         for name in config.stage2.eval.guard_metrics:
-            check_reward_args(RewardSpec(name=name))
+            try:
+                check_reward_args(RewardSpec(name=name))
+            except RewardError as exc:
+                raise ConfigError(f"stage2.eval.guard_metrics: {exc}") from None
     starting_point(config)
 
 
