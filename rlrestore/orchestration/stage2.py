@@ -28,6 +28,11 @@ With ``stage2.rollout.asynchronous`` the rollouts of step i+1 run while the lear
 versions is rolled out again with the current weights. Resume: the same command continues from the
 newest checkpoint (policy, learner state with v_old and optimizer, step).
 
+With ``stage2.eval_every`` the current policy restores the held-back faces at step 0, every N
+steps and at the end, a guard stops the run or rolls it back to the best checkpoint when a guard
+metric gets worse than allowed, and ``<run_dir>/stage2_report.json`` names the best checkpoint
+(``rlrestore.orchestration.stage2_eval``, ``rlrestore.orchestration.guard``).
+
 Every role runs on the device its resources give it (``rlrestore.runtime.devices``) in the run's
 ``precision``; ``<run_dir>/devices.json`` lists them.
 
