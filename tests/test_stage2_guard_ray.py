@@ -89,6 +89,7 @@ class RecordingRun(Stage2Run):
     def __init__(self, config) -> None:
         self.evaluated: dict[int, dict[str, torch.Tensor]] = {}
         self.rolled_back: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+        self.checkpointed: dict[int, dict[str, torch.Tensor]] = {}
         super().__init__(config)
 
     def evaluate_start(self, writer, wandb_run) -> None:
@@ -98,6 +99,10 @@ class RecordingRun(Stage2Run):
     def evaluate(self, done, writer, wandb_run) -> str:
         self.evaluated[done] = self.learners.trained_weights()
         return super().evaluate(done, writer, wandb_run)
+
+    def checkpoint(self, step) -> None:
+        self.checkpointed[step] = self.learners.trained_weights()
+        super().checkpoint(step)
 
     def roll_back(self, point, step) -> None:
         super().roll_back(point, step)
@@ -139,3 +144,9 @@ def test_the_guard_rolls_back_to_the_best_checkpoint_and_training_continues(
     kept = [step for step, _ in list_checkpoints(run_dir, "stage2")]
     if report["best"]["step"] > 0:
         assert report["best"]["step"] in kept  # keep_checkpoints=1 never prunes the best one
+    # the checkpoint that crossed is set aside; the rolled-back state was checkpointed in its place
+    aside = run_dir / "checkpoints" / "stage2" / f"crossed_step_{at:06d}"
+    assert aside.is_dir()
+    history = {point["step"]: point for point in json.loads((run_dir / EVAL_HISTORY_FILE).read_text())}
+    assert history[at]["checkpoint"] == str(aside) and history[at]["crossed"]
+    assert all(torch.equal(run.checkpointed[at][key], weights[key]) for key in weights)

@@ -146,8 +146,18 @@ class EvalHistory:
         self.points = [point for point in self.points if point.step != step]
         self.points.append(EvalPoint(step, str(checkpoint), values, [c.sentence() for c in found]))
         self.points.sort(key=lambda point: point.step)
-        self.history_path.write_text(json.dumps([asdict(point) for point in self.points], indent=2))
+        self.save()
         return found
+
+    def move_checkpoint(self, step: int, path: Path) -> None:
+        """The checkpoint evaluated at ``step`` now lies at ``path`` (set aside by a rollback)."""
+        for point in self.points:
+            if point.step == step:
+                point.checkpoint = str(path)
+        self.save()
+
+    def save(self) -> None:
+        self.history_path.write_text(json.dumps([asdict(point) for point in self.points], indent=2))
 
     def best(self) -> EvalPoint | None:
         return best_point(self.points, self.stage.select)

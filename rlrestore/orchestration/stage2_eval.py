@@ -54,7 +54,8 @@ def eval_face_count(config: RunConfig) -> int:
     wanted, held = config.stage2.eval.faces, config.data.holdout
     if held == 0:
         raise ValueError(
-            f"stage2.eval_every={config.stage2.eval_every} evaluates on the held-back faces, but data.holdout=0: "
+            f"stage2.eval_every={config.stage2.eval_every} evaluates on the held-back faces, but "
+            "data.holdout=0: "
             "hold some faces back (data.holdout) or set stage2.eval_every=0"
         )
     if wanted > held:
@@ -105,7 +106,8 @@ class HeldOutEval:
     def values(self, scores: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means over the restorations: the weighted total and each trained reward (higher is
         better, as in training), and each guard metric raw (a lower-is-better one negated back)."""
-        total = sum(weight * scores[name].double() for name, weight in self.aggregator.weights.items() if weight)
+        weights = self.aggregator.weights
+        total = sum(weight * scores[name].double() for name, weight in weights.items() if weight)
         values = {EVAL_TOTAL: finite_mean(total)}
         values.update({f"reward/{name}": finite_mean(scores[name]) for name in self.aggregator.weights})
         for name in self.guard_metrics:
@@ -165,6 +167,9 @@ class GuardedRun(ABC):
     @abstractmethod
     def sync_weights(self, version: int, rewind: bool = False) -> int: ...
 
+    @abstractmethod
+    def checkpoint(self, step: int) -> None: ...
+
     def evaluation_due(self, done: int) -> bool:
         """Whether the policy after ``done`` steps is evaluated (and checkpointed)."""
         every = self.stage.eval_every
@@ -214,7 +219,8 @@ class GuardedRun(ABC):
         if guard.action == "rollback" and history.rollbacks < guard.max_rollbacks and best is not None:
             detail = (
                 f"rolling back to the best checkpoint {best.checkpoint} (step {best.step}), rollback "
-                f"{history.rollbacks + 1} of stage2.guard.max_rollbacks={guard.max_rollbacks}; training continues"
+                f"{history.rollbacks + 1} of stage2.guard.max_rollbacks={guard.max_rollbacks}; "
+                "training continues"
             )
             return GuardEvent(done, sentences, "rollback", detail)
         reason = " (stage2.guard.max_rollbacks reached)" if guard.action == "rollback" else ""
@@ -223,15 +229,23 @@ class GuardedRun(ABC):
 
     def roll_back(self, point: EvalPoint, step: int) -> None:
         """Load the learners from ``point`` (its checkpoint's learner state; a fresh group at step 0,
-        the starting policy), give the rollout actors its weights, and continue at ``step``."""
+        the starting policy), give the rollout actors its weights, and continue at ``step``. The
+        checkpoint that crossed the guard is set aside as ``crossed_step_*`` and the rolled-back
+        state checkpointed as step ``step``, so a resume or a learner rebuild starts from it."""
         if point.step == 0:
             self.learners.shutdown()
             self.learners = self.start_learners()
         else:
             self.learners.load(Path(point.checkpoint) / "learner")
+        self.learners.skip_step(step - 1)  # the learners' step counter (a resume's start) goes on at `step`
         self.rollouts.weights.clear()
         self.start = step
         self.sync_weights(step, rewind=True)
+        crossed = checkpoint_root(self.run_dir, "stage2") / f"step_{step:06d}"
+        if crossed.is_dir():
+            aside = crossed.rename(crossed.with_name(f"crossed_{crossed.name}"))
+            self.held_out.history.move_checkpoint(step, aside)
+        self.checkpoint(step)
 
     def protected_checkpoints(self) -> list[Path]:
         """Checkpoints pruning keeps besides the newest: the best one."""
@@ -245,5 +259,9 @@ class GuardedRun(ABC):
         history = self.held_out.history
         path = history.write_report(steps_trained)
         best, metric = history.best(), self.stage.select.metric
-        named = "none" if best is None else f"{best.checkpoint} (step {best.step}, eval/{metric} {best.values[metric]:.4g})"
+        named = (
+            "none"
+            if best is None
+            else f"{best.checkpoint} (step {best.step}, eval/{metric} {best.values[metric]:.4g})"
+        )
         print(f"stage2 best checkpoint: {named}; report: {path}", flush=True)
