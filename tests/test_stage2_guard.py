@@ -88,6 +88,7 @@ def test_the_history_and_report_survive_a_resume(tmp_path: Path) -> None:
     assert report["best"]["step"] == 2 and report["best"]["value"] == 2.0
     assert report["selection"] == {"metric": "total", "mode": None, "guarded_only": True, "direction": "max"}
     assert report["guard"]["rules"] == [{"metric": "psnr", "max_worse": 2.0}]
+    assert report["guard"]["limits"] == {"eval/psnr": 18.0}  # the plots draw it over eval/psnr
     assert (tmp_path / REPORT_FILE).is_file() and Path(report["eval_history"]).is_file()
 
 

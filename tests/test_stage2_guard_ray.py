@@ -82,6 +82,15 @@ def test_the_guard_stops_a_run_whose_reward_pays_for_noise(stage1_run: Path, tmp
     plots = [path.name for path in plot_run(run_dir)]
     assert "stage2_eval.png" in plots
 
+    # the same command without the guard resumes from the stop: the history and its start are kept
+    run_stage2(tiny_config(run_dir, *HACKED, "stage2.steps=8", "stage2.guard.rules=[]"))
+    resumed = read_stage2_report(run_dir)
+    assert resumed["start"] == report["start"] and resumed["steps_trained"] == 8
+    assert not resumed["stopped_by_guard"] and resumed["guard_events"] == report["guard_events"]
+    frame = read_metrics(run_dir, "stage2").set_index("step")
+    assert frame["eval/total"].dropna().index.tolist() == [*range(0, stopped + 1, 2), 8]
+    assert frame["reward/total/mean"].notna().sum() == 8
+
 
 class RecordingRun(Stage2Run):
     """A Stage 2 run that keeps the learners' v_theta at each evaluation and after each rollback."""

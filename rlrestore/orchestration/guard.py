@@ -159,6 +159,16 @@ class EvalHistory:
     def save(self) -> None:
         self.history_path.write_text(json.dumps([asdict(point) for point in self.points], indent=2))
 
+    def limits(self) -> dict[str, float]:
+        """Each rule's bound, ``eval/<metric>`` -> its step-0 value moved ``max_worse`` the worse way."""
+        start = self.start
+        return {
+            f"eval/{rule.metric}": start[rule.metric]
+            + (-rule.max_worse if higher_is_better(rule.metric) else rule.max_worse)
+            for rule in self.rules
+            if math.isfinite(start.get(rule.metric, math.nan))
+        }
+
     def best(self) -> EvalPoint | None:
         return best_point(self.points, self.stage.select)
 
@@ -182,6 +192,7 @@ class EvalHistory:
             "start": self.start,
             "guard": {
                 "rules": [rule.model_dump() for rule in self.rules],
+                "limits": self.limits(),
                 "action": self.stage.guard.action,
                 "max_rollbacks": self.stage.guard.max_rollbacks,
             },

@@ -9,6 +9,7 @@ nodes and inside other programs alike.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -60,13 +61,22 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         evaluated = [name for name in metrics.columns if name.startswith(_EVAL)]
         if evaluated:  # the held-out evaluations (stage2.eval_every): their steps only
             rows = metrics.loc[metrics[evaluated].notna().any(axis=1), ["step", *evaluated]]
-            path = out_dir / f"{REWARD_STAGE}_eval.png"
-            paths.append(_plot_stage(rows, f"{REWARD_STAGE} held-out evaluation", path, "evaluations"))
+            path, title = out_dir / f"{REWARD_STAGE}_eval.png", f"{REWARD_STAGE} held-out evaluation"
+            paths.append(_plot_stage(rows, title, path, "evaluations", _guard_limits(run_dir)))
     return paths
 
 
-def _plot_stage(metrics: pd.DataFrame, stage: str, path: Path, rows_are: str = "steps") -> Path:
-    """One figure with a panel per numeric metric column (``step`` and ``time`` excluded)."""
+def _guard_limits(run_dir: Path) -> dict[str, float]:
+    """The guard's bounds by ``eval/*`` column, from the Stage 2 run report (none without one)."""
+    report = run_dir / "stage2_report.json"
+    return json.loads(report.read_text())["guard"]["limits"] if report.is_file() else {}
+
+
+def _plot_stage(
+    metrics: pd.DataFrame, stage: str, path: Path, rows_are: str = "steps", limits: dict[str, float] | None = None
+) -> Path:
+    """One figure with a panel per numeric metric column (``step`` and ``time`` excluded); a
+    column in ``limits`` gets its bound as a dashed red line (the Stage 2 guard's)."""
     names = [
         name
         for name in metrics.columns
@@ -82,6 +92,9 @@ def _plot_stage(metrics: pd.DataFrame, stage: str, path: Path, rows_are: str = "
         series = metrics[name].astype("float64")
         present = np.isfinite(series)  # NaN / inf steps (a diverged loss) leave a gap
         _draw_metric(ax, metrics["step"][present], series[present])
+        if name in (limits or {}):
+            ax.axhline(limits[name], color="red", linestyle="--", linewidth=1, label="guard limit")
+            ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
