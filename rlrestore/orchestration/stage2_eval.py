@@ -184,8 +184,13 @@ class GuardedRun(ABC):
             values = self.held_out.evaluate(self.rollouts.actors[0], self.learners.trained_update_ref())
             self.held_out.record(0, self.policy_dir, values, writer, wandb_run)
             self.held_out.history.write_report(0)
-        else:
-            self.held_out.log(self.start, writer, wandb_run)
+            return
+        if self.held_out.history.at(0) is None:
+            log.warning(
+                "stage2 guard: this run has no step-0 held-out evaluation (stage2.eval_every was 0 when it "
+                "started), so the guard has no reference and checks nothing; evaluations are still logged"
+            )
+        self.held_out.log(self.start, writer, wandb_run)
 
     def evaluate(self, done: int, writer: MetricsWriter, wandb_run: WandbRun) -> str:
         """Evaluate the policy after ``done`` steps (its checkpoint is written) and apply the guard:
