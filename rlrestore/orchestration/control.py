@@ -90,7 +90,11 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
         check_cluster_gpus(config, [CONTROL_STAGE, "stage2"])
         stage2 = ensure_stage2(config)
         seconds = stage2.seconds if budget_seconds is None else budget_seconds
-        control = run_stage1(control_config(config, start, seconds, prepare_shards(config), out), CONTROL_STAGE)
+        control = Stage1Result.read(out, CONTROL_STAGE)
+        if control is None or control.seconds is None or control.seconds < seconds:
+            control = run_stage1(control_config(config, start, seconds, prepare_shards(config), out), CONTROL_STAGE)
+        else:
+            log.info("compare-control: the control in %s already had its %.1f s; reusing it", out, seconds)
     assert control is not None  # the control's steps are CONTROL_STEP_CAP, never 0
     log.info(
         "compare-control: Stage 2 %d steps in %.1f s of steps; control %d steps in %.1f s (%s)", stage2.steps,
