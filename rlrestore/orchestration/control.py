@@ -36,6 +36,7 @@ from rlrestore.orchestration.evaluation import EvalReport, run_evaluation, with_
 from rlrestore.orchestration.evaluation.store import MANIFEST
 from rlrestore.orchestration.jobs import Stage1Result, prepare_shards, ray_session, run_stage1
 from rlrestore.orchestration.stage2 import check_stage2_inputs, run_stage2, starting_point
+from rlrestore.runtime.console import FILE_ONLY
 from rlrestore.runtime.devices import check_cluster_gpus, check_run_devices
 from rlrestore.tracking import read_metrics
 
@@ -54,7 +55,7 @@ def control_start(config: RunConfig) -> Path:
         policy_dir, _ = starting_point(config)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"compare-control needs the Stage-1 checkpoint both runs start from: {exc}") from None
-    if checkpoint_root(config.run_dir, "stage2") in policy_dir.resolve().parents:
+    if checkpoint_root(config.run_dir, "stage2").resolve() in policy_dir.resolve().parents:
         raise FileNotFoundError(
             f"compare-control needs the Stage-1 policy Stage 2 started from, but {config.run_dir}/checkpoints/stage1.2 "
             "holds no checkpoint any more (only Stage 2's remain) and policy.checkpoint is not set: set "
@@ -99,10 +100,12 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
     log.info(
         "compare-control: Stage 2 %d steps in %.1f s of steps; control %d steps in %.1f s (%s)", stage2.steps,
         stage2.seconds, control.step, control.seconds or 0.0, "time limit" if control.timed_out else "step cap",
+        extra=FILE_ONLY,
     )  # fmt: skip
     evaluation = evaluate_control(config, start, stage2.checkpoint, control, out)
     report = write_control_report(config, out, start, stage2, control, evaluation)
-    log.info("compare-control: table %s, plot %s\n%s", report.table, report.plot, "\n".join(report.verdict_lines()))
+    log.info("compare-control: table %s, plot %s\n%s", report.table, report.plot, "\n".join(report.verdict_lines()),
+             extra=FILE_ONLY)  # fmt: skip
     return report
 
 

@@ -200,7 +200,8 @@ def follow_progress(
     if seconds is None:
         bar = tqdm(total=steps, desc=stage, mininterval=1.0)
     else:
-        bar = tqdm(total=round(seconds), desc=stage, unit="s", mininterval=1.0)
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of steps [{elapsed}{postfix}]"
+        bar = tqdm(total=round(seconds), desc=stage, bar_format=bar_format, mininterval=1.0)
     done = threading.Event()
 
     def follow() -> None:
