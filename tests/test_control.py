@@ -67,6 +67,7 @@ def test_compare_control_runs_stage2_and_its_control_then_reuses_both(tmp_path: 
     assert again.stage2.reused and again.stage2.wall_seconds is None
     assert again.stage2.seconds == pytest.approx(report.stage2.seconds)
     assert (again.control.step, again.control.checkpoint) == (control.step, control.checkpoint)
+    assert report.control_wall_seconds is not None and again.control_wall_seconds is None  # no job this time
     assert again.evaluation.computed == [] and again.verdicts == report.verdicts
 
 

@@ -91,9 +91,11 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
         check_cluster_gpus(config, [CONTROL_STAGE, "stage2"])
         stage2 = ensure_stage2(config)
         seconds = stage2.seconds if budget_seconds is None else budget_seconds
-        control = Stage1Result.read(out, CONTROL_STAGE)
+        control, wall = Stage1Result.read(out, CONTROL_STAGE), None
         if control is None or control.seconds is None or control.seconds < seconds:
+            began = time.perf_counter()
             control = run_stage1(control_config(config, start, seconds, prepare_shards(config), out), CONTROL_STAGE)
+            wall = time.perf_counter() - began
         else:
             log.info("compare-control: the control in %s already had its %.1f s; reusing it", out, seconds)
     assert control is not None  # the control's steps are CONTROL_STEP_CAP, never 0
@@ -103,7 +105,7 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
         extra=FILE_ONLY,
     )  # fmt: skip
     evaluation = evaluate_control(config, start, stage2.checkpoint, control, out)
-    report = write_control_report(config, out, start, stage2, control, evaluation)
+    report = write_control_report(config, out, start, stage2, control, wall, evaluation)
     log.info("compare-control: table %s, plot %s\n%s", report.table, report.plot, "\n".join(report.verdict_lines()),
              extra=FILE_ONLY)  # fmt: skip
     return report

@@ -85,6 +85,7 @@ class ControlReport:
     start: Path
     stage2: Stage2Budget
     control: Stage1Result
+    control_wall_seconds: float | None  # the control job's wall time here (None: an earlier one reused)
     evaluation: EvalReport
     verdicts: list[Verdict]
     table: Path
@@ -100,14 +101,20 @@ class ControlReport:
         lines = [
             "== rlrestore compare-control ==",
             f"start F        : {self.start}",
-            f"Stage 2 Q      : {s2.steps} steps, {s2.seconds:.1f} s of steps ({'reused' if s2.reused else 'run here'})",
-            f"control C      : {c.step} Stage 1.2 steps, {c.seconds or 0.0:.1f} s of steps ({_stopped(c)})",
+            f"Stage 2 Q      : {s2.steps} steps, {s2.seconds:.1f} s of steps ({_origin(s2.wall_seconds, 'run here')})",
+            (f"control C      : {c.step} Stage 1.2 steps, {c.seconds or 0.0:.1f} s of steps ({_stopped(c)}; "
+            f"{_origin(self.control_wall_seconds, 'trained here')})"),
             f"table          : {self.table}",
             f"plot           : {self.plot}",
             f"report         : {self.report_json}",
             "verdicts (Q against the control):",
         ]
         return "\n".join(lines + [f"  {line}" for line in self.verdict_lines()])
+
+
+def _origin(wall_seconds: float | None, ran: str) -> str:
+    """'reused', or how long the job took here with its start-up."""
+    return "reused" if wall_seconds is None else f"{ran}, {wall_seconds:.0f} s wall with start-up"
 
 
 def _stopped(control: Stage1Result) -> str:
@@ -143,11 +150,18 @@ def _paired_se(evaluation: EvalReport, metric: Metric) -> float | None:
 
 
 def write_control_report(
-    config: RunConfig, out: Path, start: Path, stage2: Stage2Budget, control: Stage1Result, evaluation: EvalReport
+    config: RunConfig,
+    out: Path,
+    start: Path,
+    stage2: Stage2Budget,
+    control: Stage1Result,
+    control_wall_seconds: float | None,
+    evaluation: EvalReport,
 ) -> ControlReport:
-    """Write ``table.md``, ``report.json`` and ``control.png`` into ``out``."""
+    """Write ``table.md``, ``report.json`` and ``control.png`` into ``out``. ``control_wall_seconds``:
+    the control job's wall time here, start-up included (None when an earlier one was reused)."""
     report = ControlReport(
-        out, start, stage2, control, evaluation, verdicts(config, evaluation),
+        out, start, stage2, control, control_wall_seconds, evaluation, verdicts(config, evaluation),
         out / "table.md", out / "report.json", out / "control.png",
     )  # fmt: skip
     report.table.write_text(markdown(report))
@@ -188,7 +202,8 @@ def markdown(report: ControlReport) -> str:
         "",
         (f"Both start from F = `{report.start}`. Held-out faces: {inputs} (`data.holdout`, degraded with Eq. 16, each "
         f"seeded by `eval.seed` and its id). Q: `{report.stage2.checkpoint}` "
-        f"({'reused' if report.stage2.reused else 'run here'}); C: `{report.control.checkpoint}` ({_stopped(report.control)})."),
+        f"({_origin(report.stage2.wall_seconds, 'run here')}); C: `{report.control.checkpoint}` "
+        f"({_stopped(report.control)}; {_origin(report.control_wall_seconds, 'trained here')})."),
         "",
         "| row | what | steps from F | seconds of steps | " + " | ".join(m.heading for m in metrics) + " |",
         "|---|---|---:|---:|" + "---:|" * len(metrics),
@@ -224,6 +239,7 @@ def payload(report: ControlReport) -> dict[str, Any]:
             **asdict(report.control),
             "checkpoint": str(report.control.checkpoint),
             "run_dir": str(report.out),
+            "wall_seconds": report.control_wall_seconds,
             "stopped_by": "time limit" if report.control.timed_out else "step cap",
         },
         "metrics": [
