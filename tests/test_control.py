@@ -62,13 +62,22 @@ def test_compare_control_runs_stage2_and_its_control_then_reuses_both(tmp_path: 
     assert all(f"| {row} |" in table for row in ("input", "F", "Q", "C")) and sharpness.line() in table
     assert report.plot.stat().st_size > 0 and "sharpness" in report.summary()
 
-    # Again: Stage 2 is complete (reused, not rerun), the control's budget is spent, the eval is reused.
+    # Again, now with a Stage 2 run report naming a best checkpoint other than Q (here the starting
+    # policy, as when step 0 is best): Stage 2 is complete (reused, not rerun), the control's budget
+    # is spent (no job), only the new Q_best row is evaluated.
+    best = {"checkpoint": str(start), "step": 0, "metric": "eval/total", "value": 0.0}
+    (run_dir / "stage2_report.json").write_text(json.dumps({"best": best, "stopped_by_guard": False}))
     again = run_control(config)
     assert again.stage2.reused and again.stage2.wall_seconds is None
     assert again.stage2.seconds == pytest.approx(report.stage2.seconds)
     assert (again.control.step, again.control.checkpoint) == (control.step, control.checkpoint)
-    assert report.control_wall_seconds is not None and again.control_wall_seconds is None  # no job this time
-    assert again.evaluation.computed == [] and again.verdicts == report.verdicts
+    assert report.control_wall_seconds is not None and again.control_wall_seconds is None
+    assert (again.stage2.best, again.stage2.best_step, again.stage2.best_seconds) == (start.resolve(), 0, 0.0)
+    assert sorted({model for model, _ in again.evaluation.computed}) == ["Q_best"]
+    assert again.evaluation.summary["model"].tolist() == ["input", "F", "Q", "Q_best", "C"]
+    assert [v for v in again.verdicts if v.model == "Q"] == report.verdicts
+    assert [v.key for v in again.verdicts if v.model == "Q_best"] == ["psnr", "sharpness"]
+    assert "| Q_best |" in again.table.read_text()
 
 
 def test_compare_control_without_a_stage1_checkpoint_says_what_to_run(tmp_path: Path, capsys) -> None:

@@ -26,12 +26,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from rlrestore.checkpoints import checkpoint_root, latest_checkpoint
+from rlrestore.checkpoints import checkpoint_root, latest_checkpoint, resolve_policy_dir
 from rlrestore.config import RunConfig
 from rlrestore.data import read_shards, save_image, split_holdout, square_resize
-from rlrestore.orchestration.control_report import ControlReport, Stage2Budget, write_control_report
+from rlrestore.orchestration.control_report import BEST, ControlReport, Stage2Budget, write_control_report
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation, with_stage2_rewards
 from rlrestore.orchestration.evaluation.store import MANIFEST
 from rlrestore.orchestration.jobs import Stage1Result, prepare_shards, ray_session, run_stage1
@@ -43,6 +45,7 @@ from rlrestore.tracking import read_metrics
 log = logging.getLogger(__name__)
 
 CONTROL_DIR = "control"
+STAGE2_REPORT = "stage2_report.json"  # Stage 2's run report, when its guard / best-checkpoint selection wrote one
 CONTROL_STAGE = "stage1.2"
 # The control's `steps`: never reached, so its max_seconds (Stage 2's time) ends it.
 CONTROL_STEP_CAP = 10_000_000
@@ -104,16 +107,40 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
         stage2.seconds, control.step, control.seconds or 0.0, "time limit" if control.timed_out else "step cap",
         extra=FILE_ONLY,
     )  # fmt: skip
-    evaluation = evaluate_control(config, start, stage2.checkpoint, control, out)
+    evaluation = evaluate_control(config, start, stage2, control, out)
     report = write_control_report(config, out, start, stage2, control, wall, evaluation)
     log.info("compare-control: table %s, plot %s\n%s", report.table, report.plot, "\n".join(report.verdict_lines()),
              extra=FILE_ONLY)  # fmt: skip
     return report
 
 
+def stage2_report(run_dir: str | Path) -> dict[str, Any]:
+    """Stage 2's run report (``stage2_report.json``: the best checkpoint, whether a guard stopped
+    the run), or {} when the run has none."""
+    path = Path(run_dir) / STAGE2_REPORT
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it or run Stage 2 again to rewrite it") from None
+
+
 def _stage2_complete(config: RunConfig) -> bool:
+    """Stage 2 reached ``stage2.steps``, or its guard stopped it (so a rerun would not train on)."""
     latest = latest_checkpoint(config.run_dir, "stage2")
-    return latest is not None and _step(latest) >= config.stage2.steps
+    if latest is None:
+        return False
+    return _step(latest) >= config.stage2.steps or bool(stage2_report(config.run_dir).get("stopped_by_guard"))
+
+
+def _best(run_dir: Path, q_policy: Path) -> tuple[Path, int] | None:
+    """The best checkpoint's policy directory and step named by Stage 2's run report, when not Q."""
+    best = stage2_report(run_dir).get("best") or {}
+    if not best.get("checkpoint"):
+        return None
+    policy = resolve_policy_dir(best["checkpoint"]).resolve()
+    return None if policy == q_policy.resolve() else (policy, int(best.get("step", 0)))
 
 
 def _step(checkpoint: Path) -> int:
@@ -131,10 +158,15 @@ def ensure_stage2(config: RunConfig) -> Stage2Budget:
         began = time.perf_counter()
         run_stage2(config)
         wall = time.perf_counter() - began
-    checkpoint = latest_checkpoint(config.run_dir, "stage2")
+    run_dir = Path(config.run_dir)
+    checkpoint = latest_checkpoint(run_dir, "stage2")
     assert checkpoint is not None  # complete, or just written by run_stage2
     steps = _step(checkpoint)
-    return Stage2Budget(checkpoint, steps, stage2_seconds(Path(config.run_dir), steps), reused, wall)
+    budget = Stage2Budget(checkpoint, steps, stage2_seconds(run_dir, steps), reused, wall)
+    best = _best(run_dir, checkpoint / "policy")
+    if best is None:
+        return budget
+    return replace(budget, best=best[0], best_step=best[1], best_seconds=stage2_seconds(run_dir, best[1]))
 
 
 def stage2_seconds(run_dir: Path, steps: int) -> float:
@@ -185,12 +217,15 @@ def heldout_faces(config: RunConfig, folder: Path) -> Path:
 
 
 def evaluate_control(
-    config: RunConfig, start: Path, stage2: Path, control: Stage1Result, out: Path
+    config: RunConfig, start: Path, stage2: Stage2Budget, control: Stage1Result, out: Path
 ) -> EvalReport:
     """``rlrestore eval`` of input, F, Q and C on the held-out faces into ``out/eval`` (the eval
     metrics plus the Stage 2 rewards). An earlier evaluation of other checkpoints there (Stage 2 or
     the control went on since) is replaced."""
-    models = {"F": start, "Q": stage2 / "policy", "C": control.checkpoint / "policy"}
+    models = {"F": start, "Q": stage2.checkpoint / "policy"}
+    if stage2.best is not None:
+        models[BEST] = stage2.best
+    models["C"] = control.checkpoint / "policy"
     eval_dir = out / "eval"
     manifest = eval_dir / MANIFEST
     if manifest.is_file():

@@ -22,11 +22,13 @@ from rlrestore.orchestration.evaluation import INPUT_MODEL, EvalReport, Metric, 
 from rlrestore.orchestration.jobs import Stage1Result
 from rlrestore.orchestration.plotting import control_figure
 
-ROWS = (INPUT_MODEL, "F", "Q", "C")
+BEST = "Q_best"  # Stage 2's best checkpoint, when its run report (stage2_report.json) names one other than Q
+ROWS = (INPUT_MODEL, "F", "Q", BEST, "C")  # in table order; Q_best only when there is one
 WHAT = {
     INPUT_MODEL: "the degraded input",
     "F": "start: the Stage-1 policy both runs start from",
     "Q": "Stage 2 (RL) from F",
+    BEST: "Stage 2's best checkpoint (stage2_report.json)",
     "C": "control: Stage 1.2 from F for the same time",
 }
 NOISE_SE = 2.0  # a |Q - C| under this many standard errors of the paired difference is within noise
@@ -35,20 +37,25 @@ NOISE_SE = 2.0  # a |Q - C| under this many standard errors of the paired differ
 @dataclass(frozen=True)
 class Stage2Budget:
     """Q and the time it took: its checkpoint, steps, seconds of steps (the control's budget),
-    whether an already complete run was reused, and the wall time of running it here (None when reused)."""
+    whether an already complete run was reused, the wall time of running it here (None when
+    reused), and the best checkpoint its run report names when that is not Q (policy dir, step, seconds)."""
 
     checkpoint: Path
     steps: int
     seconds: float
     reused: bool
     wall_seconds: float | None
+    best: Path | None = None
+    best_step: int | None = None
+    best_seconds: float | None = None
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Did Q beat C on one metric: both means, Q - C in the metric's better direction (> 0: Q
-    better), its paired standard error (None for a set-level metric or a single pair)."""
+    """Did Q (or Q_best: ``model``) beat C on one metric: both means, Q - C in the metric's better
+    direction (> 0: Q better), its paired standard error (None for a set-level metric or a single pair)."""
 
+    model: str
     key: str
     heading: str
     role: str  # "trained reward" or "fidelity"
@@ -61,16 +68,16 @@ class Verdict:
     def winner(self) -> str:
         if not math.isfinite(self.gain):
             return "n/a"
-        return "tie" if self.gain == 0 else ("Q" if self.gain > 0 else "C")
+        return "tie" if self.gain == 0 else (self.model if self.gain > 0 else "C")
 
     def line(self) -> str:
         """One line, e.g. ``sharpness ↑ (trained reward): Q 0.1234, C 0.1000: Q beat the control by 0.0234 (SE 0.0050)``."""
-        head = f"{self.heading} ({self.role}): Q {format_value(self.q)}, C {format_value(self.c)}: "
+        head = f"{self.heading} ({self.role}): {self.model} {format_value(self.q)}, C {format_value(self.c)}: "
         if self.winner == "n/a":
             return head + "not comparable (no finite value)"
         if self.winner == "tie":
             return head + "a tie"
-        verb = "Q beat the control" if self.winner == "Q" else "the control beat Q"
+        verb = f"{self.model} beat the control" if self.winner == self.model else f"the control beat {self.model}"
         noise = ""
         if self.se is not None:
             noise = f" (SE {format_value(self.se)}" + (", within noise)" if abs(self.gain) < NOISE_SE * self.se else ")")
@@ -102,6 +109,7 @@ class ControlReport:
             "== rlrestore compare-control ==",
             f"start F        : {self.start}",
             f"Stage 2 Q      : {s2.steps} steps, {s2.seconds:.1f} s of steps ({_origin(s2.wall_seconds, 'run here')})",
+            *([f"Stage 2 Q_best : step {s2.best_step} ({s2.best})"] if s2.best is not None else []),
             (f"control C      : {c.step} Stage 1.2 steps, {c.seconds or 0.0:.1f} s of steps ({_stopped(c)}; "
             f"{_origin(self.control_wall_seconds, 'trained here')})"),
             f"table          : {self.table}",
@@ -127,25 +135,27 @@ def verdicts(config: RunConfig, evaluation: EvalReport) -> list[Verdict]:
     trained = {spec.name for spec in config.stage2.rewards if spec.weight > 0}
     summary = evaluation.summary.set_index("model")
     found = []
-    for metric in evaluation.metrics:
-        if metric.key not in trained and not metric.needs_gt:
-            continue
-        q, c = float(summary.at["Q", metric.key]), float(summary.at["C", metric.key])
-        sign = 1.0 if metric.higher_is_better else -1.0
-        role = "trained reward" if metric.key in trained else "fidelity"
-        found.append(Verdict(metric.key, metric.heading, role, q, c, sign * (q - c), _paired_se(evaluation, metric)))
+    for model in [row for row in ("Q", BEST) if row in summary.index]:
+        for metric in evaluation.metrics:
+            if metric.key not in trained and not metric.needs_gt:
+                continue
+            q, c = float(summary.at[model, metric.key]), float(summary.at["C", metric.key])
+            sign = 1.0 if metric.higher_is_better else -1.0
+            role = "trained reward" if metric.key in trained else "fidelity"
+            se = _paired_se(evaluation, metric, model)
+            found.append(Verdict(model, metric.key, metric.heading, role, q, c, sign * (q - c), se))
     return found
 
 
-def _paired_se(evaluation: EvalReport, metric: Metric) -> float | None:
-    """Standard error of Q - C over the (image, seed) pairs both scored (None: set-level or < 2 pairs)."""
+def _paired_se(evaluation: EvalReport, metric: Metric, model: str) -> float | None:
+    """Standard error of ``model`` - C over the (image, seed) pairs both scored (None: set-level or < 2 pairs)."""
     if metric.reward is None:
         return None
     frame = evaluation.per_image
     pairs = frame.pivot_table(index=["image", "seed"], columns="model", values=metric.key).dropna()
-    if not {"Q", "C"} <= set(pairs.columns) or len(pairs) < 2:
+    if not {model, "C"} <= set(pairs.columns) or len(pairs) < 2:
         return None
-    differences = (pairs["Q"] - pairs["C"]).to_numpy()
+    differences = (pairs[model] - pairs["C"]).to_numpy()
     return float(np.std(differences, ddof=1) / math.sqrt(len(differences)))
 
 
@@ -169,10 +179,10 @@ def write_control_report(
     summary = evaluation.summary.set_index("model")
     trained = {v.key for v in report.verdicts if v.role == "trained reward"}
     panels = [
-        (metric.heading + (" (trained)" if metric.key in trained else ""), [float(summary.at[row, metric.key]) for row in ROWS])
+        (metric.heading + (" (trained)" if metric.key in trained else ""), [float(summary.at[row, metric.key]) for row in rows(report)])
         for metric in evaluation.metrics
     ]
-    figure = control_figure(list(ROWS), panels, _title(report))
+    figure = control_figure(rows(report), panels, _title(report))
     figure.savefig(report.plot, dpi=100)
     return report
 
@@ -184,9 +194,17 @@ def _title(report: ControlReport) -> str:
     )
 
 
+def rows(report: ControlReport) -> list[str]:
+    """The rows the evaluation holds, in table order."""
+    models = set(report.evaluation.summary["model"])
+    return [row for row in ROWS if row in models]
+
+
 def _steps_and_seconds(report: ControlReport, row: str) -> tuple[str, str]:
     if row == "Q":
         return str(report.stage2.steps), f"{report.stage2.seconds:.1f}"
+    if row == BEST:
+        return str(report.stage2.best_step), f"{report.stage2.best_seconds or 0.0:.1f}"
     if row == "C":
         return str(report.control.step), f"{report.control.seconds or 0.0:.1f}"
     return ("0", "0") if row == "F" else ("", "")
@@ -204,11 +222,12 @@ def markdown(report: ControlReport) -> str:
         f"seeded by `eval.seed` and its id). Q: `{report.stage2.checkpoint}` "
         f"({_origin(report.stage2.wall_seconds, 'run here')}); C: `{report.control.checkpoint}` "
         f"({_stopped(report.control)}; {_origin(report.control_wall_seconds, 'trained here')})."),
+        *_best_lines(report.stage2),
         "",
         "| row | what | steps from F | seconds of steps | " + " | ".join(m.heading for m in metrics) + " |",
         "|---|---|---:|---:|" + "---:|" * len(metrics),
     ]
-    for row in ROWS:
+    for row in rows(report):
         steps, seconds = _steps_and_seconds(report, row)
         cells = " | ".join(format_value(float(summary.at[row, m.key])) for m in metrics)
         lines.append(f"| {row} | {WHAT[row]} | {steps} | {seconds} | {cells} |")
@@ -228,13 +247,27 @@ def markdown(report: ControlReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _best_lines(stage2: Stage2Budget) -> list[str]:
+    if stage2.best is None:
+        return []
+    return [
+        "",
+        (f"{BEST}: `{stage2.best}` (step {stage2.best_step}), the best checkpoint Stage 2's run report "
+        "(`stage2_report.json`) names; the control had Q's full time all the same."),
+    ]
+
+
 def payload(report: ControlReport) -> dict[str, Any]:
     """report.json: runs, times, metrics per row and the verdicts."""
     evaluation = report.evaluation
     summary = json.loads(evaluation.summary.to_json(orient="records"))
     return {
         "start": str(report.start),
-        "stage2": {**asdict(report.stage2), "checkpoint": str(report.stage2.checkpoint)},
+        "stage2": {
+            **asdict(report.stage2),
+            "checkpoint": str(report.stage2.checkpoint),
+            "best": None if report.stage2.best is None else str(report.stage2.best),
+        },
         "control": {
             **asdict(report.control),
             "checkpoint": str(report.control.checkpoint),
@@ -246,7 +279,7 @@ def payload(report: ControlReport) -> dict[str, Any]:
             {"key": m.key, "heading": m.heading, "higher_is_better": m.higher_is_better, "full_reference": m.needs_gt}
             for m in evaluation.metrics
         ],
-        "rows": {row: WHAT[row] for row in ROWS},
+        "rows": {row: WHAT[row] for row in rows(report)},
         "summary": summary,
         "skipped_metrics": evaluation.skipped_metrics,
         "verdicts": [
