@@ -33,6 +33,7 @@ from typing import Any
 from rlrestore.checkpoints import checkpoint_root, latest_checkpoint, resolve_policy_dir
 from rlrestore.config import RunConfig
 from rlrestore.data import read_shards, save_image, split_holdout, square_resize
+from rlrestore.models.loading import CheckpointError
 from rlrestore.orchestration.control_report import BEST, ControlReport, Stage2Budget, write_control_report
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation, with_stage2_rewards
 from rlrestore.orchestration.evaluation.store import MANIFEST
@@ -139,7 +140,11 @@ def _best(run_dir: Path, q_policy: Path) -> tuple[Path, int] | None:
     best = stage2_report(run_dir).get("best") or {}
     if not best.get("checkpoint"):
         return None
-    policy = resolve_policy_dir(best["checkpoint"]).resolve()
+    try:
+        policy = resolve_policy_dir(best["checkpoint"]).resolve()
+    except CheckpointError as exc:
+        log.warning("compare-control: the best checkpoint of %s is gone (%s); no Q_best row", STAGE2_REPORT, exc)
+        return None
     return None if policy == q_policy.resolve() else (policy, int(best.get("step", 0)))
 
 
