@@ -3,6 +3,7 @@
     <run_dir>/config.yaml                     resolved config of the latest command
     <run_dir>/data/                           Parquet shards built from the embedded faces
     <run_dir>/checkpoints/<stage>/step_000100/{policy/, trainer_state.pt}
+                                              (Stage 1 also step_summary.json: step, seconds, why it stopped)
     <run_dir>/metrics/<stage>/part-*.parquet  per-step metrics
     <run_dir>/wandb/                          W&B (offline by default)
 
@@ -28,6 +29,7 @@ from rlrestore.policies.base import POLICY_CONFIG, RestorationPolicy
 STAGES = ("stage1.1", "stage1.2", "stage2")
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.pt"
+STEP_SUMMARY = "step_summary.json"  # a Stage 1 checkpoint's step, seconds of steps and whether max_seconds ended it
 
 
 def checkpoint_root(run_dir: str | Path, stage: str) -> Path:

@@ -379,6 +379,14 @@ class Stage1Config(_Section):
     checkpoint_every: int = Field(100, ge=1, description="Write a checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept on disk.")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock limit: stop once the steps have taken this many seconds (rank 0's time of "
+        "its steps, summed over resumes; start-up and checkpoint writes not counted), finishing the step in "
+        "flight, with a checkpoint there. null: no limit, `steps` alone ends the stage. "
+        "`rlrestore compare-control` sets it for the Stage 1.2 control.",
+    )
     trainable: list[Component]
 
     @field_validator("trainable")

@@ -66,6 +66,16 @@ def test_the_driver_bar_follows_rank_zero(tmp_path: Path, capsys) -> None:
     assert "stage1.1: 100%" in err and "5/5" in err and "loss=0.2500" in err
 
 
+def test_a_time_limited_stage_counts_seconds(tmp_path: Path, capsys) -> None:
+    path = console.progress_path(tmp_path, "stage1.2")
+    writer = console.ProgressFile(path, steps=10_000, interval=3600.0)
+    with console.follow_progress(path, "stage1.2", 10_000, seconds=30.0):
+        writer.update(1, 2.0, seconds=4.0)
+        writer.update(7, 0.5, seconds=31.2, force=True)  # the limit ended it: written though within the interval
+    err = capsys.readouterr().err
+    assert "30/30" in err and "step=7" in err and "loss=0.5000" in err
+
+
 def test_train_prints_no_worker_lines_and_logs_them(tmp_path: Path) -> None:
     """``train`` through a subprocess: the terminal has the phase bars and the summary, no
     ``pid=`` line; the run's log file has the workers' lines and names Ray's session logs."""

@@ -165,3 +165,25 @@ def test_stage1_survives_a_killed_worker(tmp_path: Path, ray_cluster) -> None:
     assert frame["step"].tolist() == list(range(steps))
     assert list_checkpoints(tmp_path / "run", "stage1.1")[-1][0] == steps
     assert len(_session_first_steps(tmp_path / "run")) >= 2, "the worker group was not restarted"
+
+
+def test_max_seconds_stops_every_worker_at_the_same_step(tmp_path: Path, ray_cluster) -> None:
+    limited = (
+        "ray.train_workers.num_actors=2", "stage1_1.steps=100000", "stage1_1.checkpoint_every=100000",
+        "stage1_1.max_seconds=2",
+    )  # fmt: skip
+    ended = run_stage1(tiny_config(tmp_path / "run", *limited), "stage1.1")
+    assert ended is not None and ended.timed_out
+    assert 1 <= ended.step < 100000 and ended.seconds >= 2
+    # The step where time ran out is checkpointed (though not a checkpoint_every step), and every
+    # step before it was logged once.
+    assert [step for step, _ in list_checkpoints(tmp_path / "run", "stage1.1")] == [ended.step]
+    assert read_metrics(tmp_path / "run", "stage1.1")["step"].tolist() == list(range(ended.step))
+    assert json.loads((ended.checkpoint / "step_summary.json").read_text())["timed_out"] is True
+
+    # A larger budget continues from there (the seconds live in the trainer state), and `steps`
+    # still ends a stage that reaches it first.
+    more = run_stage1(tiny_config(tmp_path / "run", *limited[:2], f"stage1_1.steps={ended.step + 2}",
+                                  "stage1_1.max_seconds=100000"), "stage1.1")  # fmt: skip
+    assert (more.step, more.timed_out) == (ended.step + 2, False)
+    assert more.seconds > ended.seconds

@@ -11,6 +11,11 @@ bf16 weights rounds to zero), the forward runs under ``torch.autocast`` to bf16/
 float32; fp16-mixed scales the loss (``GradScaler``: unscaled before clipping, a step with
 overflowed gradients is skipped, logged and counted in the ``skipped_step`` metric).
 
+A wall-clock limit (``max_seconds``) is rank 0's: it sums the seconds of its steps and, after each
+step, broadcasts whether the limit is reached, so every rank stops after the same step; that step
+is checkpointed, and the summed seconds are kept in the trainer state so a resumed stage keeps its
+budget.
+
 Resume is driven by the run directory: a worker starts from the stage's newest complete
 checkpoint (policy, optimizer, scheduler, step), whether the job was restarted by Ray Train after
 a worker died or the user ran the same command again. Batches and noise are pure functions of
@@ -19,6 +24,7 @@ a worker died or the user ran the same command again. Batches and noise are pure
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rlrestore.checkpoints import (
+    STEP_SUMMARY,
     configured_policy_dir,
     latest_checkpoint,
     load_trainer_state,
@@ -154,8 +161,9 @@ def gather_device_records(record: DeviceRecord, world: int) -> list[DeviceRecord
 
 def _build_optimizer(
     stage: Stage1Config, params: list[nn.Parameter], resume: Path | None, scaler: torch.amp.GradScaler | None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
-    """AdamW and its schedule, restored (with the loss scale) from ``resume``; the first step."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int, float]:
+    """AdamW and its schedule, restored (with the loss scale) from ``resume``; the first step and
+    the seconds of the steps before it."""
     optim = stage.optim
     optimizer = torch.optim.AdamW(
         params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
@@ -164,13 +172,48 @@ def _build_optimizer(
         optimizer, lambda s: lr_lambda(s, stage.steps, optim.warmup_ratio, optim.schedule)
     )
     if resume is None:
-        return optimizer, scheduler, 0
+        return optimizer, scheduler, 0, 0.0
     state = load_trainer_state(resume)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
-    return optimizer, scheduler, int(state["step"])
+    return optimizer, scheduler, int(state["step"]), float(state.get("train_seconds", 0.0))
+
+
+class TimeLimit:
+    """``max_seconds`` of a stage, decided by rank 0: its summed step seconds, broadcast as a stop
+    flag after each step so that every rank stops after the same step (a collective: every rank
+    calls :meth:`reached`)."""
+
+    def __init__(self, max_seconds: float | None, seconds: float, world: int, device: torch.device) -> None:
+        self.max_seconds, self.seconds = max_seconds, seconds
+        self.world, self.device = world, device
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+    def reached(self) -> bool:
+        """Whether rank 0's seconds reached the limit (False without one)."""
+        if self.max_seconds is None:
+            return False
+        flag = torch.tensor([float(self.seconds >= self.max_seconds)], device=self.device)
+        if self.world > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def _record_devices(
+    config: RunConfig, stage_name: str, rank: int, world: int, device: torch.device, precision: Precision
+) -> None:
+    """Every worker's device record, written by rank 0 to ``<run_dir>/devices.json`` (a collective)."""
+    record = DeviceRecord.here(
+        stage_name, "worker", f"rank {rank}", device, precision.name, torch.float32,
+        autocast=precision.compute_dtype if precision.mixed else None,
+    )  # fmt: skip
+    records = gather_device_records(record, world)
+    if rank == 0:
+        write_devices(config.run_dir, stage_name, records)
 
 
 def _info_logs_to_stderr() -> None:
@@ -196,13 +239,7 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = Precision(config.precision)
-    record = DeviceRecord.here(
-        stage_name, "worker", f"rank {rank}", device, precision.name, torch.float32,
-        autocast=precision.compute_dtype if precision.mixed else None,
-    )  # fmt: skip
-    records = gather_device_records(record, world)
-    if rank == 0:
-        write_devices(config.run_dir, stage_name, records)
+    _record_devices(config, stage_name, rank, world, device, precision)
 
     train, _ = split_holdout(read_shards(Path(payload["shards"])), config.data.holdout)
     dataset = FaceDataset(
@@ -218,11 +255,14 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
     scaler = precision.grad_scaler(device)
-    optimizer, scheduler, start = _build_optimizer(stage, params, resume, scaler)
-    progress = _Progress(config, stage_name, stage.steps, start) if rank == 0 else None
+    optimizer, scheduler, start, seconds = _build_optimizer(stage, params, resume, scaler)
+    progress = _Progress(config, stage_name, stage) if rank == 0 else None
+    limit = TimeLimit(stage.max_seconds, seconds, world, device)
+    stop = stage.steps if start == stage.steps or not limit.reached() else start  # resumed after the limit
+    timed_out = False
 
     model.train()
-    for step in range(start, stage.steps):
+    for step in range(start, stop):
         began = time.perf_counter()
         epoch, indices = batches.at(step)
         dataset.set_epoch(epoch)
@@ -239,35 +279,68 @@ def train_stage1_worker(payload: dict[str, Any]) -> None:
                 stage_name, step, scaler.get_scale(),
             )  # fmt: skip
 
-        values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
-        if world > 1:
-            dist.all_reduce(values)
-            values /= world
-        metrics = dict(zip([*losses.keys(), "grad_norm"], values.tolist()))
+        metrics = _mean_over_ranks({**losses, "grad_norm": grad_norm}, world)
         metrics.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time=time.perf_counter() - began)
         if scaler is not None:
             metrics.update(skipped_step=float(skipped), loss_scale=scaler.get_scale())
+        limit.add(metrics["step_time"])
         done = step + 1
+        timed_out = done < stage.steps and limit.reached()
+        last = done == stage.steps or timed_out
         if progress is not None:
-            progress.log(metrics, step, force=done == stage.steps, every=stage.log_every)
-        if done % stage.checkpoint_every == 0 or done == stage.steps:
-            if rank == 0:
+            progress.log(metrics, step, force=last, every=stage.log_every, seconds=limit.seconds)
+        if done % stage.checkpoint_every == 0 or last:
+            if progress is not None:
                 progress.flush()
                 state = {"step": done, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                if scaler is not None:
-                    state["scaler"] = scaler.state_dict()
-                save_checkpoint(config.run_dir, stage_name, done, policy, state, stage.keep_checkpoints)
+                state.update(train_seconds=limit.seconds, **({"scaler": scaler.state_dict()} if scaler else {}))
+                _save(config, stage_name, policy, state, timed_out)
             if world > 1:
                 dist.barrier()
-            ray.train.report({**metrics, "step": done})
+            ray.train.report({**metrics, "step": done, "train_seconds": limit.seconds})
+        if timed_out:
+            break
     if progress is not None:
+        _log_end(stage_name, limit, skipped=stop == start < stage.steps, timed_out=timed_out)
         progress.close()
 
 
-class _Progress:
-    """Rank 0's metrics (Parquet + W&B) and its step for the driver's progress bar."""
+def _save(config: RunConfig, stage_name: str, policy: RestorationPolicy, state: dict, timed_out: bool) -> None:
+    """Rank 0's checkpoint of ``state["step"]``, with its ``step_summary.json`` (what the driver reports)."""
+    stage = config.stage(stage_name)
+    summary = {
+        "step": state["step"], "steps": stage.steps, "train_seconds": state["train_seconds"],
+        "max_seconds": stage.max_seconds, "timed_out": timed_out,
+    }  # fmt: skip
+    save_checkpoint(
+        config.run_dir, stage_name, state["step"], policy, state, stage.keep_checkpoints,
+        extra=lambda directory: (directory / STEP_SUMMARY).write_text(json.dumps(summary)),
+    )  # fmt: skip
 
-    def __init__(self, config: RunConfig, stage_name: str, steps: int, start: int) -> None:
+
+def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """The step's losses and gradient norm, averaged over the ranks (a collective when world > 1)."""
+    stacked = torch.stack([value.detach().float() for value in values.values()])
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return dict(zip(values, stacked.tolist()))
+
+
+def _log_end(stage_name: str, limit: TimeLimit, skipped: bool, timed_out: bool) -> None:
+    """Rank 0's line when ``max_seconds`` ended the stage (its log reaches the run's log file)."""
+    if skipped:
+        log.info("%s: max_seconds=%g was reached earlier (%.1f s of steps); no step run", stage_name,
+                 limit.max_seconds, limit.seconds)  # fmt: skip
+    elif timed_out:
+        log.info("%s: stopped by max_seconds=%g after %.1f s of steps", stage_name, limit.max_seconds, limit.seconds)
+
+
+class _Progress:
+    """Rank 0's metrics (Parquet + W&B) and its step (and, with ``max_seconds``, its step seconds)
+    for the driver's progress bar."""
+
+    def __init__(self, config: RunConfig, stage_name: str, stage: Stage1Config) -> None:
         self.writer = MetricsWriter(Path(config.run_dir), stage_name)
         self.wandb = WandbRun(
             run_dir=Path(config.run_dir) / "logs" / stage_name,
@@ -277,13 +350,13 @@ class _Progress:
             name=f"{Path(config.run_dir).name}-{stage_name}",
             config=config.model_dump(mode="json"),
         )
-        self.progress = ProgressFile(progress_path(config.run_dir, stage_name), steps)
+        self.progress = ProgressFile(progress_path(config.run_dir, stage_name), stage.steps)
 
-    def log(self, metrics: dict[str, float], step: int, force: bool, every: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, force: bool, every: int, seconds: float) -> None:
         if (step + 1) % every == 0 or force:
             self.writer.log(metrics, step=step)
             self.wandb.log(metrics, step=step)
-        self.progress.update(step + 1, metrics["loss"])
+        self.progress.update(step + 1, metrics["loss"], seconds=seconds, force=force)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -2,6 +2,7 @@
 
     rlrestore data build --src FACES --out SHARDS
     rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
+    rlrestore compare-control CONFIG [key=value ...]
     rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] [--quality S] INPUT [INPUT ...]
     rlrestore demo [key=value ...]
     rlrestore eval [CONFIG | RUN_DIR] [--ckpt [NAME=]CKPT ...] --data DIR --out OUT [--real] [--quality S,...] [key=value ...]
@@ -76,6 +77,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                 run_stage1(config, stage)
     print(f"run directory: {config.run_dir}")
     print(f"log file     : {log_path}")
+    return 0
+
+
+def cmd_compare_control(args: argparse.Namespace) -> int:
+    from rlrestore.orchestration.control import check_control_inputs, run_control
+
+    config = _config(args)
+    check_control_inputs(config)  # before Ray starts: F, held-out faces, devices, Stage 2's inputs
+    log_path = run_log(Path(config.run_dir) / "logs")
+    report = run_control(config)
+    print(report.summary())
+    print(f"log file       : {log_path}")
     return 0
 
 
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_parser(sub)
     _add_train_parser(sub)
+    _add_compare_control_parser(sub)
     _add_restore_parser(sub)
     _add_demo_parser(sub)
     _add_eval_parser(sub)
@@ -242,6 +256,19 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="YAML config file (see configs/).")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.train_workers.num_actors=4.")
     train.set_defaults(func=cmd_train)
+
+
+def _add_compare_control_parser(sub: argparse._SubParsersAction) -> None:
+    """``compare-control CONFIG [key=value ...]``: Stage 2 against Stage 1.2 for the same time."""
+    control = sub.add_parser(
+        "compare-control",
+        help="Did RL beat training Stage 1 longer? Stage 2 (reused when complete) and, from the same Stage-1 "
+        "checkpoint F, Stage 1.2 for the same seconds of steps (RUN_DIR/control), then input, F, Q and the "
+        "control scored on the held-out faces: control/table.md, report.json, control.png.",
+    )
+    control.add_argument("config", help="YAML config file of the run (as for `rlrestore train`).")
+    control.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1_2.optim.lr=1e-4.")
+    control.set_defaults(func=cmd_compare_control)
 
 
 def _add_restore_parser(sub: argparse._SubParsersAction) -> None:

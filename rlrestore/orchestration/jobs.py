@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from rlrestore.checkpoints import STEP_SUMMARY, latest_checkpoint
 from rlrestore.config import RayConfig, RunConfig, StageName, save_config
 from rlrestore.data import build_shards, embedded_faces_dir
 from rlrestore.data.shards import check_shards, read_manifest
@@ -100,8 +103,37 @@ def prepare_shards(config: RunConfig) -> Path:
     return shards
 
 
-def run_stage1(config: RunConfig, stage: StageName) -> None:
-    """Run Stage 1.1 or 1.2 as a Ray Train job; resumes from the run directory's checkpoints."""
+@dataclass(frozen=True)
+class Stage1Result:
+    """Where a Stage 1 job ended: its newest checkpoint, the step reached of ``steps``, the seconds of
+    its steps (None for a checkpoint written before they were recorded) and whether ``max_seconds``
+    stopped it."""
+
+    stage: str
+    checkpoint: Path
+    step: int
+    steps: int
+    seconds: float | None
+    timed_out: bool
+
+    @classmethod
+    def read(cls, run_dir: str | Path, stage: str) -> Stage1Result | None:
+        """The result recorded with the stage's newest checkpoint (None without one)."""
+        checkpoint = latest_checkpoint(run_dir, stage)
+        if checkpoint is None:
+            return None
+        path = checkpoint / STEP_SUMMARY
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        step = int(checkpoint.name.removeprefix("step_"))
+        return cls(
+            stage, checkpoint, step, int(summary.get("steps", step)), summary.get("train_seconds"),
+            bool(summary.get("timed_out", False)),
+        )  # fmt: skip
+
+
+def run_stage1(config: RunConfig, stage: StageName) -> Stage1Result | None:
+    """Run Stage 1.1 or 1.2 as a Ray Train job; resumes from the run directory's checkpoints.
+    Returns where it ended (None when ``steps`` is 0: the stage is skipped)."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -110,7 +142,7 @@ def run_stage1(config: RunConfig, stage: StageName) -> None:
 
     if config.stage(stage).steps == 0:
         log.info("%s: steps=0, skipped", stage)
-        return
+        return None
     check_stage(config.policy.type, stage)
     check_run_devices(config, [stage])
     run_dir = Path(config.run_dir)
@@ -133,8 +165,15 @@ def run_stage1(config: RunConfig, stage: StageName) -> None:
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
         ),
     )
-    steps = config.stage(stage).steps
-    with follow_progress(progress_path(run_dir, stage), stage, steps, config.logging.progress):
+    steps, seconds = config.stage(stage).steps, config.stage(stage).max_seconds
+    with follow_progress(progress_path(run_dir, stage), stage, steps, config.logging.progress, seconds):
         result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{stage} failed: {result.error}")
+    ended = Stage1Result.read(run_dir, stage)
+    if ended is None:
+        raise RuntimeError(f"{stage} ended without a checkpoint in {run_dir / 'checkpoints' / stage}")
+    if ended.timed_out:
+        log.info("%s: stopped at step %d of %d by max_seconds=%g (%.1f s of steps)", stage, ended.step,
+                 ended.steps, seconds, ended.seconds)  # fmt: skip
+    return ended

@@ -1,5 +1,6 @@
 """Figures: a run's metric curves, the Stage 2 reward curves (Fig. 6), determinism box plots
-(Fig. 8), the fidelity-quality dial's curve and captioned comparison grids.
+(Fig. 8), the fidelity-quality dial's curve, the bars of ``compare-control`` and captioned
+comparison grids.
 
 ``plot_run`` writes one PNG per stage (one panel per metric over step) and, for Stage 2, the
 reward components and total on two y axes as in Fig. 6 of the paper. Uses matplotlib's object
@@ -184,6 +185,31 @@ def quality_curve_figure(
     ax.set_title("fidelity-quality dial: weights F + s (Q - F)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return figure
+
+
+def control_figure(rows: Sequence[str], panels: Sequence[tuple[str, Sequence[float]]], title: str) -> Figure:
+    """``compare-control``: per metric (heading, one value per row) a panel of bars, one per row
+    (input, F, Q, C), each labelled with its value; a metric without a finite value reads "n/a"."""
+    columns = min(_COLUMNS, max(1, len(panels)))
+    count = max(1, math.ceil(len(panels) / columns))
+    figure = Figure(figsize=(3.4 * columns, 3.0 * count), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(count, columns, squeeze=False).flatten()
+    positions = np.arange(len(rows))
+    for ax, (heading, values) in zip(axes, panels):
+        heights = np.array([value if math.isfinite(value) else 0.0 for value in values])
+        bars = ax.bar(positions, heights, color=[f"C{index}" for index in range(len(rows))], alpha=0.85)
+        labels = [f"{value:.4g}" if math.isfinite(value) else "n/a" for value in values]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+        ax.set_xticks(positions, list(rows))
+        ax.set_title(heading, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.margins(y=0.15)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    figure.suptitle(title, fontsize=9)
     return figure
 
 

@@ -165,8 +165,8 @@ def progress_path(run_dir: str | Path, stage: str) -> Path:
 
 
 class ProgressFile:
-    """Rank 0's side of the driver's progress bar: the step and loss, rewritten atomically at most
-    every ``interval`` seconds (and always at the last step). The run directory is shared by the
+    """Rank 0's side of the driver's progress bar: the step, loss and seconds of steps so far,
+    rewritten atomically at most every ``interval`` seconds (and always at the last step). The run directory is shared by the
     driver and the workers, as it is for checkpoints."""
 
     def __init__(self, path: Path, steps: int, interval: float = 0.5) -> None:
@@ -174,31 +174,39 @@ class ProgressFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._written = 0.0
 
-    def update(self, step: int, loss: float) -> None:
-        """Record that ``step`` steps are done (``loss``: the last step's)."""
+    def update(self, step: int, loss: float, seconds: float = 0.0, force: bool = False) -> None:
+        """Record that ``step`` steps are done (``loss``: the last step's; ``seconds``: the time of the
+        steps; ``force``: write now, the stage ends here)."""
         now = time.monotonic()
-        if step < self.steps and now - self._written < self.interval:
+        if step < self.steps and not force and now - self._written < self.interval:
             return
         temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text(json.dumps({"step": step, "steps": self.steps, "loss": loss}))
+        temporary.write_text(json.dumps({"step": step, "steps": self.steps, "loss": loss, "seconds": seconds}))
         os.replace(temporary, self.path)
         self._written = now
 
 
 @contextlib.contextmanager
-def follow_progress(path: Path, stage: str, steps: int, enabled: bool = True) -> Iterator[None]:
+def follow_progress(
+    path: Path, stage: str, steps: int, enabled: bool = True, seconds: float | None = None
+) -> Iterator[None]:
     """The driver's one progress bar of a Ray Train job: a thread follows ``path`` (written by
-    :class:`ProgressFile` on rank 0) while the body runs."""
+    :class:`ProgressFile` on rank 0) while the body runs. ``seconds``: a stage with a wall-clock
+    limit counts seconds of steps up to it (the step shown beside), not steps."""
     path.unlink(missing_ok=True)
     if not enabled:
         yield
         return
-    bar = tqdm(total=steps, desc=stage, mininterval=1.0)
+    if seconds is None:
+        bar = tqdm(total=steps, desc=stage, mininterval=1.0)
+    else:
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of steps [{elapsed}{postfix}]"
+        bar = tqdm(total=round(seconds), desc=stage, bar_format=bar_format, mininterval=1.0)
     done = threading.Event()
 
     def follow() -> None:
         while not done.wait(0.5):
-            _show(path, bar)
+            _show(path, bar, seconds is not None)
 
     thread = threading.Thread(target=follow, name=f"progress-{stage}", daemon=True)
     thread.start()
@@ -207,14 +215,18 @@ def follow_progress(path: Path, stage: str, steps: int, enabled: bool = True) ->
     finally:
         done.set()
         thread.join()
-        _show(path, bar)
+        _show(path, bar, seconds is not None)
         bar.close()
 
 
-def _show(path: Path, bar: tqdm) -> None:
+def _show(path: Path, bar: tqdm, by_seconds: bool) -> None:
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):  # not written yet
         return
-    bar.update(state["step"] - bar.n)
-    bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)
+    if by_seconds:
+        bar.update(min(round(state.get("seconds", 0.0)), bar.total) - bar.n)
+        bar.set_postfix(step=state["step"], loss=f"{state['loss']:.4f}", refresh=False)
+    else:
+        bar.update(state["step"] - bar.n)
+        bar.set_postfix(loss=f"{state['loss']:.4f}", refresh=False)

@@ -46,7 +46,7 @@ from rlrestore.orchestration.evaluation.inputs import (
     parse_checkpoints,
     prepare_inputs,
 )
-from rlrestore.orchestration.evaluation.metrics import Metric, plan_metrics
+from rlrestore.orchestration.evaluation.metrics import Metric, plan_metrics, with_stage2_rewards
 from rlrestore.orchestration.evaluation.report import EvalReport, best_models, format_value, summarize
 from rlrestore.orchestration.evaluation.run import run_evaluation
 from rlrestore.orchestration.evaluation.worker import ChunkResult, ChunkTask, EvalWorker
@@ -66,4 +66,5 @@ __all__ = [
     "prepare_inputs",
     "run_evaluation",
     "summarize",
+    "with_stage2_rewards",
 ]

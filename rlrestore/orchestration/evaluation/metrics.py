@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rewards import RewardError, check_reward_args, reward_class
-from rlrestore.config import ConfigError, EvalConfig, RewardSpec
+from rlrestore.config import ConfigError, EvalConfig, RewardSpec, Stage2Config
 from rlrestore.orchestration.evaluation.fid import fid_weights
 
 # Table labels and units of the paper's metrics; these names are skipped (not refused) when no
@@ -137,3 +137,15 @@ def plan_metrics(
             )
         )
     return metrics, skipped
+
+
+def with_stage2_rewards(config: EvalConfig, stage2: Stage2Config) -> EvalConfig:
+    """``config`` with the Stage 2 rewards (trained or guards) added to ``metrics`` after its own
+    (their args as metric args), so a table of F against Q shows what Stage 2 optimised."""
+    extra = [spec for spec in stage2.rewards if spec.name not in config.metrics]
+    return config.model_copy(
+        update={
+            "metrics": [*config.metrics, *(spec.name for spec in extra)],
+            "metric_args": {**config.metric_args, **{spec.name: spec.args for spec in extra if spec.args}},
+        }
+    )
