@@ -28,7 +28,6 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rlrestore.checkpoints import checkpoint_root, latest_checkpoint, resolve_policy_dir
 from rlrestore.config import RunConfig
@@ -37,6 +36,7 @@ from rlrestore.models.loading import CheckpointError
 from rlrestore.orchestration.control_report import BEST, ControlReport, Stage2Budget, write_control_report
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation, with_stage2_rewards
 from rlrestore.orchestration.evaluation.store import MANIFEST
+from rlrestore.orchestration.guard import REPORT_FILE, read_stage2_report
 from rlrestore.orchestration.jobs import Stage1Result, prepare_shards, ray_session, run_stage1
 from rlrestore.orchestration.stage2 import check_stage2_inputs, run_stage2, starting_point
 from rlrestore.runtime.console import FILE_ONLY
@@ -46,7 +46,6 @@ from rlrestore.tracking import read_metrics
 log = logging.getLogger(__name__)
 
 CONTROL_DIR = "control"
-STAGE2_REPORT = "stage2_report.json"  # Stage 2's run report, when its guard / best-checkpoint selection wrote one
 CONTROL_STAGE = "stage1.2"
 # The control's `steps`: never reached, so its max_seconds (Stage 2's time) ends it.
 CONTROL_STEP_CAP = 10_000_000
@@ -58,7 +57,9 @@ def control_start(config: RunConfig) -> Path:
     try:
         policy_dir, _ = starting_point(config)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"compare-control needs the Stage-1 checkpoint both runs start from: {exc}") from None
+        raise FileNotFoundError(
+            f"compare-control needs the Stage-1 checkpoint both runs start from: {exc}"
+        ) from None
     if checkpoint_root(config.run_dir, "stage2").resolve() in policy_dir.resolve().parents:
         raise FileNotFoundError(
             f"compare-control needs the Stage-1 policy Stage 2 started from, but {config.run_dir}/checkpoints/stage1.2 "
@@ -82,7 +83,9 @@ def check_control_inputs(config: RunConfig) -> None:
         check_stage2_inputs(config)
 
 
-def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds: float | None = None) -> ControlReport:
+def run_control(
+    config: RunConfig, out: str | Path | None = None, budget_seconds: float | None = None
+) -> ControlReport:
     """Stage 2 (unless complete), the control for the same seconds of steps, and the evaluation of
     input, F, Q and C on the held-out faces; writes ``table.md``, ``report.json`` and
     ``control.png`` into ``out`` (default ``<run_dir>/control``, also the control's run directory).
@@ -98,7 +101,9 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
         control, wall = Stage1Result.read(out, CONTROL_STAGE), None
         if control is None or control.seconds is None or control.seconds < seconds:
             began = time.perf_counter()
-            control = run_stage1(control_config(config, start, seconds, prepare_shards(config), out), CONTROL_STAGE)
+            control = run_stage1(
+                control_config(config, start, seconds, prepare_shards(config), out), CONTROL_STAGE
+            )
             wall = time.perf_counter() - began
         else:
             log.info("compare-control: the control in %s already had its %.1f s; reusing it", out, seconds)
@@ -115,35 +120,27 @@ def run_control(config: RunConfig, out: str | Path | None = None, budget_seconds
     return report
 
 
-def stage2_report(run_dir: str | Path) -> dict[str, Any]:
-    """Stage 2's run report (``stage2_report.json``: the best checkpoint, whether a guard stopped
-    the run), or {} when the run has none."""
-    path = Path(run_dir) / STAGE2_REPORT
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it or run Stage 2 again to rewrite it") from None
-
-
 def _stage2_complete(config: RunConfig) -> bool:
     """Stage 2 reached ``stage2.steps``, or its guard stopped it (so a rerun would not train on)."""
     latest = latest_checkpoint(config.run_dir, "stage2")
     if latest is None:
         return False
-    return _step(latest) >= config.stage2.steps or bool(stage2_report(config.run_dir).get("stopped_by_guard"))
+    return _step(latest) >= config.stage2.steps or bool(
+        read_stage2_report(config.run_dir, missing_ok=True).get("stopped_by_guard")
+    )
 
 
 def _best(run_dir: Path, q_policy: Path) -> tuple[Path, int] | None:
     """The best checkpoint's policy directory and step named by Stage 2's run report, when not Q."""
-    best = stage2_report(run_dir).get("best") or {}
+    best = read_stage2_report(run_dir, missing_ok=True).get("best") or {}
     if not best.get("checkpoint"):
         return None
     try:
         policy = resolve_policy_dir(best["checkpoint"]).resolve()
     except CheckpointError as exc:
-        log.warning("compare-control: the best checkpoint of %s is gone (%s); no Q_best row", STAGE2_REPORT, exc)
+        log.warning(
+            "compare-control: the best checkpoint of %s is gone (%s); no Q_best row", REPORT_FILE, exc
+        )
         return None
     return None if policy == q_policy.resolve() else (policy, int(best.get("step", 0)))
 

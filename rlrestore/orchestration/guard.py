@@ -210,13 +210,21 @@ class EvalHistory:
         return self.report_path
 
 
-def read_stage2_report(run_dir: str | Path) -> dict[str, Any]:
+def read_stage2_report(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any]:
     """The Stage 2 run report of ``run_dir`` (``stage2_report.json``): ``best`` (checkpoint, step,
     metric, value), ``start`` values, ``guard_events``, ``rollbacks``, ``stopped_by_guard`` and the
-    path of the evaluation history. Raises FileNotFoundError when the run has none (eval off)."""
+    path of the evaluation history. A run without one (eval off) raises FileNotFoundError, or gives
+    {} with ``missing_ok``."""
     path = Path(run_dir) / REPORT_FILE
     if not path.is_file():
+        if missing_ok:
+            return {}
         raise FileNotFoundError(
             f"{path} does not exist: the Stage 2 run report is written when stage2.eval_every > 0"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(
+            f"{path} is not valid JSON ({exc}); delete it or run Stage 2 again to rewrite it"
+        ) from None
