@@ -49,6 +49,7 @@ DEFAULT_CONFIG = ROOT / "rlrestore" / "configs" / "demo_pretrain.yaml"
 DEFAULT_OUT = ROOT / "rlrestore" / "assets" / "demo_policy"
 STAGES = ("autoencoder", "stage1.1", "stage1.2")
 FIGURES = "figures.json"
+TIMES = "pretrain_seconds.json"  # wall seconds per stage, in the run directory
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,13 +113,16 @@ def measure(config: RunConfig, policy_dir: Path, work: Path) -> dict:
 
 
 def train(config: RunConfig, stages: list[str]) -> dict[str, float]:
-    """Run ``stages`` in order on a local Ray session; wall seconds per stage."""
-    seconds = {}
+    """Run ``stages`` in order on a local Ray session; wall seconds per stage of the run directory
+    (kept in ``TIMES`` there, so a run resumed or continued in several invocations adds up)."""
+    times = Path(config.run_dir) / TIMES
+    seconds = json.loads(times.read_text()) if times.is_file() else {}
     with ray_session(config.ray):
         for stage in stages:
             start = time.monotonic()
             run_stage1(config, stage)
-            seconds[stage] = time.monotonic() - start
+            seconds[stage] = seconds.get(stage, 0.0) + time.monotonic() - start
+            times.write_text(json.dumps(seconds, indent=2))
             print(f"{stage}: {seconds[stage]:.0f} s", flush=True)
     return seconds
 
@@ -154,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.copytree(final / "policy", args.out)
-    figures = {"config": str(args.config), "overrides": args.overrides, "train_seconds": seconds}
+    source = args.config.resolve()
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+    figures = {"config": str(shown), "overrides": args.overrides, "train_seconds": seconds}
     figures.update(measure(config, args.out, Path(config.run_dir) / "pretrain_measure"))
     if args.measure_only and (args.out / FIGURES).is_file():
         figures["train_seconds"] = json.loads((args.out / FIGURES).read_text()).get("train_seconds", {})
