@@ -3,7 +3,8 @@
 Runs the normal Stage 1 pipeline on a local Ray session (``autoencoder`` -> ``stage1.1`` ->
 ``stage1.2``, each resuming from the run directory's checkpoints) with
 ``rlrestore/configs/demo_pretrain.yaml``, copies the final Stage 1.2 ``policy/`` directory to
-``--out`` (default ``rlrestore/assets/demo_policy``) and writes ``figures.json`` next to it:
+``--out`` (default ``rlrestore/assets/demo_policy``) and writes ``<out>_figures.json`` next to it
+(outside the policy directory, which Stage 2 checkpoints copy):
 
 - on the ``data.holdout`` faces the demo holds back (same shards, ``split_holdout`` and degradation
   seed ``sample_seed(data.seed, id, 0)``; none of them is trained on), under that degradation draw
@@ -18,7 +19,8 @@ Run from the repository root (Ray workers import the package from there)::
     PYTHONPATH=$PWD python scripts/pretrain_demo_policy.py
 
 Options: ``--config``, ``--run-dir``, ``--out``, ``--stages`` (a comma-separated subset, e.g. for pilots),
-``--measure-only`` (measure ``--out`` again) and ``key=value`` config overrides.
+``--measure-only`` (measure ``--out`` again; the stage times come from the run directory) and
+``key=value`` config overrides.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "rlrestore" / "configs" / "demo_pretrain.yaml"
 DEFAULT_OUT = ROOT / "rlrestore" / "assets" / "demo_policy"
 STAGES = ("autoencoder", "stage1.1", "stage1.2")
-FIGURES = "figures.json"
+FIGURES = "_figures.json"  # <out>_figures.json
 TIMES = "pretrain_seconds.json"  # wall seconds per stage, in the run directory
 
 
@@ -105,7 +107,7 @@ def autoencoder_cap(policy_dir: Path, faces: dict[str, np.ndarray]) -> float:
 
 
 def measure(config: RunConfig, policy_dir: Path, work: Path) -> dict:
-    """Every figure of ``figures.json`` except the training times."""
+    """Every figure of ``<out>_figures.json`` except the training times."""
     faces = held_back_faces(config)
     draws = [measure_draw(config, policy_dir, faces, seed, work) for seed in (config.data.seed, config.data.seed + 1)]
     size = sum(f.stat().st_size for f in policy_dir.rglob("*") if f.is_file())
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = [*([f"run_dir={args.run_dir}"] if args.run_dir else []), "logging.progress=false", *args.overrides]
     config = load_config(args.config, overrides)
-    seconds: dict[str, float] = {}
+    times = Path(config.run_dir) / TIMES
+    seconds: dict[str, float] = json.loads(times.read_text()) if times.is_file() else {}
     if not args.measure_only:
         seconds = train(config, args.stages)
         final = latest_checkpoint(config.run_dir, "stage1.2")
@@ -162,9 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     figures = {"config": str(shown), "overrides": args.overrides, "train_seconds": seconds}
     figures.update(measure(config, args.out, Path(config.run_dir) / "pretrain_measure"))
-    if args.measure_only and (args.out / FIGURES).is_file():
-        figures["train_seconds"] = json.loads((args.out / FIGURES).read_text()).get("train_seconds", {})
-    (args.out / FIGURES).write_text(json.dumps(figures, indent=2))
+    figures_file = args.out.with_name(args.out.name + FIGURES)
+    figures_file.write_text(json.dumps(figures, indent=2))
     du = subprocess.run(["du", "-sh", str(args.out)], capture_output=True, text=True, check=False).stdout.strip()
     for draw in figures["draws"]:
         i, f = draw["input"], draw["F"]
