@@ -207,6 +207,15 @@ class PolicyConfig(PolicyBaseConfig):
     connector_norm_eps: float = Field(
         1e-6, gt=0, description="Epsilon of both connectors' RMSNorm (1e-5 in the released model)."
     )
+    z_low_injection: Literal["cross_attention", "aligned"] = Field(
+        "cross_attention",
+        description="How z_low reaches the DiT. 'cross_attention' (the paper, the released model): its texture "
+        "tokens vae_connector(patch_embed(z_low)) only join the cross-attention tokens. 'aligned' (an rlrestore "
+        "option): they also pass a zero-initialised Linear(caption_channels -> DiT inner dim) (`z_low_projection`, "
+        "trained with the vae_connector component; Stage 2 keeps it frozen) and are added position by position to "
+        "the DiT's patch tokens, which the texture tokens are aligned with.",
+    )
+
     @field_validator("caption_prompt")
     @classmethod
     def _caption_slot(cls, value: str) -> str:
@@ -285,7 +294,16 @@ class DegradationConfig(_Section):
     noise: Range = Field((0.0, 20.0), description="Gaussian noise std range delta (0-255 scale).")
     jpeg_quality: Range = Field((40.0, 100.0), description="JPEG quality range q.")
     reference_size: int = Field(
-        512, gt=0, description="Image size the ranges refer to; sigma scales with size / reference_size."
+        512,
+        gt=0,
+        description="Image size the ranges refer to: at size s, sigma scales by s / reference_size and (with "
+        "scale_downsample) r by the same, r_eff = max(1, r * s / reference_size); delta and q stay as drawn.",
+    )
+    scale_downsample: bool = Field(
+        True,
+        description="Scale r with the image size as above, so the downsampled side keeps the reference_size / r "
+        "pixels it has at the reference (a 64 px face keeps what a 512 px one keeps); false uses r as is at "
+        "every size (only sigma scales: r = 30 leaves a 64 px face 2 px wide).",
     )
 
     @field_validator("blur_sigma", "downsample", "noise", "jpeg_quality")

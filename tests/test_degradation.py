@@ -18,6 +18,7 @@ from rlrestore.data.degradation import (
     degrade_seeded,
     downsampled_side,
     sample_params,
+    scaled_downsample,
     scaled_sigma,
 )
 from rlrestore.data.images import square_resize
@@ -175,11 +176,7 @@ def test_sigma_and_side_scaling() -> None:
 
 
 def test_small_image_sees_the_same_relative_blur() -> None:
-    """Blurring at 64 px matches blurring at 512 px and shrinking; an unscaled sigma would not.
-
-    (The downsampling factor needs no scaling: ``size / r`` is the same fraction of every size,
-    see ``test_sigma_and_side_scaling``.)
-    """
+    """Blurring at 64 px matches blurring at 512 px and shrinking; an unscaled sigma would not."""
     big = _face(512, seed=3)
     small = square_resize(big, 64)
     params = DegradationParams(sigma=12.0, scale=1.0, noise=0.0, quality=100)
@@ -189,6 +186,48 @@ def test_small_image_sees_the_same_relative_blur() -> None:
     unscaled = degrade(small, DegradationParams(12.0, 1.0, 0.0, 100, reference_size=64), rng)
     assert _psnr(scaled, reference) > 35
     assert _psnr(scaled, reference) > _psnr(unscaled, reference) + 10
+
+
+def test_downsample_factor_scaling() -> None:
+    assert scaled_downsample(30.0, 512, 512) == 30.0
+    assert scaled_downsample(30.0, 64, 512) == 3.75
+    assert scaled_downsample(4.0, 64, 512) == 1.0  # 512 / 4 = 128 px would exceed 64 px: no downsampling
+    assert scaled_downsample(30.0, 1024, 512) == 60.0
+    # the downsampled side keeps its pixels at the reference size: 512 / 30 ~ 17 px, at 512 and at 64 px
+    assert downsampled_side(512, scaled_downsample(30.0, 512, 512)) == downsampled_side(64, 3.75) == 17
+
+
+def test_at_the_reference_size_eq16_is_unchanged() -> None:
+    hq = _face(512, seed=1)
+    cfg, old = DegradationConfig(), DegradationConfig(scale_downsample=False)
+    for seed in range(3):
+        (new_lq, new_params), (old_lq, old_params) = degrade_seeded(hq, cfg, seed), degrade_seeded(hq, old, seed)
+        assert new_params.scale == old_params.scale and new_params.scale_downsample and not old_params.scale_downsample
+        assert new_lq.tobytes() == old_lq.tobytes()
+
+
+def test_a_64_px_face_keeps_the_information_of_a_512_px_one() -> None:
+    """r = 30 at 64 px: scaled, the face is downsampled to 17 px (as at 512 px) and stays close to
+    the 512 px degradation shrunk to 64 px; unscaled, it collapses to 2 px."""
+    big = _face(512, seed=4)
+    small = square_resize(big, 64)
+    params = DegradationParams(sigma=2.0, scale=30.0, noise=0.0, quality=100)
+    rng = np.random.default_rng(0)
+    reference = square_resize(degrade(big, params, rng), 64)
+    scaled = degrade(small, params, rng)
+    unscaled = degrade(small, DegradationParams(2.0, 30.0, 0.0, 100, scale_downsample=False), rng)
+    assert _psnr(scaled, reference) > _psnr(unscaled, reference) + 5
+    assert _psnr(scaled, small) > _psnr(unscaled, small) + 5
+
+
+def test_scaled_degradation_is_deterministic_and_the_switch_reaches_the_params() -> None:
+    hq = _face(64, seed=2)
+    for flag in (True, False):
+        cfg = DegradationConfig(scale_downsample=flag)
+        first, params = degrade_seeded(hq, cfg, 11)
+        assert params.scale_downsample is flag
+        assert first.tobytes() == degrade_seeded(hq, cfg, 11)[0].tobytes()
+    assert degrade_seeded(hq, DegradationConfig(), 11)[0].tobytes() != first.tobytes()
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ PEOPLE = [
     "celebahq_stargan2_ref_male_012712",
     "celebahq_stargan2_ref_male_094805",
 ]
-DEGRADATION = DegradationParams(sigma=3.0, scale=3.0, noise=8.0, quality=70)
+# r = 3 applied as is at 128 px (the size scaling would make it max(1, 3 * 128 / 512) = 1)
+DEGRADATION = DegradationParams(sigma=3.0, scale=3.0, noise=8.0, quality=70, scale_downsample=False)
 OFFLINE = ["dlib_identity", "dlib_lmd", "niqe", "brisque"]
 
 

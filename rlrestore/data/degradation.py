@@ -6,11 +6,20 @@ x: HQ image, k_sigma: Gaussian blur kernel, r: downsampling factor, n_delta: Gau
 std delta (0-255 scale), JPEG_q: JPEG compression at quality q. All four are drawn uniformly per
 image (q as an integer) from the ranges of ``DegradationConfig``.
 
-Sizes: the ranges refer to ``reference_size`` (512 px). sigma is a length in pixels, so it is
-scaled by ``size / reference_size``; r is a ratio, so the downsampled side ``size / r`` is
-already the same fraction of the image at every size and r is used as is. The downsampled side
-is rounded and clamped to at least 1 pixel (tiny images with large r collapse to one pixel).
-Resizing is bilinear both ways (as in the GFPGAN degradation the paper follows).
+Sizes: the ranges refer to ``reference_size`` (512 px), so at that size Eq. 16 is applied as the
+paper states it; at another size ``s`` each parameter follows one rule:
+
+- sigma: a length in pixels, scaled by ``s / reference_size`` (the same blur relative to the face).
+- r: ``r_eff = max(1, r * s / reference_size)``: the downsampled side ``s / r_eff`` keeps the
+  pixels it has at the reference size, ``reference_size / r`` (capped at ``s``), so a 64 px face
+  keeps the information a 512 px face keeps (used as is, r = 30 would leave a 64 px face 2 px wide).
+- delta: unchanged; a per-pixel std on the 0-255 scale, added to a downsampled image of the
+  same pixel size as at the reference (r_eff > 1) or to the image itself.
+- q: unchanged; JPEG's 8x8 blocks act on that same-size downsampled image.
+
+``degradation.scale_downsample: false`` uses r as is at every size (the earlier behaviour: only
+sigma scales). The downsampled side is rounded and clamped to at least 1 pixel. Resizing is
+bilinear both ways (as in the GFPGAN degradation the paper follows).
 
 Determinism: the only randomness is the numpy ``Generator`` passed in (parameters and noise),
 seeded per sample by ``rlrestore.runtime.seeds.sample_seed``, a blake2b hash, so the same (sample, seed, epoch) gives
@@ -39,6 +48,7 @@ class DegradationParams:
     noise: float
     quality: int
     reference_size: int = 512
+    scale_downsample: bool = True
 
 
 def sample_params(cfg: DegradationConfig, rng: np.random.Generator) -> DegradationParams:
@@ -52,12 +62,19 @@ def sample_params(cfg: DegradationConfig, rng: np.random.Generator) -> Degradati
         noise=float(rng.uniform(*cfg.noise)),
         quality=int(rng.integers(q_low, q_high + 1)),
         reference_size=cfg.reference_size,
+        scale_downsample=cfg.scale_downsample,
     )
 
 
 def scaled_sigma(sigma: float, size: int, reference_size: int) -> float:
     """Blur sigma for an image of side ``size`` given sigma at ``reference_size``."""
     return sigma * size / reference_size
+
+
+def scaled_downsample(scale: float, size: int, reference_size: int) -> float:
+    """Downsampling factor for an image of side ``size`` given r at ``reference_size``:
+    ``max(1, r * size / reference_size)``, so the downsampled side stays ``reference_size / r``."""
+    return max(1.0, scale * size / reference_size)
 
 
 def downsampled_side(side: int, scale: float) -> int:
@@ -68,19 +85,21 @@ def downsampled_side(side: int, scale: float) -> int:
 def degrade(hq: np.ndarray, params: DegradationParams, rng: np.random.Generator) -> np.ndarray:
     """Apply Eq. 16 to an ``HxWx3`` uint8 image; returns a uint8 image of the same shape.
 
-    ``rng`` supplies the noise. Non-square images scale sigma by their shorter side.
+    ``rng`` supplies the noise. Non-square images scale sigma and r by their shorter side.
     """
     if hq.dtype != np.uint8 or hq.ndim != 3 or hq.shape[2] != 3:
         raise ValueError(f"degrade expects an HxWx3 uint8 image, got shape {hq.shape} dtype {hq.dtype}")
     height, width = hq.shape[:2]
     image = hq.astype(np.float32)
 
-    sigma = scaled_sigma(params.sigma, min(height, width), params.reference_size)
+    side = min(height, width)
+    sigma = scaled_sigma(params.sigma, side, params.reference_size)
     if sigma > 0:
         ksize = 2 * math.ceil(3 * sigma) + 1
         image = cv2.GaussianBlur(image, (ksize, ksize), sigmaX=sigma, borderType=cv2.BORDER_REFLECT_101)
 
-    small = (downsampled_side(width, params.scale), downsampled_side(height, params.scale))
+    scale = scaled_downsample(params.scale, side, params.reference_size) if params.scale_downsample else params.scale
+    small = (downsampled_side(width, scale), downsampled_side(height, scale))
     if small != (width, height):
         image = cv2.resize(image, small, interpolation=cv2.INTER_LINEAR)
 

@@ -14,6 +14,7 @@ and the z_low connector) from ``velocity``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ from rlrestore.policies.prefrestore.networks import (
     build_networks,
     build_vae_connector,
 )
-from rlrestore.policies.prefrestore.velocity import PrefRestoreCondition, PrefRestoreVelocity
+from rlrestore.policies.prefrestore.velocity import (
+    PrefRestoreCondition,
+    PrefRestoreVelocity,
+    build_z_low_projection,
+)
 from rlrestore.policies.registry import register_policy
 
 
@@ -55,7 +60,9 @@ class PrefRestorePolicy(RestorationPolicy):
     """All networks of Pref-Restore and the operations the stages and roles compose."""
 
     policy_type = "prefrestore"
-    components = ("integrator", "diffusion_connector", "vae_connector", "transformer", "lq_encoder", "vae")
+    components = (
+        "integrator", "diffusion_connector", "vae_connector", "z_low_projection", "transformer", "lq_encoder", "vae"
+    )
     stages = ("autoencoder", "stage1.1", "stage1.2")
 
     def __init__(self, config: PolicyConfig, networks: PrefRestoreNetworks) -> None:
@@ -69,9 +76,10 @@ class PrefRestorePolicy(RestorationPolicy):
         self.diffusion_connector = build_diffusion_connector(
             config, networks.integrator.config.hidden_size, networks.transformer
         )
-        self.velocity_model = PrefRestoreVelocity(
-            networks.transformer, build_vae_connector(config, networks.transformer), config.flow_shift
-        )
+        vae_connector = build_vae_connector(config, networks.transformer)
+        # built last: the other networks draw the same random init with either z_low injection
+        projection = build_z_low_projection(networks.transformer) if config.z_low_injection == "aligned" else None
+        self.velocity_model = PrefRestoreVelocity(networks.transformer, vae_connector, config.flow_shift, projection)
         self.semantic = SemanticIntegrator(self.integrator, self.vocabulary, config, self.visual_tokenizer.num_tokens)
         self.set_trainable([])
 
@@ -114,9 +122,19 @@ class PrefRestorePolicy(RestorationPolicy):
         return self.velocity_model.vae_connector
 
     def component(self, name: str) -> nn.Module:
-        if name in ("transformer", "vae_connector"):
+        if name == "z_low_projection" and self.velocity_model.z_low_projection is None:
+            raise KeyError("z_low_projection exists only with policy.z_low_injection=aligned")
+        if name in ("transformer", "vae_connector", "z_low_projection"):
             return getattr(self.velocity_model, name)
         return super().component(name)
+
+    def set_trainable(self, names: Sequence[str]) -> list[nn.Parameter]:
+        """As the base class; with the aligned z_low injection, training the vae_connector (the z_low
+        path) also trains ``z_low_projection``."""
+        names = list(names)
+        if self.velocity_model.z_low_projection is not None and "vae_connector" in names:
+            names += [] if "z_low_projection" in names else ["z_low_projection"]
+        return super().set_trainable(names)
 
     @property
     def num_semantic_tokens(self) -> int:

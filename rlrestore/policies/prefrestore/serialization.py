@@ -2,7 +2,8 @@
 
     policy_config.json                 {"format_version", "first_image_id", "policy": {type: prefrestore, ...}}
     vision/ integrator/ transformer/ vae/   transformers / diffusers directories (they load with those libraries)
-    rlrestore_modules.safetensors      quantizer, codebook, both connectors, the LQ encoder
+    rlrestore_modules.safetensors      quantizer, codebook, both connectors, the LQ encoder (and
+                                       z_low_projection with policy.z_low_injection=aligned)
 
 Everything is read without running pickled code (safetensors only, no ``.bin`` fallback).
 """
@@ -24,7 +25,7 @@ from rlrestore.config import PolicyConfig
 from rlrestore.models.loading import CheckpointError
 from rlrestore.policies.base import POLICY_CONFIG, read_policy_config
 from rlrestore.policies.prefrestore.networks import build_vae_connector
-from rlrestore.policies.prefrestore.velocity import PrefRestoreVelocity
+from rlrestore.policies.prefrestore.velocity import PrefRestoreVelocity, build_z_low_projection
 
 if TYPE_CHECKING:
     from rlrestore.policies.prefrestore.policy import PrefRestorePolicy
@@ -33,17 +34,21 @@ FORMAT_VERSION = 1
 OWN_MODULES = "rlrestore_modules.safetensors"
 DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the file name diffusers loads
 COMPONENT_DIRS = ("vision", "integrator", "transformer", "vae")
+OWN_VELOCITY_PARTS = ("vae_connector", "z_low_projection")  # velocity weights kept in OWN_MODULES
 
 
 def _own_modules(policy: PrefRestorePolicy) -> dict[str, nn.Module]:
     """The rlrestore-own parts by their prefix in ``rlrestore_modules.safetensors``."""
-    return {
+    parts: dict[str, nn.Module] = {
         "quantizer": policy.visual_tokenizer.pre_quant,
         "codebook": policy.visual_tokenizer.quantizer,
         "diffusion_connector": policy.diffusion_connector,
         "vae_connector": policy.vae_connector,
         "lq_encoder": policy.lq_encoder,
     }
+    if policy.velocity_model.z_low_projection is not None:
+        parts["z_low_projection"] = policy.velocity_model.z_low_projection
+    return parts
 
 
 def save_policy(policy: PrefRestorePolicy, path: str | Path) -> None:
@@ -122,25 +127,32 @@ def load_velocity(path: str | Path) -> PrefRestoreVelocity:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}/transformer: cannot load the DiT: {exc}") from None
     connector = build_vae_connector(config, transformer)
-    _load_part(_own_tensors(path), "vae_connector", connector, path)
-    return PrefRestoreVelocity(transformer.float(), connector.float(), config.flow_shift)
+    tensors = _own_tensors(path)
+    _load_part(tensors, "vae_connector", connector, path)
+    projection = None
+    if config.z_low_injection == "aligned":
+        projection = build_z_low_projection(transformer)
+        _load_part(tensors, "z_low_projection", projection, path)
+        projection = projection.float()
+    return PrefRestoreVelocity(transformer.float(), connector.float(), config.flow_shift, projection)
 
 
 def write_velocity(base: Path, state: dict[str, torch.Tensor], out: Path) -> None:
     """A policy directory equal to ``base`` except for the velocity model's weights ``state`` (keys
-    ``transformer.*`` and ``vae_connector.*``), written without building any network: every other
-    file is copied and the DiT's weights go into one safetensors file next to its config.json."""
+    ``transformer.*``, ``vae_connector.*`` and ``z_low_projection.*``), written without building any
+    network: every other file is copied and the DiT's weights go into one safetensors file next to its
+    config.json."""
     base, out = Path(base), Path(out)
     read_policy_config(base, PolicyConfig)
     parts = {prefix: {k[len(prefix) + 1 :]: v.contiguous() for k, v in state.items() if k.startswith(prefix + ".")}
-             for prefix in ("transformer", "vae_connector")}  # fmt: skip
+             for prefix in ("transformer", *OWN_VELOCITY_PARTS)}  # fmt: skip
     if not parts["transformer"]:
         raise CheckpointError("the velocity weights hold no transformer.* tensors")
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("transformer"))
     (out / "transformer").mkdir()
     shutil.copy2(base / "transformer" / "config.json", out / "transformer" / "config.json")
     save_file(parts["transformer"], str(out / "transformer" / DIT_WEIGHTS), metadata={"format": "pt"})
-    if parts["vae_connector"]:
+    if any(parts[prefix] for prefix in OWN_VELOCITY_PARTS):
         own = _own_tensors(base)
-        own.update({f"vae_connector.{key}": value for key, value in parts["vae_connector"].items()})
+        own.update({f"{prefix}.{key}": value for prefix in OWN_VELOCITY_PARTS for key, value in parts[prefix].items()})
         save_file({k: v.contiguous() for k, v in own.items()}, str(out / OWN_MODULES))

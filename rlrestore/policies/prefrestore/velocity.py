@@ -5,10 +5,17 @@ AR integrator's hidden states (the trigger ``<S0>`` and the N semantic codes) an
 latent of the face. The DiT sees ``encoder_hidden_states = [semantic ; vae_connector(patch_embed(z_low))]``:
 z_low passes through the DiT's own ``patch_embed``, which full fine-tuning trains, so whoever
 evaluates a DiT composes the texture tokens with *that* DiT (the learner's v_theta, the rollouts' v_old).
+
+``policy.z_low_injection: aligned`` (an rlrestore option, not the paper's) also adds the texture
+tokens, which sit position by position on the DiT's patch grid, to the DiT's patch tokens through a
+zero-initialised ``Linear(caption_channels -> inner dim)`` (``z_low_projection``): a forward hook on
+``transformer.patch_embed`` for the duration of one DiT call, so every caller keeps passing the same
+``prepared`` tensor. Zero-initialised, it starts as the paper's path exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +37,18 @@ class PrefRestoreCondition(Condition):
 class PrefRestoreVelocity(VelocityModel):
     """v(x_t, t, c) of Pref-Restore: what Stage 2 trains (the DiT; the connector stays frozen)."""
 
-    def __init__(self, transformer: SanaTransformer2DModel, vae_connector: nn.Module, flow_shift: float) -> None:
+    def __init__(
+        self,
+        transformer: SanaTransformer2DModel,
+        vae_connector: nn.Module,
+        flow_shift: float,
+        z_low_projection: nn.Linear | None = None,
+    ) -> None:
         super().__init__()
         self.transformer = transformer
         self.vae_connector = vae_connector
         self.flow_shift = flow_shift
+        self.z_low_projection = z_low_projection
 
     def stage2_modules(self) -> list[nn.Module]:
         """Stage 2 trains the DiT (Table I); the connector stays as Stage 1 left it."""
@@ -55,6 +69,33 @@ class PrefRestoreVelocity(VelocityModel):
         round 999 to 1000); x_t and c are cast to the DiT's weight dtype."""
         dtype = self.transformer.dtype
         timestep = (t.float() * 1000.0).expand(x_t.shape[0])
-        return self.transformer(
-            hidden_states=x_t.to(dtype), encoder_hidden_states=prepared.to(dtype), timestep=timestep, return_dict=False
-        )[0]
+        hook = None
+        if self.z_low_projection is not None:
+            hook = self.transformer.patch_embed.register_forward_hook(self._aligned_hook(prepared))
+        try:
+            return self.transformer(
+                hidden_states=x_t.to(dtype), encoder_hidden_states=prepared.to(dtype), timestep=timestep,
+                return_dict=False,
+            )[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _aligned_hook(self, prepared: Tensor) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
+        """patch_embed's output plus the projected texture tokens (the last ones of ``prepared``)."""
+        projection = self.z_low_projection
+
+        def add_texture(module: nn.Module, inputs: tuple, patches: Tensor) -> Tensor:
+            texture = prepared[:, -patches.shape[1] :].to(projection.weight.dtype)
+            return patches + projection(texture).to(patches.dtype)
+
+        return add_texture
+
+
+def build_z_low_projection(transformer: SanaTransformer2DModel) -> nn.Linear:
+    """The aligned injection's Linear(caption_channels -> DiT inner dim), zero-initialised."""
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    projection = nn.Linear(transformer.config.caption_channels, inner)
+    nn.init.zeros_(projection.weight)
+    nn.init.zeros_(projection.bias)
+    return projection
