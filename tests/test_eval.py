@@ -22,7 +22,8 @@ from rlrestore.data import (
     save_image,
     square_resize,
 )
-from rlrestore.orchestration.cli import default_config_path, main
+from rlrestore.orchestration.cli import main
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.orchestration.evaluation import format_value, run_evaluation
 from rlrestore.runtime.seeds import sample_seed
 from tests.conftest import build_tiny_policy, tiny_config

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rlrestore.data import embedded_faces_dir, load_image, save_image, square_resize
-from rlrestore.orchestration.cli import default_config_path, main
+from rlrestore.orchestration.cli import main
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.policies import load_policy
 from rlrestore.policies.blend import blend_velocity, stage2_tensor_names
 from tests.conftest import build_tiny_policy

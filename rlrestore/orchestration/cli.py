@@ -1,18 +1,18 @@
 """The ``rlrestore`` command line: one config schema drives every subcommand.
 
-    rlrestore data build --src FACES --out SHARDS
-    rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
-    rlrestore compare-control CONFIG [key=value ...]
-    rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] [--quality S] INPUT [INPUT ...]
-    rlrestore demo [key=value ...]
-    rlrestore eval [CONFIG | RUN_DIR] [--ckpt [NAME=]CKPT ...] --data DIR --out OUT [--real] [--quality S,...] [key=value ...]
-    rlrestore analyze determinism [CONFIG | RUN_DIR] --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
-    rlrestore plot RUN_DIR
-    rlrestore config {show,keys} [CONFIG] [key=value ...]
-    rlrestore bench [CONFIG] [key=value ...] [--out FILE.json] [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
-    rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
-    rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
-    rlrestore serve-reward NAME [ARG=VALUE ...] [key=value ...] [--config CONFIG] [--app APP] [--host H] [--port P]
+rlrestore data build --src FACES --out SHARDS
+rlrestore train {autoencoder,stage1.1,stage1.2,stage1} CONFIG [key=value ...]
+rlrestore compare-control CONFIG [key=value ...]
+rlrestore restore --ckpt RUN_OR_CHECKPOINT --out DIR [--device D] [--precision P] [--quality S] INPUT [INPUT ...]
+rlrestore demo [key=value ...]
+rlrestore eval [CONFIG | RUN_DIR] [--ckpt [NAME=]CKPT ...] --data DIR --out OUT [--real] [--quality S,...] [key=value ...]
+rlrestore analyze determinism [CONFIG | RUN_DIR] --ckpt [NAME=]CKPT [--ckpt ...] --data DIR --out OUT [--seeds N]
+rlrestore plot RUN_DIR
+rlrestore config {show,keys} [CONFIG] [key=value ...]
+rlrestore bench [CONFIG] [key=value ...] [--out FILE.json] [--repeats N] [--size tiny|medium] [--only PART] [--rewards A,B]
+rlrestore convert {pref-restore,blip3o-next} [SRC] --out DIR [--sana DIR] [--ta-tok FILE]
+rlrestore plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GiB] [--tflops F] [--bandwidth B]
+rlrestore serve-reward NAME [ARG=VALUE ...] [key=value ...] [--config CONFIG] [--app APP] [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from rlrestore.config import ConfigError, RunConfig, load_config
-from rlrestore.orchestration.cli_tools import add_tool_parsers, default_config_path
+from rlrestore.orchestration.cli_tools import add_tool_parsers
 from rlrestore.runtime.console import close_log_file, configure_console
 
 STAGE1_SEQUENCE = ("autoencoder", "stage1.1", "stage1.2")
@@ -54,7 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.stage == "stage1":  # the policy's own Stage 1 stages that have steps
-        stages = [s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0 and trains_in(config.policy.type, s)]
+        stages = [
+            s for s in STAGE1_SEQUENCE if config.stage(s).steps > 0 and trains_in(config.policy.type, s)
+        ]
     else:
         stages = [args.stage]
         if args.stage != "stage2":
@@ -121,9 +123,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rlrestore.orchestration.demo import run_demo
+    from rlrestore.orchestration.demo import DEMO_CONFIG, run_demo
 
-    config = load_config(args.config or default_config_path(), args.overrides)
+    config = load_config(args.config or DEMO_CONFIG, args.overrides)
     config = config.model_copy(update={"run_dir": str(Path(config.run_dir).resolve())})
     log_path = run_log(Path(config.run_dir) / "logs")
     run_demo(config)
@@ -196,7 +198,9 @@ def _eval_config_and_overrides(args: argparse.Namespace) -> tuple[Path, list[str
         candidates = [Path(target)]
     elif args.ckpt:
         candidates = [Path(args.ckpt[0].split("=", 1)[-1])]
-        candidates += [run for run in list(candidates[0].resolve().parents)[:4] if (run / "checkpoints").is_dir()]
+        candidates += [
+            run for run in list(candidates[0].resolve().parents)[:4] if (run / "checkpoints").is_dir()
+        ]
     else:
         raise ValueError("give a config file, a run directory or --ckpt (none given)")
     for folder in candidates:
@@ -234,11 +238,16 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="Face data tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     build = data_sub.add_parser(
-        "build", help="Turn a folder of face images into Parquet shards (unreadable files are skipped and reported)."
+        "build",
+        help="Turn a folder of face images into Parquet shards (unreadable files are skipped and reported).",
     )
     build.add_argument("--src", required=True, help="Folder of PNG/JPEG/WebP faces (searched recursively).")
-    build.add_argument("--out", required=True, help="Output folder for shard-*.parquet, _manifest.json, _report.json.")
-    build.add_argument("--size", type=int, default=512, help="Side of the stored square images (default 512).")
+    build.add_argument(
+        "--out", required=True, help="Output folder for shard-*.parquet, _manifest.json, _report.json."
+    )
+    build.add_argument(
+        "--size", type=int, default=512, help="Side of the stored square images (default 512)."
+    )
     build.add_argument("--shard-size", type=int, default=256, help="Images per shard (default 256).")
     build.add_argument("--quiet", action="store_true", help="No progress bar.")
     build.set_defaults(func=cmd_data_build)
@@ -254,7 +263,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "or stage2 (DiffusionNFT on rollout, reward and learner actors; starts from the end of stage1.2).",
     )
     train.add_argument("config", help="YAML config file (see configs/).")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ray.train_workers.num_actors=4.")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. ray.train_workers.num_actors=4."
+    )
     train.set_defaults(func=cmd_train)
 
 
@@ -273,33 +284,52 @@ def _add_compare_control_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_restore_parser(sub: argparse._SubParsersAction) -> None:
     """``restore``: any images with a checkpoint."""
-    restore = sub.add_parser("restore", help="Restore face images or folders with a checkpoint or run directory.")
+    restore = sub.add_parser(
+        "restore", help="Restore face images or folders with a checkpoint or run directory."
+    )
     restore.add_argument("inputs", nargs="+", help="Image files and/or folders.")
-    restore.add_argument("--ckpt", required=True, help="Run directory, checkpoint directory or policy directory.")
+    restore.add_argument(
+        "--ckpt", required=True, help="Run directory, checkpoint directory or policy directory."
+    )
     restore.add_argument("--out", required=True, help="Output folder.")
-    restore.add_argument("--samples", type=int, default=1, help="Candidates per input (K); each saved with its seed.")
-    restore.add_argument("--seed", type=int, default=0, help="Base seed (candidate seeds are consecutive from it).")
+    restore.add_argument(
+        "--samples", type=int, default=1, help="Candidates per input (K); each saved with its seed."
+    )
+    restore.add_argument(
+        "--seed", type=int, default=0, help="Base seed (candidate seeds are consecutive from it)."
+    )
     restore.add_argument("--steps", type=int, default=None, help="Sampler steps (default: sampler.steps).")
     restore.add_argument(
-        "--sampler", action="append", default=[], metavar="KEY=VALUE",
+        "--sampler",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Sampler override (repeatable), e.g. --sampler guidance_scale=2 --sampler sde_eta=0.5.",
     )
     restore.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
         help="Where the policy runs (default auto: the first GPU when there is one, else the CPU).",
     )
     restore.add_argument(
-        "--precision", choices=["fp32", "bf16-mixed", "fp16-mixed"], default="fp32",
+        "--precision",
+        choices=["fp32", "bf16-mixed", "fp16-mixed"],
+        default="fp32",
         help="Numerics (default fp32). bf16-mixed / fp16-mixed restore with bf16 / fp16 weights, the sampler "
         "state and t in float32: faster and half the memory on a GPU, outputs differ slightly.",
     )
     restore.add_argument(
-        "--quality", type=_quality, default=1.0, metavar="S",
+        "--quality",
+        type=_quality,
+        default=1.0,
+        metavar="S",
         help="Fidelity-quality dial s in [0, 1] (default 1): the Stage 2 weights become F + s (Q - F), F the "
         "Stage 1 policy the run started from (0 restores as F, 1 as Q; for LoRA runs, the LoRA scale).",
     )
     restore.add_argument(
-        "--base", default=None,
+        "--base",
+        default=None,
         help="F for --quality < 1 (policy, checkpoint or run directory; default: the run's Stage 1.2 policy).",
     )
     restore.add_argument("--quiet", action="store_true", help="No progress bar.")
@@ -309,9 +339,14 @@ def _add_restore_parser(sub: argparse._SubParsersAction) -> None:
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     """``demo``: the whole pipeline on tiny models."""
     demo = sub.add_parser(
-        "demo", help="Data build -> Stage 1.1 -> Stage 1.2 -> Stage 2 -> F vs Q on held-back faces, tiny models."
+        "demo",
+        help="Stage 2 from the pretrained tiny policy F, the Stage 1.2 control, F vs Q on held-back faces, the dial.",
     )
-    demo.add_argument("--config", default=None, help="Config (default: the embedded tiny config).")
+    demo.add_argument(
+        "--config",
+        default=None,
+        help="Config (default: the embedded demo config, rlrestore/configs/demo.yaml).",
+    )
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/demo2.")
     demo.set_defaults(func=cmd_demo)
 
@@ -330,12 +365,16 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="Folder of clean faces FID compares against (default: the clean set).",
     )
     evaluate.add_argument(
-        "--quality", type=_qualities, default=None, metavar="S[,S...]",
+        "--quality",
+        type=_qualities,
+        default=None,
+        metavar="S[,S...]",
         help="Sweep the fidelity-quality dial, e.g. 0,0.25,0.5,0.75,1: each --ckpt NAME becomes one row "
         "NAME@s=S per value (weights F + s (Q - F)), and quality_curve.png plots fidelity against quality.",
     )
     evaluate.add_argument(
-        "--base", default=None,
+        "--base",
+        default=None,
         help="F for --quality (policy, checkpoint or run directory; default: each run's Stage 1.2 policy).",
     )
     evaluate.set_defaults(func=cmd_eval)
@@ -388,7 +427,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "run --ckpt points into).",
     )
     parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides (anywhere), e.g. eval.actors.num_actors=4 eval.samples=2."
+        "overrides",
+        nargs="*",
+        help="key=value overrides (anywhere), e.g. eval.actors.num_actors=4 eval.samples=2.",
     )
     parser.add_argument(
         "--ckpt",
@@ -454,8 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlrestore: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rlrestore: interrupted; rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        print(
+            "rlrestore: interrupted; rerun the same command to resume from the latest checkpoint",
+            file=sys.stderr,
+        )
         return 130
     finally:
         close_log_file()
-
