@@ -56,7 +56,7 @@ from rlrestore.data import (
     to_tensor,
 )
 from rlrestore.flow import interpolate, target_velocity
-from rlrestore.orchestration.cli import default_config_path
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.orchestration.evaluation import INPUT_MODEL, EvalReport, run_evaluation
 from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
 from rlrestore.policies.prefrestore import PrefRestorePolicy

@@ -28,7 +28,7 @@ os.environ.update(
 import torch
 
 from rlrestore.config import RunConfig, load_config
-from rlrestore.orchestration.cli import default_config_path
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.policies.prefrestore import PrefRestorePolicy
 
 TINY_CONFIG = default_config_path()

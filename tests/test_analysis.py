@@ -11,7 +11,8 @@ import pytest
 
 from rlrestore.data import embedded_faces_dir, load_image, save_image, square_resize
 from rlrestore.orchestration.analysis import run_determinism, seed_spread, verdict
-from rlrestore.orchestration.cli import default_config_path, main
+from rlrestore.orchestration.cli import main
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.orchestration.evaluation import Metric
 from rlrestore.orchestration.plotting import captioned_grid, plot_run, reward_figure
 from rlrestore.tracking import MetricsWriter, read_metrics

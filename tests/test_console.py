@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlrestore.orchestration.cli import build_parser, default_config_path
+from rlrestore.orchestration.cli import build_parser
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.runtime import console
 
 REPO = Path(__file__).resolve().parents[1]

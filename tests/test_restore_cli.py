@@ -16,7 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from rlrestore.orchestration.cli import default_config_path, main
+from rlrestore.orchestration.cli import main
+from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.tracking import MetricsWriter
 from tests.conftest import build_tiny_policy
 
