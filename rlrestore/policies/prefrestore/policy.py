@@ -132,8 +132,9 @@ class PrefRestorePolicy(RestorationPolicy):
         """As the base class; with the aligned z_low injection, training the vae_connector (the z_low
         path) also trains ``z_low_projection``."""
         names = list(names)
-        if self.velocity_model.z_low_projection is not None and "vae_connector" in names:
-            names += [] if "z_low_projection" in names else ["z_low_projection"]
+        aligned = self.velocity_model.z_low_projection is not None
+        if aligned and "vae_connector" in names and "z_low_projection" not in names:
+            names.append("z_low_projection")
         return super().set_trainable(names)
 
     @property
