@@ -168,7 +168,7 @@ def print_summary(config: RunConfig, outputs: DemoOutputs, report: dict[str, Any
     events = stage2.get("guard_events") or []
     print(
         f"guard                : {len(events)} event(s)"
-        + "".join(f"\n  step {e['step']}: {e['detail']}" for e in events)
+        + "".join(f"\n  step {e['step']}: {'; '.join(e['crossed'])}: {e['detail']}" for e in events)
     )
     print(
         f"control (Stage 1.2 for Stage 2's {outputs.control.stage2.seconds:.0f} s): {outputs.control.table}"
