@@ -8,6 +8,8 @@ offline by default (``wandb sync`` uploads later), with the API key read only fr
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import secrets
@@ -34,6 +36,9 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 _REDACTED = "***"
 _MIN_SECRET_LEN = 8
 RUN_ID_FILE = "wandb_run_id.txt"
+RUN_ID_WAIT_S = 30.0  # how long a W&B run id held by a killed run's process is waited for
+
+log = logging.getLogger(__name__)
 
 
 def metrics_dir(run_dir: Path, stage: str) -> Path:
@@ -228,26 +233,45 @@ class WandbRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._secrets = secret_values()
         run_id = resume_id or self._stored_run_id() or _new_run_id()
-        if mode != "disabled":
-            (self.run_dir / RUN_ID_FILE).write_text(run_id + "\n")
         self._wandb = wandb
-        self._run = wandb.init(
-            project=project,
-            entity=entity,
-            name=name,
-            id=run_id,
-            resume="allow",
-            dir=self.run_dir,
-            mode=mode,
-            config=scrub(dict(config or {}), self._secrets),
-            settings=wandb.Settings(
-                silent=True,
-                show_info=False,
-                console="off",
-                save_code=False,
-            ),
-        )
+        options = {
+            "project": project,
+            "entity": entity,
+            "name": name,
+            "resume": "allow",
+            "dir": self.run_dir,
+            "mode": mode,
+            "config": scrub(dict(config or {}), self._secrets),
+            "settings": wandb.Settings(silent=True, show_info=False, console="off", save_code=False),
+        }
+        self._run = self._init_run(run_id, mode, options)
         self._finished = False
+
+    def _init_run(self, run_id: str, mode: str, options: dict[str, Any]) -> Any:
+        """``wandb.init`` under ``run_id``. A run killed moments ago can leave its W&B process holding
+        the id ("run ID ... is in use") for a while: wait up to ``RUN_ID_WAIT_S`` for it to let go,
+        then log this session under a new id (recorded for later resumes) with a warning; the
+        Parquet metrics are one table either way."""
+        deadline = time.monotonic() + RUN_ID_WAIT_S
+        while True:
+            if mode != "disabled":
+                (self.run_dir / RUN_ID_FILE).write_text(run_id + "\n")
+            try:
+                return self._wandb.init(id=run_id, **options)
+            except Exception as exc:  # wandb's ServerResponseError lives in a private module
+                if "is in use" not in str(exc):
+                    raise
+                if time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                fresh = _new_run_id()
+                log.warning(
+                    "W&B run id %s is still held by an earlier process (%s); logging as %s",
+                    run_id,
+                    exc,
+                    fresh,
+                )
+                run_id, deadline = fresh, math.inf
 
     def _stored_run_id(self) -> str | None:
         path = self.run_dir / RUN_ID_FILE

@@ -82,6 +82,7 @@ def test_interrupted_stage1_resumes_without_repeating_steps(tmp_path: Path) -> N
     run_dir = tmp_path / "run"
     steps = 40
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    others = set(_train_worker_pids())  # Train workers of other sessions on this machine are not ours
     proc = subprocess.Popen(
         _train_command(run_dir, steps), env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -97,7 +98,7 @@ def test_interrupted_stage1_resumes_without_repeating_steps(tmp_path: Path) -> N
         proc.wait()
     # The driver's Ray processes fate-share with it but die asynchronously; a worker still alive
     # could finish one more checkpoint, so wait until none is left before reading the latest.
-    while _train_worker_pids():
+    while set(_train_worker_pids()) - others:
         assert time.monotonic() < deadline + 60, "Ray Train workers outlived their killed driver"
         time.sleep(0.5)
     interrupted_at = max(step for step, _ in list_checkpoints(run_dir, "stage1.1"))

@@ -202,3 +202,37 @@ def test_plot_run_draws_each_stage(tmp_path: Path) -> None:
 def test_plot_run_without_metrics_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no metrics to plot"):
         plot_run(tmp_path)
+
+
+def test_a_run_id_held_by_a_killed_run_is_waited_for_then_replaced(
+    tmp_path: Path, wandb_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from rlrestore import tracking
+
+    real_init, tried = wandb.init, []
+
+    def held(holder_ids: set[str]):
+        def init(*args, **kwargs):
+            tried.append(kwargs["id"])
+            if kwargs["id"] in holder_ids:
+                raise RuntimeError(f"run ID {kwargs['id']} is in use")
+            return real_init(*args, **kwargs)
+
+        return init
+
+    (tmp_path / RUN_ID_FILE).write_text("heldid01\n")
+    monkeypatch.setattr(tracking, "RUN_ID_WAIT_S", 0.0)
+    monkeypatch.setattr(wandb, "init", held({"heldid01"}))
+    with WandbRun(run_dir=tmp_path, mode="offline", project="p") as run:
+        assert run.run_id != "heldid01"
+    assert tried[0] == "heldid01" and tried[-1] == run.run_id
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() == run.run_id  # later resumes use the new id
+
+    def fails(*args, **kwargs):
+        raise ValueError("bad")
+
+    monkeypatch.setattr(wandb, "init", fails)
+    with pytest.raises(ValueError, match="bad"):  # other errors are not swallowed
+        WandbRun(run_dir=tmp_path / "other", mode="offline", project="p")
