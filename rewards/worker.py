@@ -54,6 +54,7 @@ from rlrestore.config import (
     RewardSpec,
     reward_group_key,
 )
+from rlrestore.runtime.console import FILE_ONLY
 from rlrestore.runtime.dataplane import resolve
 from rlrestore.runtime.devices import DeviceName, DeviceRecord, actor_device
 from rlrestore.runtime.precision import Precision, PrecisionName
@@ -420,7 +421,8 @@ def make_reward_actor(
     ``resources`` (an ``ActorGroupConfig`` or a dict with ``num_cpus``/``num_gpus``/``memory``)
     is what the actor reserves; None reserves what the rewards declare
     (:func:`reward_resources`). Reserving less than they declare is allowed (a CPU-only test
-    of a GPU reward) and logged. ``device`` is the config's request (auto | cpu | cuda): the
+    of a GPU reward, a 2-CPU demo) and noted in the run's log file, not on the terminal: the config
+    asked for it. ``device`` is the config's request (auto | cpu | cuda): the
     actor runs on its assigned GPU when it reserves one, else on the CPU (``device=cuda`` without
     GPUs or ``device=cpu`` with GPUs is refused when the actor starts). ``precision`` is the
     run's (autocast for rewards that allow it); ``group`` names the actor's reward-actor group
@@ -441,7 +443,7 @@ def make_reward_actor(
         raise ValueError(f"unknown actor resources {sorted(unknown)}; use {RESOURCE_KEYS}")
     short = {key: value for key, value in declared.items() if reserved.get(key, 0.0) < value}
     if short:
-        log.warning("reward actor reserves %s, less than its rewards declare (%s)", reserved, short)
+        log.info("reward actor reserves %s, less than its rewards declare (%s)", reserved, short, extra=FILE_ONLY)
     options = {key: value for key, value in reserved.items() if key != "memory" or value}
     return (
         ray.remote(RewardActor)

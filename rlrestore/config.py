@@ -215,6 +215,20 @@ class PolicyConfig(PolicyBaseConfig):
         "trained with the vae_connector component; Stage 2 keeps it frozen) and are added position by position to "
         "the DiT's patch tokens, which the texture tokens are aligned with.",
     )
+    flow_source: Literal["noise", "z_low"] = Field(
+        "noise",
+        description="Where the flow path ends (t = 1) and sampling starts. 'noise' (the paper, the released "
+        "model): pure noise eps. 'z_low' (an rlrestore option): the LQ encoder's latent of the degraded face "
+        "plus noise, z_low + source_noise * eps, as a posterior-mean rectified flow starts from an estimate of "
+        "the clean image; the DiT then moves an aligned estimate towards the clean latent instead of drawing "
+        "the face from noise.",
+    )
+    source_noise: float = Field(
+        1.0,
+        gt=0,
+        description="With flow_source=z_low: the noise scale of the path's far end z_low + source_noise * eps "
+        "(the K candidates of an input differ by it).",
+    )
 
     @field_validator("caption_prompt")
     @classmethod

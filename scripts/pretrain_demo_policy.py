@@ -40,8 +40,8 @@ from PIL import Image
 from rewards.base import RewardBatch, reward_class
 from rlrestore.checkpoints import latest_checkpoint
 from rlrestore.config import RunConfig, load_config
-from rlrestore.data import degrade_seeded, read_shards, save_image, split_holdout, square_resize, to_tensor
-from rlrestore.orchestration.jobs import prepare_shards, ray_session, run_stage1
+from rlrestore.data import degrade_seeded, save_image, to_tensor
+from rlrestore.orchestration.jobs import held_back_faces, ray_session, run_stage1
 from rlrestore.orchestration.restore import restore_files
 from rlrestore.policies.prefrestore import PrefRestorePolicy
 from rlrestore.runtime.seeds import sample_seed
@@ -58,12 +58,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB between two uint8 images."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def held_back_faces(config: RunConfig) -> dict[str, np.ndarray]:
-    """The clean faces the demo holds back, at the policy's resolution, by id."""
-    _, holdout = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
-    return {record.id: square_resize(record.image, config.policy.resolution) for record in holdout}
 
 
 def identity_distances(images: list[np.ndarray], clean: list[np.ndarray]) -> list[float]:

@@ -21,6 +21,7 @@ from rlrestore.runtime.seeds import sample_seed
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_POLICY = ROOT / "rlrestore" / "assets" / "demo_policy"
 DEMO_CONFIG = ROOT / "rlrestore" / "configs" / "demo_pretrain.yaml"
+DEMO_RUN_CONFIG = ROOT / "rlrestore" / "configs" / "demo.yaml"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,8 +41,21 @@ def test_the_asset_is_a_policy_checkpoint_of_the_pretrain_config_under_20_mb(fig
     meta = json.loads((DEMO_POLICY / "policy_config.json").read_text())
     config = load_config(DEMO_CONFIG, ["run_dir=unused"])
     assert meta["policy"]["resolution"] == config.policy.resolution == 64
-    assert meta["policy"]["z_low_injection"] == config.policy.z_low_injection
+    for key in ("z_low_injection", "flow_source", "source_noise"):
+        assert meta["policy"][key] == getattr(config.policy, key), key
+    for name in ("transformer", "vae"):
+        assert meta["policy"][name]["arch"] == getattr(config.policy, name).arch, name
     assert figures["draws"][0]["faces"] == figures["draws"][1]["faces"]
+
+
+def test_the_demo_config_repeats_the_pretrain_policy_section() -> None:
+    """``demo.yaml`` trains Stage 2 and the control from the asset: its policy section (and the Stage 1.2
+    recipe the control continues) must be the pretrain config's."""
+    demo = load_config(DEMO_RUN_CONFIG, ["run_dir=unused"])
+    pretrain = load_config(DEMO_CONFIG, ["run_dir=unused"])
+    assert demo.policy == pretrain.policy
+    for key in ("batch_size", "condition_dropout", "latent_weight", "diff_weight", "semantic_codes"):
+        assert getattr(demo.stage1_2, key) == getattr(pretrain.stage1_2, key), key
 
 
 def test_one_held_back_face_restores_on_the_cpu_as_recorded(figures: dict, tmp_path: Path) -> None:

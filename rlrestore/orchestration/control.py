@@ -31,13 +31,19 @@ from pathlib import Path
 
 from rlrestore.checkpoints import checkpoint_root, latest_checkpoint, resolve_policy_dir
 from rlrestore.config import RunConfig
-from rlrestore.data import read_shards, save_image, split_holdout, square_resize
+from rlrestore.data import save_image
 from rlrestore.models.loading import CheckpointError
 from rlrestore.orchestration.control_report import BEST, ControlReport, Stage2Budget, write_control_report
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation, with_stage2_rewards
 from rlrestore.orchestration.evaluation.store import MANIFEST
 from rlrestore.orchestration.guard import REPORT_FILE, read_stage2_report
-from rlrestore.orchestration.jobs import Stage1Result, prepare_shards, ray_session, run_stage1
+from rlrestore.orchestration.jobs import (
+    Stage1Result,
+    held_back_faces,
+    prepare_shards,
+    ray_session,
+    run_stage1,
+)
 from rlrestore.orchestration.stage2 import check_stage2_inputs, run_stage2, starting_point
 from rlrestore.runtime.console import FILE_ONLY
 from rlrestore.runtime.devices import check_cluster_gpus, check_run_devices
@@ -210,11 +216,10 @@ def control_config(config: RunConfig, start: Path, seconds: float, shards: Path,
 def heldout_faces(config: RunConfig, folder: Path) -> Path:
     """The clean held-out faces (``data.holdout``, never trained on) at the policy's resolution, as
     PNGs in ``folder``; the evaluation degrades them (Eq. 16, seeded per face by ``eval.seed``)."""
-    _, holdout = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
-    for record in holdout:
-        path = folder / f"{record.id}.png"
+    for face_id, face in held_back_faces(config).items():
+        path = folder / f"{face_id}.png"
         if not path.is_file():
-            save_image(square_resize(record.image, config.policy.resolution), path)
+            save_image(face, path)
     return folder
 
 

@@ -25,17 +25,14 @@ from rlrestore.config import RunConfig
 from rlrestore.data import (
     degrade_seeded,
     image_grid,
-    read_shards,
     save_image,
-    split_holdout,
-    square_resize,
     to_tensor,
 )
 from rlrestore.orchestration.analysis import DeterminismReport, run_determinism
 from rlrestore.orchestration.control import run_control
 from rlrestore.orchestration.demo_report import DemoOutputs, print_summary, write_report
 from rlrestore.orchestration.evaluation import EvalReport, run_evaluation, with_stage2_rewards
-from rlrestore.orchestration.jobs import prepare_shards, ray_session
+from rlrestore.orchestration.jobs import held_back_faces, ray_session
 from rlrestore.orchestration.plotting import plot_run
 from rlrestore.orchestration.restore import restore_files
 from rlrestore.orchestration.stage2 import run_stage2
@@ -81,14 +78,11 @@ def with_demo_policy(config: RunConfig) -> RunConfig:
 def held_back_pairs(config: RunConfig, demo_dir: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """Degrade the held-back faces once (seed ``sample_seed(data.seed, id, 0)``, as the pretraining
     script measures them) into ``demo_dir/lq``; returns that folder and the clean faces by id."""
-    _, holdout = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
-    lq_dir, clean = demo_dir / "lq", {}
-    for record in holdout:
-        face = square_resize(record.image, config.policy.resolution)
-        degraded, _ = degrade_seeded(face, config.degradation, sample_seed(config.data.seed, record.id, 0))
-        save_image(degraded, lq_dir / f"{record.id}.png")
-        save_image(face, demo_dir / "gt" / f"{record.id}.png")
-        clean[record.id] = face
+    lq_dir, clean = demo_dir / "lq", held_back_faces(config)
+    for face_id, face in clean.items():
+        degraded, _ = degrade_seeded(face, config.degradation, sample_seed(config.data.seed, face_id, 0))
+        save_image(degraded, lq_dir / f"{face_id}.png")
+        save_image(face, demo_dir / "gt" / f"{face_id}.png")
     return lq_dir, clean
 
 

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from rlrestore.checkpoints import STEP_SUMMARY, latest_checkpoint
 from rlrestore.config import RayConfig, RunConfig, StageName, save_config
-from rlrestore.data import build_shards, embedded_faces_dir
+from rlrestore.data import build_shards, embedded_faces_dir, read_shards, split_holdout, square_resize
 from rlrestore.data.shards import check_shards, read_manifest
 from rlrestore.policies.registry import check_stage
 from rlrestore.runtime.console import (
@@ -101,6 +103,13 @@ def prepare_shards(config: RunConfig) -> Path:
         )
         log.info("built the embedded face pack into %s: %s", shards, report.summary().splitlines()[0])
     return shards
+
+
+def held_back_faces(config: RunConfig) -> dict[str, np.ndarray]:
+    """The clean faces ``data.holdout`` keeps out of training, at the policy's resolution, by id: what
+    the demo, the control and the demo policy's pretraining script restore and score."""
+    _, holdout = split_holdout(read_shards(prepare_shards(config)), config.data.holdout)
+    return {record.id: square_resize(record.image, config.policy.resolution) for record in holdout}
 
 
 @dataclass(frozen=True)

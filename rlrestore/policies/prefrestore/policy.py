@@ -37,6 +37,7 @@ from rlrestore.policies.prefrestore.velocity import (
     PrefRestoreCondition,
     PrefRestoreVelocity,
     build_z_low_projection,
+    z_low_source_noise,
 )
 from rlrestore.policies.registry import register_policy
 
@@ -79,7 +80,10 @@ class PrefRestorePolicy(RestorationPolicy):
         vae_connector = build_vae_connector(config, networks.transformer)
         # built last: the other networks draw the same random init with either z_low injection
         projection = build_z_low_projection(networks.transformer) if config.z_low_injection == "aligned" else None
-        self.velocity_model = PrefRestoreVelocity(networks.transformer, vae_connector, config.flow_shift, projection)
+        self.velocity_model = PrefRestoreVelocity(
+            networks.transformer, vae_connector, config.flow_shift, projection,
+            z_low_source_noise(config.flow_source, config.source_noise),
+        )
         self.semantic = SemanticIntegrator(self.integrator, self.vocabulary, config, self.visual_tokenizer.num_tokens)
         self.set_trainable([])
 

@@ -25,7 +25,11 @@ from rlrestore.config import PolicyConfig
 from rlrestore.models.loading import CheckpointError
 from rlrestore.policies.base import POLICY_CONFIG, read_policy_config
 from rlrestore.policies.prefrestore.networks import build_vae_connector
-from rlrestore.policies.prefrestore.velocity import PrefRestoreVelocity, build_z_low_projection
+from rlrestore.policies.prefrestore.velocity import (
+    PrefRestoreVelocity,
+    build_z_low_projection,
+    z_low_source_noise,
+)
 
 if TYPE_CHECKING:
     from rlrestore.policies.prefrestore.policy import PrefRestorePolicy
@@ -134,7 +138,8 @@ def load_velocity(path: str | Path) -> PrefRestoreVelocity:
         projection = build_z_low_projection(transformer)
         _load_part(tensors, "z_low_projection", projection, path)
         projection = projection.float()
-    return PrefRestoreVelocity(transformer.float(), connector.float(), config.flow_shift, projection)
+    source = z_low_source_noise(config.flow_source, config.source_noise)
+    return PrefRestoreVelocity(transformer.float(), connector.float(), config.flow_shift, projection, source)
 
 
 def write_velocity(base: Path, state: dict[str, torch.Tensor], out: Path) -> None:

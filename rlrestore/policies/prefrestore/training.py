@@ -75,12 +75,13 @@ def stage1_losses(
     cond = policy.conditioning(lq, batch["caption"], target_codes=condition_codes)
     states = drop_conditions(cond.encoder_hidden_states, config.condition_dropout, generator)
     eps, t = flow_noise(x0, generator)
-    losses = {"diff_loss": flow_matching_loss(lambda x_t, t_: policy.velocity(x_t, t_, states), x0, eps, t)}
+    endpoint = policy.velocity_model.endpoint(cond.condition, eps)
+    losses = {"diff_loss": flow_matching_loss(lambda x_t, t_: policy.velocity(x_t, t_, states), x0, endpoint, t)}
     if stage == "stage1.1":
         ce, accuracy = code_prediction_loss(cond.logits, codes + policy.vocabulary.first_image_id)
         losses.update(ce_loss=ce, code_accuracy=accuracy)
         losses["loss"] = config.ce_weight * ce + config.diff_weight * losses["diff_loss"]
     else:
-        losses["latent_loss"] = latent_consistency_loss(policy.encode_lq(lq), x0)
+        losses["latent_loss"] = latent_consistency_loss(cond.condition.z_low, x0)
         losses["loss"] = config.diff_weight * losses["diff_loss"] + config.latent_weight * losses["latent_loss"]
     return losses

@@ -11,6 +11,10 @@ tokens, which sit position by position on the DiT's patch grid, to the DiT's pat
 zero-initialised ``Linear(caption_channels -> inner dim)`` (``z_low_projection``): a forward hook on
 ``transformer.patch_embed`` for the duration of one DiT call, so every caller keeps passing the same
 ``prepared`` tensor. Zero-initialised, it starts as the paper's path exactly.
+
+``policy.flow_source: z_low`` (an rlrestore option) ends the path at ``z_low + source_noise * eps``
+instead of pure noise: sampling starts from the degraded face's latent plus noise, and Stage 1 and
+the NFT loss interpolate towards that endpoint (z_low taken as a constant, without gradient).
 """
 
 from __future__ import annotations
@@ -43,12 +47,20 @@ class PrefRestoreVelocity(VelocityModel):
         vae_connector: nn.Module,
         flow_shift: float,
         z_low_projection: nn.Linear | None = None,
+        z_low_source_noise: float | None = None,
     ) -> None:
         super().__init__()
         self.transformer = transformer
         self.vae_connector = vae_connector
         self.flow_shift = flow_shift
         self.z_low_projection = z_low_projection
+        self.z_low_source_noise = z_low_source_noise  # None: the path ends at pure noise (the paper)
+
+    def endpoint(self, condition: PrefRestoreCondition, noise: Tensor) -> Tensor:
+        """Pure noise (the paper), or ``z_low + source_noise * eps`` with ``flow_source: z_low``."""
+        if self.z_low_source_noise is None:
+            return noise
+        return condition.z_low.detach().to(noise.device, noise.dtype) + self.z_low_source_noise * noise
 
     def stage2_modules(self) -> list[nn.Module]:
         """Stage 2 trains the DiT (Table I); the connector stays as Stage 1 left it."""
@@ -90,6 +102,11 @@ class PrefRestoreVelocity(VelocityModel):
             return patches + projection(texture).to(patches.dtype)
 
         return add_texture
+
+
+def z_low_source_noise(flow_source: str, source_noise: float) -> float | None:
+    """The velocity model's ``z_low_source_noise`` for a policy config's ``flow_source``."""
+    return source_noise if flow_source == "z_low" else None
 
 
 def build_z_low_projection(transformer: SanaTransformer2DModel) -> nn.Linear:
