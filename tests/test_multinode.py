@@ -81,10 +81,19 @@ print(json.dumps({"nodes": nodes, "actors": actors, "jobs": jobs}))
 """
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free local port not handed out before in this session: the OS may offer a closed port again
+    at once, and Ray refuses to start two of its components on one port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def proc_stat(pid: int) -> list[str] | None:

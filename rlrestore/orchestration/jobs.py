@@ -183,6 +183,6 @@ def run_stage1(config: RunConfig, stage: StageName) -> Stage1Result | None:
     if ended is None:
         raise RuntimeError(f"{stage} ended without a checkpoint in {run_dir / 'checkpoints' / stage}")
     if ended.timed_out:
-        log.info("%s: stopped at step %d of %d by max_seconds=%g (%.1f s of steps)", stage, ended.step,
-                 ended.steps, seconds, ended.seconds)  # fmt: skip
+        log.info("%s: stopped by its time limit after step %d (%.1f s of steps; max_seconds=%g)", stage,
+                 ended.step, ended.seconds, seconds)  # fmt: skip
     return ended
