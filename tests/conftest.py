@@ -27,7 +27,7 @@ os.environ.update(
 
 import torch
 
-from rlrestore.config import RunConfig, load_config
+from rlrestore.config import OptimConfig, RunConfig, load_config
 from rlrestore.orchestration.cli_tools import default_config_path
 from rlrestore.policies.prefrestore import PrefRestorePolicy
 
@@ -43,6 +43,21 @@ def build_tiny_policy(seed: int = 0, *overrides: str) -> PrefRestorePolicy:
     """A seeded random-init tiny policy (the same code path as a full-size one)."""
     torch.manual_seed(seed)
     return PrefRestorePolicy.from_config(tiny_config("unused", *overrides).policy).eval()
+
+
+LEARNER_OPTIM = OptimConfig(lr=1e-3, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0)
+
+
+def make_learner(policy: PrefRestorePolicy, zero_stage: int = 0, learner_args: dict | None = None, **nft: object):
+    """A single-rank NFT learner on ``policy``: beta 1, 2 timesteps per sample (``nft`` overrides),
+    micro-batch 4, 8 sampler steps, a constant learning rate of 1e-3."""
+    from rlrestore.config import NFTConfig
+    from trainers.nft_learner import NFTLearner  # imported here: DeepSpeed loads only for tests that need it
+
+    config = NFTConfig(**{"beta": 1.0, "timesteps_per_sample": 2, **nft})
+    return NFTLearner(
+        policy, config, LEARNER_OPTIM, micro_batch=4, zero_stage=zero_stage, sampler_steps=8, **(learner_args or {})
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlrestore.config import NFTConfig, OptimConfig, SamplerConfig
+from rlrestore.config import SamplerConfig
 from rlrestore.losses import flow_matching_loss, flow_noise
 from rlrestore.policies import write_policy_with_velocity
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
 from rlrestore.policies.prefrestore.serialization import OWN_MODULES
-from tests.conftest import build_tiny_policy
-from trainers.nft_learner import NFTLearner, NFTSamples
+from tests.conftest import build_tiny_policy, make_learner
+from trainers.nft_learner import NFTSamples
 
 ALIGNED = "policy.z_low_injection=aligned"
 
@@ -103,14 +103,7 @@ def test_the_papers_directory_holds_no_projection(tmp_path: Path) -> None:
 def test_a_stage2_learner_step_trains_the_dit_and_keeps_the_projection() -> None:
     policy = build_tiny_policy(0, ALIGNED)
     randomise_projection(policy)
-    learner = NFTLearner(
-        policy,
-        NFTConfig(beta=1.0, timesteps_per_sample=2),
-        OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0),
-        micro_batch=4,
-        zero_stage=0,
-        sampler_steps=4,
-    )
+    learner = make_learner(policy)
     trained = {n for n, p in learner.engine.module.named_parameters() if p.requires_grad}
     assert trained and all(name.startswith("transformer.") for name in trained)
     gen = torch.Generator().manual_seed(0)

@@ -14,7 +14,6 @@ from rlrestore.config import (
     ActorGroupConfig,
     LearnerConfig,
     NFTConfig,
-    OptimConfig,
     RolloutConfig,
     Stage2Config,
     Stage2Resources,
@@ -23,10 +22,10 @@ from rlrestore.models.loading import CheckpointError
 from rlrestore.nft import ema_update
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
 from rlrestore.runtime.dataplane import LearnerInputs
-from tests.conftest import build_tiny_policy
+from tests.conftest import LEARNER_OPTIM, build_tiny_policy, make_learner
 from trainers.nft_learner import LearnerGroup, NFTLearner, NFTSamples, StepSamples, split_samples
 
-OPTIM = OptimConfig(lr=1e-3, weight_decay=1e-4, schedule="constant", warmup_ratio=0.0)
+OPTIM = LEARNER_OPTIM
 LATENT = (32, 8, 8)  # tiny policy: 64 px, DC-AE f8, 32 channels
 SEMANTIC = (65, 64)  # 64 semantic tokens + 1 trigger, caption_channels 64
 
@@ -53,15 +52,6 @@ def field_velocity(
     field: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: PrefRestoreCondition
 ) -> torch.Tensor:
     return field(x_t, t, cond)
-
-
-def make_learner(
-    policy: PrefRestorePolicy, zero_stage: int = 0, learner_args: dict | None = None, **nft: object
-) -> NFTLearner:
-    config = NFTConfig(**{"beta": 1.0, "timesteps_per_sample": 2, **nft})
-    return NFTLearner(
-        policy, config, OPTIM, micro_batch=4, zero_stage=zero_stage, sampler_steps=8, **(learner_args or {})
-    )
 
 
 @torch.no_grad()

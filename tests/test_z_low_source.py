@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlrestore.config import NFTConfig, OptimConfig, SamplerConfig, SemanticAlignmentConfig
+from rlrestore.config import SamplerConfig, SemanticAlignmentConfig
 from rlrestore.losses import drop_conditions, flow_matching_loss, flow_noise
 from rlrestore.policies.prefrestore import PrefRestoreCondition, PrefRestorePolicy
-from tests.conftest import build_tiny_policy, tiny_config
-from trainers.nft_learner import NFTLearner, NFTSamples
+from tests.conftest import build_tiny_policy, make_learner, tiny_config
+from trainers.nft_learner import NFTSamples
 
 Z_LOW = ("policy.flow_source=z_low", "policy.source_noise=0.25")
 
@@ -94,14 +94,7 @@ def test_the_nft_loss_interpolates_towards_the_condition_s_z_low() -> None:
     """The learner's x_t lies between x0 and z_low + sigma * eps: with x0 = z_low and sigma tiny the
     path is (nearly) constant, so the DiT sees x_t = x0 at every t (a pure-noise endpoint would not)."""
     policy = build_tiny_policy(0, "policy.flow_source=z_low", "policy.source_noise=1e-6")
-    learner = NFTLearner(
-        policy,
-        NFTConfig(beta=1.0, timesteps_per_sample=2),
-        OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0),
-        micro_batch=4,
-        zero_stage=0,
-        sampler_steps=4,
-    )
+    learner = make_learner(policy)
     gen = torch.Generator().manual_seed(0)
     z_low = torch.randn(2, 32, 8, 8, generator=gen)
     condition = PrefRestoreCondition(torch.randn(2, 65, 64, generator=gen), z_low, torch.zeros(2, 64).long())
